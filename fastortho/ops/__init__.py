@@ -1,0 +1,1 @@
+"""Registered torch.library ops (fake kernels, autograd) and the backend choice."""

@@ -1,0 +1,110 @@
+"""OrthoReg: ``sum_l ||G_l - I||_F^2`` over the tuned layers, ``G`` the Gram of the smaller side
+of ``D = W - W0`` (DESIGN section 1), with its analytic gradient.
+
+``ortho_loss`` is the functional form (selects and validates every call); ``OrthoReg`` builds
+its plan once, so the per-step Python cost does not grow with the number of layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import LayerSpec, base_tensors, paired_bases, select_parameters
+from .ops.orthoreg import ortho_penalty, resolve_backend
+from .ops.precision import resolve_precision
+
+
+def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases: list[Tensor]) -> None:
+    """Raise a ValueError naming the layer whose penalty is not finite (one host sync)."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(values).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(values.detach())).flatten().tolist()
+    problems = []
+    for i in bad[:5]:
+        if not bool(torch.isfinite(weights[i]).all()):
+            problems.append(f"model parameter {names[i]!r} has non-finite values")
+        elif not bool(torch.isfinite(bases[i]).all()):
+            problems.append(f"base[{names[i]!r}] has non-finite values")
+        else:
+            problems.append(f"the penalty of {names[i]!r} overflows float32 (|W - W0| is too large)")
+    more = f" (and {len(bad) - 5} more layers)" if len(bad) > 5 else ""
+    raise ValueError("ortho_loss: " + "; ".join(problems) + more)
+
+
+class OrthoReg(nn.Module):
+    """``lam * OrthoReg penalty`` of ``model`` against ``base``, with the plan built once.
+
+    The selected parameters and their base tensors are resolved and validated at
+    construction; each call only launches the penalty. Build it after moving the model to
+    its device. Options are those of :func:`ortho_loss`.
+    """
+
+    def __init__(self, model: nn.Module, base, lam: float = 1.0, *, squared: bool = True,
+                 layers: LayerSpec = "trainable-2d", precision: str | None = None,
+                 backend: str = "auto", check_finite: bool = True):
+        super().__init__()
+        selected = select_parameters(model, layers)
+        # Plain lists: the model's parameters must not be registered a second time here.
+        self._names = [n for n, _ in selected]
+        self._weights = [p for _, p in selected]
+        self._bases = paired_bases(selected, base_tensors(base, model))
+        self._device = self._weights[0].device
+        self.lam = float(lam)
+        self.squared = bool(squared)
+        self.precision = None if precision is None else resolve_precision(precision)
+        resolve_backend(backend, self._device)
+        self.backend = backend
+        self.check_finite = bool(check_finite)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def layer_values(self) -> Tensor:
+        """Per-layer penalties (fp32 ``[L]``, in the order of :attr:`names`), differentiable."""
+        if self._weights[0].device != self._device:
+            raise ValueError(f"model: its parameters moved to {self._weights[0].device} after "
+                             f"OrthoReg was built on {self._device}; build a new OrthoReg")
+        values = ortho_penalty(self._weights, self._bases, squared=self.squared,
+                               precision=resolve_precision(self.precision), backend=self.backend)
+        if self.check_finite:
+            _check_finite(values, self._names, self._weights, self._bases)
+        return values
+
+    def forward(self) -> Tensor:
+        return self.layer_values().sum() * self.lam
+
+    def extra_repr(self) -> str:
+        return (f"layers={len(self._names)}, lam={self.lam}, squared={self.squared}, "
+                f"precision={self.precision}, backend={self.backend!r}")
+
+
+def ortho_loss(model: nn.Module, base, *, squared: bool = True, layers: LayerSpec = "trainable-2d",
+               precision: str | None = None, backend: str = "auto", check_finite: bool = True) -> Tensor:
+    """The OrthoReg penalty of ``model``'s tuned layers against ``base``, a 0-dim fp32 tensor.
+
+    Args:
+        model: the model being fine-tuned.
+        base: the pretrained weights: :func:`fastortho.snapshot`, a state_dict, or a module.
+            Its tensors may be in another floating dtype than the model's.
+        squared: True is the paper's ``||G - I||_F^2``; False the released code's ``||G - I||_F``.
+        layers: "trainable-2d" (default, released-code rule), "linear", "attention", or a
+            predicate ``(name, param) -> bool``.
+        precision: None follows ``torch.get_float32_matmul_precision()`` ("highest" -> "ieee",
+            "high" -> "tf32", "medium" -> "bf16"); or one of "ieee", "tf32", "bf16".
+            Accumulation is fp32 in every mode.
+        backend: "auto", "torch" (any device), "triton", "cuda".
+        check_finite: raise a ValueError naming the layer when the penalty is not finite (NaN
+            or inf weights). Costs one host sync per call; skipped under torch.compile.
+
+    Backward writes the analytic gradient ``4 D (G - I)`` (or ``4 (G - I) D`` for wide layers;
+    divided by ``2 ||G - I||`` when not squared) into the parameters' ``.grad``.
+    """
+    selected = select_parameters(model, layers)
+    bases = paired_bases(selected, base_tensors(base, model))
+    weights = [p for _, p in selected]
+    values = ortho_penalty(weights, bases, squared=squared, precision=resolve_precision(precision),
+                           backend=backend)
+    if check_finite:
+        _check_finite(values, [n for n, _ in selected], weights, bases)
+    return values.sum()

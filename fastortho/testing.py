@@ -1,0 +1,44 @@
+"""Helpers for tests and benchmarks: the real 2-D weight shapes of open_clip vision towers
+(without building or downloading a model) and random (W, W0) layer sets of given shapes."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# open_clip vision tower configs: (width, layers, patch_size, image_size, embed_dim, mlp_ratio)
+VIT_CONFIGS = {
+    "ViT-B-32": (768, 12, 32, 224, 512, 4.0),
+    "ViT-B-16": (768, 12, 16, 224, 512, 4.0),
+    "ViT-L-14": (1024, 24, 14, 224, 768, 4.0),
+}
+
+
+def vit_weight_shapes(name: str) -> list[tuple[int, int]]:
+    """Shapes of the parameters the released-code rule regularizes in an open_clip ViT's
+    visual tower, in ``named_parameters()`` order (50 for ViT-B-32, 98 for ViT-L-14)."""
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"name: expected one of {sorted(VIT_CONFIGS)}, got {name!r}")
+    width, layers, patch, image, embed, ratio = VIT_CONFIGS[name]
+    hidden = int(width * ratio)
+    tokens = (image // patch) ** 2 + 1
+    shapes = [(tokens, width), (width, embed)]  # positional_embedding, proj
+    for _ in range(layers):
+        shapes += [(3 * width, width), (width, width), (hidden, width), (width, hidden)]
+    return shapes
+
+
+def random_layers(shapes, *, scale: float | None = None, dtype=torch.float32, device="cpu",
+                  generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Random pretrained weights ``W0`` and tuned ``W = W0 + scale * noise`` per shape.
+
+    ``scale`` sets the entries of ``D``; the default ``1 / sqrt(max(rows, cols))`` makes the
+    Gram of order 1, so neither ``||G||^2`` nor ``-2||D||^2 + k`` dominates the penalty.
+    """
+    bases, weights = [], []
+    for r, c in shapes:
+        w0 = torch.randn(r, c, generator=generator, dtype=torch.float64) * 0.02
+        s = scale if scale is not None else max(r, c) ** -0.5
+        d = torch.randn(r, c, generator=generator, dtype=torch.float64) * s
+        bases.append(w0.to(dtype=dtype, device=device))
+        weights.append((w0 + d).to(dtype=dtype, device=device))
+    return weights, bases
