@@ -9,13 +9,14 @@ about the layers being tuned. Modes:
   ``nn.MultiheadAttention`` (the fused ``in_proj_weight`` or separate q/k/v weights, and
   ``out_proj.weight``).
 - ``"attention"``: only attention projections (q, k, v, o): the projection weights of
-  ``nn.MultiheadAttention`` and of any module whose class name contains "Attention"
+  ``nn.MultiheadAttention`` and of any module whose class name ends in "Attention"
   (open_clip's ``Attention``, Hugging Face ``CLIPAttention`` / ``ViTAttention``, ...).
   A fused ``in_proj_weight`` counts as one tensor, as in the released code.
 - a predicate ``(name, param) -> bool``, called for each trainable parameter.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Mapping, Union
 
 import torch
@@ -24,6 +25,15 @@ from torch import Tensor, nn
 LayerSpec = Union[str, Callable[[str, Tensor], bool]]
 LAYER_MODES = ("trainable-2d", "linear", "attention")
 _MHA_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """nn.MultiheadAttention, or a class named like an attention layer (``...Attention``,
+    ``...Attention2``): CLIPAttention, ViTSelfAttention, open_clip's Attention. Blocks that
+    merely contain attention (``ResidualAttentionBlock``, ``AttentionalPooler``) are not."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    return re.sub(r"\d+$", "", type(module).__name__).lower().endswith("attention")
 
 
 def _projection_weight_names(model: nn.Module, attention_only: bool) -> set[str]:
@@ -37,10 +47,7 @@ def _projection_weight_names(model: nn.Module, attention_only: bool) -> set[str]
         parts = path.split(".") if path else []
         return any(p in attention_paths for p in [".".join(parts[:k]) for k in range(len(parts) + 1)])
 
-    attention_paths = {
-        path for path, mod in model.named_modules()
-        if isinstance(mod, nn.MultiheadAttention) or "attention" in type(mod).__name__.lower()
-    }
+    attention_paths = {path for path, mod in model.named_modules() if is_attention_module(mod)}
     for path, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod.weight is not None:
             if not attention_only or in_attention(path):

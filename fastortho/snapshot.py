@@ -42,7 +42,8 @@ class Snapshot(Mapping[str, Tensor]):
         from safetensors.torch import save_file
 
         save_file({n: t.contiguous() for n, t in self._tensors.items()}, str(path),
-                  metadata={"format": "fastortho.snapshot", "layers": json.dumps(self.layers)})
+                  metadata={"format": "fastortho.snapshot", "layers": json.dumps(self.layers),
+                            "order": json.dumps(list(self._tensors))})
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "Snapshot":
@@ -53,7 +54,9 @@ class Snapshot(Mapping[str, Tensor]):
             if meta.get("format") != "fastortho.snapshot":
                 raise ValueError(f"path: {path} is not a fastortho snapshot (metadata format="
                                  f"{meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # safetensors sorts its keys; put back the model's parameter order.
+            order = json.loads(meta.get("order", "[]")) or sorted(f.keys())
+            tensors = {k: f.get_tensor(k) for k in order}
         return cls(tensors, json.loads(meta.get("layers", '"custom"')))
 
 
