@@ -6,30 +6,12 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, rel_err
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
 from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
 from fastortho.testing import random_layers
 
 AWKWARD = [(1, 37), (37, 1), (33, 17), (17, 33), (65, 130), (130, 65), (31, 31), (1, 1)]
-
-
-def reference_values_and_grads(weights, bases, squared):
-    """Per-layer float64 penalties and closed-form gradients."""
-    values, grads = [], []
-    for w, w0 in zip(weights, bases):
-        d = w.detach().double() - w0.detach().double()
-        values.append(ref.layer_penalty(d, squared))
-        grads.append(ref.layer_penalty_grad(d, squared))
-    return torch.stack(values), grads
-
-
-def fast_values_and_grads(weights, bases, squared, precision, upstream=None, backend="torch"):
-    leaves = [w.detach().clone().requires_grad_(True) for w in weights]
-    values = ortho_penalty(leaves, bases, squared=squared, precision=precision, backend=backend)
-    upstream = torch.ones_like(values) if upstream is None else upstream
-    (values * upstream).sum().backward()
-    return values, [w.grad for w in leaves]
 
 
 def check_against_reference(shapes, squared, precision, dtype=torch.float32, scale=None, seed=0):

@@ -2,6 +2,9 @@
 autograd formula; this module picks one and calls it."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import Tensor
 
@@ -10,22 +13,69 @@ from .orthoreg_torch import ortho_penalty_torch
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton imports (probed once, on first use, never at import of fastortho)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: "auto" is Triton on CUDA (when triton imports), else torch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "torch"
-    if backend in ("triton", "cuda"):
-        raise ValueError(
-            f"backend={backend!r} is not available in this build of fastortho (only the 'torch' "
-            f"backend is implemented so far); use backend='auto' or 'torch'")
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton': triton is not installed; use backend='torch'")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (the weights are on {device}); on "
+                             f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
+                             f"before triton is imported), or use backend='torch'")
+    if backend == "cuda":
+        raise ValueError("backend='cuda': the CUDA C++ extension (csrc/) is not part of this build "
+                         "yet; use backend='auto', 'triton' or 'torch'")
     return backend
+
+
+def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
+    from .orthoreg_triton import ortho_gram_triton
+
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
+    # One launch takes one weight dtype and one base dtype; mixed models get one per pair.
+    kinds: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for i, (w, b) in enumerate(zip(weights, bases)):
+        kinds.setdefault((w.dtype, b.dtype), []).append(i)
+    if len(kinds) == 1:
+        return ortho_gram_triton(weights, bases, squared, precision)[0]
+    parts, order = [], []
+    for idx in kinds.values():
+        parts.append(ortho_gram_triton([weights[i] for i in idx], [bases[i] for i in idx], squared, precision)[0])
+        order += idx
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse.to(weights[0].device)]
 
 
 def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, precision: str,
                   backend: str) -> Tensor:
     """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``."""
-    chosen = resolve_backend(backend, weights[0].device)
+    device = weights[0].device
+    if any(w.device != device for w in weights):
+        raise ValueError(f"model: the regularized parameters must share one device, got "
+                         f"{sorted({str(w.device) for w in weights})}")
+    chosen = resolve_backend(backend, device)
+    if chosen == "triton":
+        return _triton_penalty(weights, bases, squared, precision)
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
     values, _ = ortho_penalty_torch(weights, bases, squared, precision, need_grad)
     return values

@@ -1,0 +1,394 @@
+"""OrthoReg penalty and gradient for every regularized layer of a model, in two grouped,
+persistent Triton launches.
+
+Notation (DESIGN section 1): a layer's update ``D = W - W0`` (out x in, row-major). ``X`` is
+``D`` for tall layers (out >= in) and ``D^T`` for wide ones, so ``G = X^T X`` is always the
+Gram of the smaller side, ``k x k``, and the gradient is ``grad_X = c X (G - I)``.
+
+- Phase 1 (:func:`gram_penalty`): one program per upper-triangle tile ``(ti <= tj)`` of each
+  layer's ``G``. It forms ``D`` tiles on the fly from ``W`` and ``W0`` (``D`` is never written),
+  accumulates ``X^T X`` in fp32, subtracts ``I`` on diagonal tiles, writes the tile of
+  ``G - I`` and its mirror, and writes the tile's share of ``||G - I||_F^2`` (doubled off the
+  diagonal) to its own slot; the per-layer sums are a deterministic gather + sum on the host.
+- Phase 2 (:func:`penalty_grad`): one program per ``(rows, cols)`` tile of each layer's
+  gradient, ``c_l * X (G - I)`` with ``D`` again formed on the fly, stored in the layer's own
+  layout into one flat buffer.
+
+Layers are described by a table of element offsets relative to the first weight / base
+tensor (the launch's pointer arguments), so one launch serves layers of every shape. Programs
+are persistent (about one per SM) and walk a tile table sorted by cost, largest first.
+
+Precision: "ieee" (fp32 products), "tf32" (tensor-core tf32), "bf16" (operands rounded to
+bf16); always fp32 accumulation. Under ``TRITON_INTERPRET=1`` the bf16 rounding is done by
+bit arithmetic on fp32 values, which gives the same products (bf16 x bf16 is exact in fp32).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .orthoreg_layout import gmi_layout, grad_layout, round_up
+
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # Round-to-nearest-even to bf16, kept as fp32 (for the interpreter, which has no bf16).
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    if PRECISION == "bf16":
+        if EMULATE_BF16:
+            return _round_to_bf16(x)
+        else:
+            return x.to(tl.bfloat16)
+    else:
+        return x
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    if PRECISION == "tf32":
+        return tl.dot(a, b, acc, input_precision="tf32")
+    elif PRECISION == "bf16" and not EMULATE_BF16:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _delta_tile(w_ptr, w0_ptr, rows, cols, offs_r, offs_c, cols_stride):
+    # D[offs_r, offs_c] in fp32, zero outside the matrix.
+    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    idx = offs_r[:, None] * cols_stride + offs_c[None, :]
+    w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    w0 = tl.load(w0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return w - w0
+
+
+@triton.jit
+def _layer(layer_table, layer, NF: tl.constexpr, ALIGNED: tl.constexpr):
+    row = layer_table + layer * NF
+    w_off = tl.load(row + 0)
+    w0_off = tl.load(row + 1)
+    cols = tl.load(row + 2)
+    k = tl.load(row + 3)
+    big = tl.load(row + 4)
+    tall = tl.load(row + 5)
+    # G - I is stored with rows padded to kp, a multiple of 16, at 16-aligned offsets, so
+    # its tiles load and store vectorized whatever k is.
+    g_off = tl.multiple_of(tl.load(row + 6), 16)
+    kp = tl.multiple_of(tl.load(row + 7), 16)
+    out_off = tl.load(row + 8)
+    if ALIGNED:
+        # Host checked: every weight offset and row length is a multiple of 16 elements.
+        w_off = tl.multiple_of(w_off, 16)
+        w0_off = tl.multiple_of(w0_off, 16)
+        cols = tl.multiple_of(cols, 16)
+        out_off = tl.multiple_of(out_off, 16)
+    return w_off, w0_off, cols, k, big, tall, g_off, kp, out_off
+
+
+@triton.jit
+def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+               EMULATE_BF16: tl.constexpr):
+    # sum over b of X[b, i] X[b, j] for the tile (offs_i, offs_j) of G = X^T X.
+    acc = tl.zeros((BT, BT), dtype=tl.float32)
+    for b0 in range(0, big, BK):
+        offs_b = b0 + tl.arange(0, BK)
+        if TALL:  # X = D: D[b, i], contiguous along i
+            a = tl.trans(_delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols))
+            b = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols)
+        else:  # X = D^T: D[i, b], contiguous along b
+            a = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols)
+            b = tl.trans(_delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols))
+        acc = _mma(_operand(a, PRECISION, EMULATE_BF16), _operand(b, PRECISION, EMULATE_BF16),
+                   acc, PRECISION, EMULATE_BF16)
+    return acc
+
+
+@triton.jit
+def gram_penalty_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi_ptr, partial_ptr,
+                        NF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(partial_ptr + num_tiles, 0.0)  # the zero slot that pads the per-layer gather
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        layer = tl.load(tile_table + tile * 4 + 0)
+        ti = tl.load(tile_table + tile * 4 + 1)
+        tj = tl.load(tile_table + tile * 4 + 2)
+        slot = tl.load(tile_table + tile * 4 + 3)
+        w_off, w0_off, cols, k, big, tall, g_off, kp, out_off = _layer(layer_table, layer, NF, ALIGNED)
+        offs_i = ti * BT + tl.arange(0, BT)
+        offs_j = tj * BT + tl.arange(0, BT)
+        if tall != 0:
+            acc = _gram_tile(w_base + w_off, w0_base + w0_off, cols, k, big, offs_i, offs_j,
+                             True, BT, BK, PRECISION, EMULATE_BF16)
+        else:
+            acc = _gram_tile(w_base + w_off, w0_base + w0_off, cols, k, big, offs_i, offs_j,
+                             False, BT, BK, PRECISION, EMULATE_BF16)
+        eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
+        gmi = acc - eye
+        valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
+        sq = tl.sum(tl.sum(tl.where(valid, gmi * gmi, 0.0), axis=1), axis=0)
+        tl.store(partial_ptr + slot, tl.where(ti == tj, sq, 2.0 * sq))
+        # Columns k..kp of a row are padding; this tile's values there are exact zeros, and
+        # writing them keeps the whole buffer defined.
+        g = gmi_ptr + g_off
+        tl.store(g + offs_i[:, None] * kp + offs_j[None, :], gmi,
+                 mask=(offs_i[:, None] < k) & (offs_j[None, :] < kp))
+        if ti != tj:
+            tl.store(g + offs_j[:, None] * kp + offs_i[None, :], tl.trans(gmi),
+                     mask=(offs_j[:, None] < k) & (offs_i[None, :] < kp))
+
+
+@triton.jit
+def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi_ptr, coef_ptr,
+                        out_ptr, NF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                        ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        layer = tl.load(tile_table + tile * 4 + 0)
+        bi = tl.load(tile_table + tile * 4 + 1)
+        bj = tl.load(tile_table + tile * 4 + 2)
+        w_off, w0_off, cols, k, big, tall, g_off, kp, out_off = _layer(layer_table, layer, NF, ALIGNED)
+        c = tl.load(coef_ptr + layer)
+        offs_b = bi * BM + tl.arange(0, BM)  # rows of grad_X (the long side)
+        offs_j = bj * BN + tl.arange(0, BN)  # columns of grad_X (the Gram side)
+        w = w_base + w_off
+        w0 = w0_base + w0_off
+        g = gmi_ptr + g_off
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for i0 in range(0, k, BK):
+            offs_i = i0 + tl.arange(0, BK)
+            gm_mask = (offs_i[:, None] < k) & (offs_j[None, :] < k)
+            gm = tl.load(g + offs_i[:, None] * kp + offs_j[None, :], mask=gm_mask, other=0.0)
+            if tall != 0:
+                x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols)
+            else:
+                x = tl.trans(_delta_tile(w, w0, k, big, offs_i, offs_b, cols))
+            acc = _mma(_operand(x, PRECISION, EMULATE_BF16), _operand(gm, PRECISION, EMULATE_BF16),
+                       acc, PRECISION, EMULATE_BF16)
+        acc = acc * c
+        o = out_ptr + out_off
+        if tall != 0:
+            mask = (offs_b[:, None] < big) & (offs_j[None, :] < k)
+            tl.store(o + offs_b[:, None] * cols + offs_j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            mask = (offs_j[:, None] < k) & (offs_b[None, :] < big)
+            tl.store(o + offs_j[:, None] * cols + offs_b[None, :],
+                     tl.trans(acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host code
+
+LAYER_FIELDS = 9  # w_off, w0_off, cols, k, big, tall, g_off, kp, out_off
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    gram_block: int = 128  # BT: Gram tile edge
+    gram_k: int = 32  # BK of phase 1
+    grad_m: int = 128  # BM of phase 2 (long side)
+    grad_n: int = 128  # BN of phase 2 (Gram side)
+    grad_k: int = 32  # BK of phase 2
+    num_warps: int = 8
+    num_stages: int = 3
+    programs_per_sm: int = 1
+
+
+def default_config(precision: str, device: torch.device) -> KernelConfig:
+    if device.type != "cuda":
+        # The interpreter: small tiles keep its numpy products cheap on small layers.
+        return KernelConfig(32, 32, 32, 32, 32, num_warps=4, num_stages=1)
+    if precision == "bf16":
+        return KernelConfig(128, 64, 128, 128, 64, num_warps=8, num_stages=3)
+    return KernelConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(num_tiles: int, device: torch.device, cfg: KernelConfig) -> tuple[int]:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return (max(1, min(num_tiles, num_sms(idx) * cfg.programs_per_sm)),)
+    return (max(1, min(num_tiles, 4)),)  # a few programs so the persistent loop is exercised
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """Everything that depends only on the layer shapes and block sizes."""
+    gram_tiles: torch.Tensor  # int32 [T1, 4]: layer, ti, tj, slot (CPU)
+    grad_tiles: torch.Tensor  # int32 [T2, 4]: layer, bi, bj, 0 (CPU)
+    slot_gather: torch.Tensor  # int64 [L, max tiles per layer]; padding -> T1 (a zero slot)
+    g_offsets: tuple[int, ...]
+    g_numel: int
+    out_offsets: tuple[int, ...]
+    out_numel: int
+
+
+@functools.lru_cache(maxsize=64)
+def shape_plan(shapes: tuple[tuple[int, int], ...], gram_block: int, grad_m: int, grad_n: int) -> ShapePlan:
+    gram, grad, slots = [], [], []
+    g_offsets, g_total = gmi_layout(shapes)
+    out_offsets, out_total = grad_layout(shapes)
+    for layer, (rows, cols) in enumerate(shapes):
+        k, big = min(rows, cols), max(rows, cols)
+        nt = -(-k // gram_block)
+        layer_slots = []
+        for ti in range(nt):
+            for tj in range(ti, nt):
+                gram.append((big, layer, ti, tj))
+                layer_slots.append(len(gram) - 1)
+        slots.append(layer_slots)
+        for bi in range(-(-big // grad_m)):
+            for bj in range(-(-k // grad_n)):
+                grad.append((big * k, layer, bi, bj))
+    # Largest reductions first, so the persistent programs finish together.
+    order = sorted(range(len(gram)), key=lambda t: -gram[t][0])
+    new_slot = {old: new for new, old in enumerate(order)}
+    gram_tiles = torch.tensor([[gram[t][1], gram[t][2], gram[t][3], new_slot[t]] for t in order],
+                              dtype=torch.int32).reshape(-1, 4)
+    grad_sorted = sorted(grad, key=lambda t: -t[0])
+    grad_tiles = torch.tensor([[t[1], t[2], t[3], 0] for t in grad_sorted], dtype=torch.int32).reshape(-1, 4)
+    width = max(len(s) for s in slots)
+    gather = torch.full((len(shapes), width), len(gram), dtype=torch.int64)
+    for layer, layer_slots in enumerate(slots):
+        gather[layer, :len(layer_slots)] = torch.tensor([new_slot[s] for s in layer_slots])
+    return ShapePlan(gram_tiles, grad_tiles, gather, tuple(g_offsets), g_total, tuple(out_offsets), out_total)
+
+
+class LaunchPlan:
+    """Device-side tables for one set of (weights, bases) tensors; rebuilt only when a
+    tensor's storage moves."""
+
+    def __init__(self, weights: list[torch.Tensor], bases: list[torch.Tensor], cfg: KernelConfig):
+        device = weights[0].device
+        shapes = tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
+        self.shape = shape_plan(shapes, cfg.gram_block, cfg.grad_m, cfg.grad_n)
+        w_es, w0_es = weights[0].element_size(), bases[0].element_size()
+        w_base, w0_base = weights[0].data_ptr(), bases[0].data_ptr()
+        rows = []
+        aligned = True
+        for i, ((r, c), w, w0) in enumerate(zip(shapes, weights, bases)):
+            dw, dw0 = w.data_ptr() - w_base, w0.data_ptr() - w0_base
+            if dw % w_es or dw0 % w0_es:
+                raise ValueError("weights: tensor storage is not element-aligned")
+            k = min(r, c)
+            rows.append([dw // w_es, dw0 // w0_es, c, k, max(r, c), int(r >= c),
+                         self.shape.g_offsets[i], round_up(k, 16), self.shape.out_offsets[i]])
+            aligned &= (dw // w_es) % 16 == 0 and (dw0 // w0_es) % 16 == 0 and c % 16 == 0
+        aligned &= w_base % 16 == 0 and w0_base % 16 == 0
+        self.aligned = bool(aligned)
+        self.layer_table = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.gram_tiles = self.shape.gram_tiles.to(device)
+        self.grad_tiles = self.shape.grad_tiles.to(device)
+        self.slot_gather = self.shape.slot_gather.to(device)
+
+
+_PLANS: dict[tuple, LaunchPlan] = {}
+
+
+def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
+    key = (tuple((w.data_ptr(), tuple(w.shape), w.dtype) for w in weights),
+           tuple((b.data_ptr(), b.dtype) for b in bases), cfg, weights[0].device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 16:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = LaunchPlan(weights, bases, cfg)
+    return plan
+
+
+def _check(weights, bases, precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if not weights or len(weights) != len(bases):
+        raise ValueError("weights, bases: expected two non-empty lists of equal length")
+    device = weights[0].device
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
+                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    for w, b in zip(weights, bases):
+        if w.dim() != 2 or w.shape != b.shape:
+            raise ValueError(f"weights, bases: expected 2-D pairs of one shape, got {tuple(w.shape)} "
+                             f"and {tuple(b.shape)}")
+        if not (w.is_contiguous() and b.is_contiguous()):
+            raise ValueError("weights, bases: expected contiguous tensors")
+        if w.device != device or b.device != device:
+            raise ValueError(f"weights, bases: expected every tensor on {device}")
+        if w.dtype != weights[0].dtype or b.dtype != bases[0].dtype:
+            raise ValueError("weights, bases: one launch takes one weight dtype and one base dtype")
+
+
+def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precision: str, *,
+                 config: KernelConfig | None = None, gmi_out: torch.Tensor | None = None,
+                 partials_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1. Returns ``(sq, gmi)``: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat
+    fp32 buffer of every layer's ``G - I`` (layer ``l`` at ``plan.g_offsets[l]``, ``k`` rows
+    of stride ``round_up(k, 16)``, the padding columns zero).
+    ``gmi_out`` / ``partials_out`` let tests pass pre-poisoned outputs."""
+    _check(weights, bases, precision)
+    device = weights[0].device
+    cfg = config or default_config(precision, device)
+    plan = launch_plan(weights, bases, cfg)
+    num_tiles = plan.gram_tiles.shape[0]
+    gmi = gmi_out if gmi_out is not None else torch.empty(plan.shape.g_numel, dtype=torch.float32, device=device)
+    partials = partials_out if partials_out is not None else torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
+    gram_penalty_kernel[_grid(num_tiles, device, cfg)](
+        weights[0], bases[0], plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials,
+        NF=LAYER_FIELDS, BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision,
+        EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sq = partials[plan.slot_gather].sum(dim=1)
+    return sq, gmi
+
+
+def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: torch.Tensor,
+                 coef: torch.Tensor, precision: str, *, config: KernelConfig | None = None,
+                 out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Phase 2. ``coef[l] * 4``-style scaled gradient of every layer into one flat buffer
+    (layer ``l`` at ``plan.out_offsets[l]``, in its own ``out x in`` layout). ``coef`` is the
+    whole per-layer factor, e.g. ``4 * upstream`` for the squared penalty."""
+    _check(weights, bases, precision)
+    device = weights[0].device
+    cfg = config or default_config(precision, device)
+    plan = launch_plan(weights, bases, cfg)
+    num_tiles = plan.grad_tiles.shape[0]
+    if out is None:
+        out = torch.empty(plan.shape.out_numel, dtype=out_dtype or weights[0].dtype, device=device)
+    penalty_grad_kernel[_grid(num_tiles, device, cfg)](
+        weights[0], bases[0], plan.layer_table, plan.grad_tiles, num_tiles, gmi,
+        coef.to(torch.float32).contiguous(), out,
+        NF=LAYER_FIELDS, BM=cfg.grad_m, BN=cfg.grad_n, BK=cfg.grad_k, PRECISION=precision,
+        EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def layer_views(flat: torch.Tensor, shapes, offsets) -> list[torch.Tensor]:
+    """Per-layer ``out x in`` views into a flat buffer laid out by a plan."""
+    return [flat[o:o + r * c].view(r, c) for (r, c), o in zip(shapes, offsets)]
