@@ -2,6 +2,7 @@
 pytest-benchmark adds the git commit itself (commit_info)."""
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -50,3 +51,47 @@ def sync() -> None:
 @pytest.fixture(scope="session")
 def device():
     return DEVICE
+
+
+def _median_time(fn, reps: int) -> float:
+    """Median seconds of ``fn`` (CUDA events on a GPU), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.fixture(scope="session")
+def ceilings():
+    """Device ceilings measured in this run: matmul rate per precision (FLOP/s) and copy
+    bandwidth (bytes read + written per second). The floors of every case divide by these."""
+    from fastortho.ops.precision import cuda_fp32_matmul
+
+    n = 8192 if DEVICE == "cuda" else 1024
+    a = torch.randn(n, n, device=DEVICE)
+    b = torch.randn(n, n, device=DEVICE)
+    out = {}
+    if DEVICE == "cuda":
+        for precision in ("ieee", "tf32"):
+            with cuda_fp32_matmul(precision):
+                out[precision] = 2 * n**3 / _median_time(lambda: a @ b, 5 if precision == "ieee" else 10)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        out["bf16"] = 2 * n**3 / _median_time(lambda: a16 @ b16, 10)
+    else:
+        rate = 2 * n**3 / _median_time(lambda: a @ b, 5)
+        out.update(ieee=rate, tf32=rate, bf16=rate)
+    x = torch.empty(2**28 if DEVICE == "cuda" else 2**25, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    out["bandwidth"] = 2 * x.numel() / _median_time(lambda: y.copy_(x), 10)
+    return out

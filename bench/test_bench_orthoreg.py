@@ -1,8 +1,12 @@
 """OrthoReg penalty + gradient (forward and backward) over every regularized tensor of a ViT
-visual tower: the released-code reference against fastortho's backends.
+visual tower: the released-code reference (eager and torch.compile) against fastortho's
+backends. Each record's extra_info carries FLOPs, bytes, the device ceilings measured in the
+same run and the floor ``max(FLOPs / peak, bytes / bandwidth)``.
 
     pytest bench/ --benchmark-only [--benchmark-json=bench/results/NAME.json]
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -10,10 +14,12 @@ from torch import nn
 import fastortho as fo
 from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
+from fastortho.ops.precision import cuda_fp32_matmul
 from fastortho.testing import random_layers, vit_weight_shapes
 
 # The precision every timed case uses: tf32 on a GPU (the DESIGN targets), fp32 on a CPU.
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
+IMPLS = ["released", "released-compiled", "torch", "triton"]
 
 
 class ShapeSet(nn.Module):
@@ -34,8 +40,10 @@ def workload(name):
     numel = sum(r * c for r, c in shapes)
     info = {
         "model": name, "layers": len(shapes), "precision": PRECISION, "device": DEVICE,
-        # Gram (2 big k^2) + gradient product (2 big k^2) per layer, dense count.
-        "flop": 4 * big_k2,
+        # dense Gram (2 big k^2) + gradient product (2 big k^2) per layer
+        "flop_dense": 4 * big_k2,
+        # the least work: half the symmetric Gram + the gradient product
+        "flop_min": 3 * big_k2,
         # read W and W0 twice, write the gradient once (fp32)
         "bytes": 5 * 4 * numel,
     }
@@ -47,10 +55,13 @@ def vit(request):
     return workload(request.param)
 
 
-def released_step(model, base):
+def released_step(model, base, compiled=False):
+    loss_fn = torch.compile(ref.released_ortho_loss) if compiled else ref.released_ortho_loss
+
     def step():
         model.zero_grad(set_to_none=True)
-        ref.released_ortho_loss(model, base).backward()
+        with cuda_fp32_matmul(PRECISION) if DEVICE == "cuda" else contextlib.nullcontext():
+            loss_fn(model, base).backward()
         sync()
     return step
 
@@ -66,24 +77,20 @@ def fastortho_step(model, base, backend):
     return step
 
 
-def run(benchmark, step, info, impl):
-    benchmark.group = f"orthoreg-{info['model']}"
-    benchmark.extra_info.update(info, impl=impl)
-    step()  # warm-up (kernel compilation, cuBLAS handles)
-    benchmark.pedantic(step, rounds=20 if DEVICE == "cuda" else 5, iterations=1, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("impl", ["released", "torch"])
-def test_orthoreg_penalty_fwd_bwd(benchmark, vit, impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_orthoreg_penalty_fwd_bwd(benchmark, vit, impl, ceilings):
     model, base, info = vit
-    if impl == "released":
-        from fastortho.ops.precision import cuda_fp32_matmul
-
-        if DEVICE == "cuda":
-            with cuda_fp32_matmul(PRECISION):
-                run(benchmark, released_step(model, base), info, impl)
-            return
-        step = released_step(model, base)
+    if impl in ("released-compiled", "triton") and DEVICE != "cuda":
+        pytest.skip(f"{impl} is timed on a GPU only (CPU: compile time / Triton interpreter)")
+    if impl.startswith("released"):
+        step = released_step(model, base, compiled=impl == "released-compiled")
     else:
         step = fastortho_step(model, base, impl)
-    run(benchmark, step, info, impl)
+    peak = ceilings[PRECISION]
+    floor = max(info["flop_min"] / peak, info["bytes"] / ceilings["bandwidth"])
+    benchmark.group = f"orthoreg-{info['model']}"
+    benchmark.extra_info.update(info, impl=impl, peak_flops=peak, bandwidth=ceilings["bandwidth"],
+                                floor_s=floor)
+    for _ in range(3):  # warm-up: compilation, autotuning of cuBLAS, caches
+        step()
+    benchmark.pedantic(step, rounds=30 if DEVICE == "cuda" else 5, iterations=1, warmup_rounds=1)

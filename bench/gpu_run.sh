@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call: install, check on the GPU, tune, time. Writes logs and JSONs to $OUT.
+#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|tests|bench ...]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+steps=${*:-"sweep tests bench"}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+export PYTHONUNBUFFERED=1
+for step in $steps; do
+  case $step in
+    sweep) timeout 240 python3 bench/sweep_orthoreg.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    tests) timeout 300 python3 -m pytest -q -x tests/ -p no:logging 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    bench) timeout 400 python3 -m pytest -q bench/ --benchmark-only -p no:logging \
+             --benchmark-json="$OUT/bench.json" 2>&1 | tail -5
+           python3 bench/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md" ;;
+  esac
+done

@@ -1,0 +1,45 @@
+"""Print the markdown tables of a pytest-benchmark JSON written by this suite.
+
+    python bench/summarize.py bench/results/NAME.json
+"""
+import json
+import sys
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    info = data["machine_info"]
+    commit = data.get("commit_info", {}).get("id", "?")[:10]
+    print(f"device: {info.get('device')} | torch {info.get('torch')} | triton {info.get('triton')} | "
+          f"fastortho {info.get('fastortho')} | commit {commit}\n")
+    groups: dict[str, list] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    for group, rows in groups.items():
+        print(f"### {group}\n")
+        if group.startswith("orthoreg"):
+            released = next((r["stats"]["median"] for r in rows if r["extra_info"]["impl"] == "released"), None)
+            print("| impl | precision | median ms | TFLOP/s (min FLOPs) | GB/s | x floor | speed-up vs released |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                speed = f"{released / t:.1f}x" if released else "-"
+                print(f"| {e['impl']} | {e['precision']} | {t * 1e3:.3f} | {e['flop_min'] / t / 1e12:.1f} | "
+                      f"{e['bytes'] / t / 1e9:.0f} | {t / e['floor_s']:.2f} | {speed} |")
+            e = rows[0]["extra_info"]
+            print(f"\nfloor {e['floor_s'] * 1e3:.3f} ms = max({e['flop_min'] / 1e9:.0f} GFLOP / "
+                  f"{e['peak_flops'] / 1e12:.0f} TFLOP/s, {e['bytes'] / 1e9:.2f} GB / "
+                  f"{e['bandwidth'] / 1e12:.2f} TB/s)\n")
+        else:
+            plain = next((r["stats"]["median"] for r in rows if r["extra_info"]["case"] == "none"), None)
+            print("| case | median ms | overhead vs no penalty |")
+            print("|---|---|---|")
+            for r in rows:
+                t = r["stats"]["median"]
+                over = f"{(t / plain - 1) * 100:+.1f}%" if plain else "-"
+                print(f"| {r['extra_info']['case']} | {t * 1e3:.2f} | {over} |")
+            print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,72 @@
+"""Time the two OrthoReg Triton phases for a few kernel configurations on the ViT shape sets
+(GPU only), checking each against the torch backend. Prints one line per (model, precision,
+config); used to choose ``kernels.orthoreg.default_config``.
+
+    python bench/sweep_orthoreg.py [--json OUT.json]
+"""
+import argparse
+import json
+
+import torch
+import triton.testing
+
+from fastortho.kernels import orthoreg as K
+from fastortho.ops.orthoreg_torch import penalty_and_grad
+from fastortho.testing import random_layers, vit_weight_shapes
+
+CONFIGS = {
+    "default": None,
+    "bt128-bk32-w8-s4": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=4),
+    "bt128-bk64-w8-s3": K.KernelConfig(128, 64, 128, 128, 64, num_warps=8, num_stages=3),
+    "bt64-bk32-w4-s3": K.KernelConfig(64, 32, 128, 64, 32, num_warps=4, num_stages=3),
+    "bt128-bk32-w4-s3": K.KernelConfig(128, 32, 128, 128, 32, num_warps=4, num_stages=3),
+    "bt128-bk32-w8-s3-p2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=3, programs_per_sm=2),
+    "grad256x128": K.KernelConfig(128, 32, 256, 128, 32, num_warps=8, num_stages=3),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = []
+    for name in ("ViT-B-32", "ViT-L-14"):
+        shapes = vit_weight_shapes(name)
+        weights, bases = random_layers(shapes, device="cuda", generator=torch.Generator().manual_seed(0))
+        coef = torch.full((len(shapes),), 4.0, device="cuda")
+        for precision in ("tf32", "bf16"):
+            ref_sq, ref_bufs = penalty_and_grad(weights, bases, True, "ieee", True)
+            for label, cfg in CONFIGS.items():
+                cfg = cfg or K.default_config(precision, weights[0].device)
+                try:
+                    sq, gmi = K.gram_penalty(weights, bases, precision, config=cfg)
+                    flat = K.penalty_grad(weights, bases, gmi, coef, precision, config=cfg)
+                    torch.cuda.synchronize()
+                except Exception as e:  # a config that does not compile is reported, not fatal
+                    print(f"{name} {precision} {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                err_sq = float((sq - ref_sq).norm() / ref_sq.norm())
+                plan = K.launch_plan(weights, bases, cfg)
+                grads = K.layer_views(flat, shapes, plan.shape.out_offsets)
+                # torch backend groups by shape on CUDA: compare layer by layer through it
+                from fastortho.ops.orthoreg_torch import layer_groups
+                ref_grads = [None] * len(shapes)
+                for buf, (_, idx) in zip(ref_bufs, layer_groups(weights)):
+                    for j, i in enumerate(idx):
+                        ref_grads[i] = buf[j]
+                err_g = max(float((g.float() - r).norm() / r.norm()) for g, r in zip(grads, ref_grads))
+                t1 = triton.testing.do_bench(lambda: K.gram_penalty(weights, bases, precision, config=cfg),
+                                             warmup=25, rep=200, return_mode="median")
+                t2 = triton.testing.do_bench(lambda: K.penalty_grad(weights, bases, gmi, coef, precision, config=cfg),
+                                             warmup=25, rep=200, return_mode="median")
+                row = dict(model=name, precision=precision, config=label, phase1_ms=t1, phase2_ms=t2,
+                           total_ms=t1 + t2, err_value=err_sq, err_grad=err_g, aligned=plan.aligned)
+                rows.append(row)
+                print(f"{name} {precision:4s} {label:22s} p1 {t1:.3f} ms  p2 {t2:.3f} ms  total {t1 + t2:.3f} ms"
+                      f"  err {err_sq:.1e}/{err_g:.1e} aligned={plan.aligned}", flush=True)
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
