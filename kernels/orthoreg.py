@@ -67,10 +67,14 @@ def _operand(x, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     if PRECISION == "tf32":
         return tl.dot(a, b, acc, input_precision="tf32")
-    elif PRECISION == "bf16" and not EMULATE_BF16:
-        return tl.dot(a, b, acc)
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        if PRECISION == "bf16":
+            if EMULATE_BF16:  # bf16-valued fp32 operands: exact products, fp32 sums
+                return tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                return tl.dot(a, b, acc)
+        else:
+            return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
