@@ -76,7 +76,7 @@ def _median_time(fn, reps: int) -> float:
 def ceilings():
     """Device ceilings measured in this run: matmul rate per precision (FLOP/s) and copy
     bandwidth (bytes read + written per second). The floors of every case divide by these."""
-    from fastortho.ops.precision import cuda_fp32_matmul
+    from fastortho.ops.precision import fp32_matmul
 
     n = 8192 if DEVICE == "cuda" else 1024
     a = torch.randn(n, n, device=DEVICE)
@@ -84,7 +84,7 @@ def ceilings():
     out = {}
     if DEVICE == "cuda":
         for precision in ("ieee", "tf32"):
-            with cuda_fp32_matmul(precision):
+            with fp32_matmul(precision, "cuda"):
                 out[precision] = 2 * n**3 / _median_time(lambda: a @ b, 5 if precision == "ieee" else 10)
         a16, b16 = a.bfloat16(), b.bfloat16()
         out["bf16"] = 2 * n**3 / _median_time(lambda: a16 @ b16, 10)

@@ -16,12 +16,10 @@ from fastortho.testing import random_layers, vit_weight_shapes
 
 CONFIGS = {
     "default": None,
-    "bt128-bk32-w8-s4": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=4),
-    "bt128-bk64-w8-s3": K.KernelConfig(128, 64, 128, 128, 64, num_warps=8, num_stages=3),
-    "bt64-bk32-w4-s3": K.KernelConfig(64, 32, 128, 64, 32, num_warps=4, num_stages=3),
-    "bt128-bk32-w4-s3": K.KernelConfig(128, 32, 128, 128, 32, num_warps=4, num_stages=3),
+    "bt128-bk32-w8-s2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=2),
     "bt128-bk32-w8-s3-p2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=3, programs_per_sm=2),
-    "grad256x128": K.KernelConfig(128, 32, 256, 128, 32, num_warps=8, num_stages=3),
+    "bt128-bk16-w8-s4": K.KernelConfig(128, 16, 128, 128, 16, num_warps=8, num_stages=4),
+    "bt64-bk32-w4-s3": K.KernelConfig(64, 32, 64, 64, 32, num_warps=4, num_stages=3, programs_per_sm=2),
 }
 
 
@@ -43,7 +41,7 @@ def main():
                     flat = K.penalty_grad(weights, bases, gmi, coef, precision, config=cfg)
                     torch.cuda.synchronize()
                 except Exception as e:  # a config that does not compile is reported, not fatal
-                    print(f"{name} {precision} {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    print(f"{name} {precision} {label}: FAILED {type(e).__name__}: {str(e)[-600:]}", flush=True)
                     continue
                 err_sq = float((sq - ref_sq).norm() / ref_sq.norm())
                 plan = K.launch_plan(weights, bases, cfg)

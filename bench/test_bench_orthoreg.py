@@ -14,7 +14,7 @@ from torch import nn
 import fastortho as fo
 from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
-from fastortho.ops.precision import cuda_fp32_matmul
+from fastortho.ops.precision import fp32_matmul
 from fastortho.testing import random_layers, vit_weight_shapes
 
 # The precision every timed case uses: tf32 on a GPU (the DESIGN targets), fp32 on a CPU.
@@ -60,7 +60,7 @@ def released_step(model, base, compiled=False):
 
     def step():
         model.zero_grad(set_to_none=True)
-        with cuda_fp32_matmul(PRECISION) if DEVICE == "cuda" else contextlib.nullcontext():
+        with fp32_matmul(PRECISION, "cuda") if DEVICE == "cuda" else contextlib.nullcontext():
             loss_fn(model, base).backward()
         sync()
     return step

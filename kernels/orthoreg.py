@@ -111,19 +111,30 @@ def _layer(layer_table, layer, NF: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr,
+def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr, DIAG: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                EMULATE_BF16: tl.constexpr):
-    # sum over b of X[b, i] X[b, j] for the tile (offs_i, offs_j) of G = X^T X.
+    # sum over b of X[b, i] X[b, j] for the tile (offs_i, offs_j) of G = X^T X. A diagonal
+    # tile (offs_i == offs_j) loads its one block of D once and uses it for both operands.
     acc = tl.zeros((BT, BT), dtype=tl.float32)
     for b0 in range(0, big, BK):
         offs_b = b0 + tl.arange(0, BK)
         if TALL:  # X = D: D[b, i], contiguous along i
-            a = tl.trans(_delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols))
-            b = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols)
+            d_i = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols)
+            if DIAG:
+                d_j = d_i
+            else:
+                d_j = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols)
+            a = tl.trans(d_i)
+            b = d_j
         else:  # X = D^T: D[i, b], contiguous along b
-            a = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols)
-            b = tl.trans(_delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols))
+            d_i = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols)
+            if DIAG:
+                d_j = d_i
+            else:
+                d_j = _delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols)
+            a = d_i
+            b = tl.trans(d_j)
         acc = _mma(_operand(a, PRECISION, EMULATE_BF16), _operand(b, PRECISION, EMULATE_BF16),
                    acc, PRECISION, EMULATE_BF16)
     return acc
@@ -144,12 +155,18 @@ def gram_penalty_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
         w_off, w0_off, cols, k, big, tall, g_off, kp, out_off = _layer(layer_table, layer, NF, ALIGNED)
         offs_i = ti * BT + tl.arange(0, BT)
         offs_j = tj * BT + tl.arange(0, BT)
+        w = w_base + w_off
+        w0 = w0_base + w0_off
         if tall != 0:
-            acc = _gram_tile(w_base + w_off, w0_base + w0_off, cols, k, big, offs_i, offs_j,
-                             True, BT, BK, PRECISION, EMULATE_BF16)
+            if ti == tj:
+                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, True, True, BT, BK, PRECISION, EMULATE_BF16)
+            else:
+                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, True, False, BT, BK, PRECISION, EMULATE_BF16)
         else:
-            acc = _gram_tile(w_base + w_off, w0_base + w0_off, cols, k, big, offs_i, offs_j,
-                             False, BT, BK, PRECISION, EMULATE_BF16)
+            if ti == tj:
+                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, True, BT, BK, PRECISION, EMULATE_BF16)
+            else:
+                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, False, BT, BK, PRECISION, EMULATE_BF16)
         eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
         gmi = acc - eye
         valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
@@ -186,7 +203,9 @@ def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
         for i0 in range(0, k, BK):
             offs_i = i0 + tl.arange(0, BK)
             gm_mask = (offs_i[:, None] < k) & (offs_j[None, :] < k)
-            gm = tl.load(g + offs_i[:, None] * kp + offs_j[None, :], mask=gm_mask, other=0.0)
+            # G - I is symmetric: read the tile (i, j) from rows j so that it is contiguous
+            # along the reduction axis i (the operand order tf32 tensor-core products want).
+            gm = tl.load(g + offs_j[None, :] * kp + offs_i[:, None], mask=gm_mask, other=0.0)
             if tall != 0:
                 x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols)
             else:
@@ -225,8 +244,6 @@ def default_config(precision: str, device: torch.device) -> KernelConfig:
     if device.type != "cuda":
         # The interpreter: small tiles keep its numpy products cheap on small layers.
         return KernelConfig(32, 32, 32, 32, 32, num_warps=4, num_stages=1)
-    if precision == "bf16":
-        return KernelConfig(128, 64, 128, 128, 64, num_warps=8, num_stages=3)
     return KernelConfig()
 
 
@@ -314,6 +331,9 @@ class LaunchPlan:
 
 
 _PLANS: dict[tuple, LaunchPlan] = {}
+# The compiled kernel of the latest launch of each phase (registers, spills, shared memory,
+# PTX), for bench/diagnose_orthoreg.py.
+last_launch: dict[str, object] = {}
 
 
 def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
@@ -362,7 +382,7 @@ def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precisi
     num_tiles = plan.gram_tiles.shape[0]
     gmi = gmi_out if gmi_out is not None else torch.empty(plan.shape.g_numel, dtype=torch.float32, device=device)
     partials = partials_out if partials_out is not None else torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
-    gram_penalty_kernel[_grid(num_tiles, device, cfg)](
+    last_launch["gram"] = gram_penalty_kernel[_grid(num_tiles, device, cfg)](
         weights[0], bases[0], plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials,
         NF=LAYER_FIELDS, BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision,
         EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
@@ -384,7 +404,7 @@ def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: to
     num_tiles = plan.grad_tiles.shape[0]
     if out is None:
         out = torch.empty(plan.shape.out_numel, dtype=out_dtype or weights[0].dtype, device=device)
-    penalty_grad_kernel[_grid(num_tiles, device, cfg)](
+    last_launch["grad"] = penalty_grad_kernel[_grid(num_tiles, device, cfg)](
         weights[0], bases[0], plan.layer_table, plan.grad_tiles, num_tiles, gmi,
         coef.to(torch.float32).contiguous(), out,
         NF=LAYER_FIELDS, BM=cfg.grad_m, BN=cfg.grad_n, BK=cfg.grad_k, PRECISION=precision,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err, requires_cuda
 from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
 from fastortho.testing import random_layers
@@ -14,11 +14,13 @@ from fastortho.testing import random_layers
 AWKWARD = [(1, 37), (37, 1), (33, 17), (17, 33), (65, 130), (130, 65), (31, 31), (1, 1)]
 
 
-def check_against_reference(shapes, squared, precision, dtype=torch.float32, scale=None, seed=0):
+def check_against_reference(shapes, squared, precision, dtype=torch.float32, scale=None, seed=0,
+                            device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    if precision == "bf16" and scale is None:
-        # bf16 operands carry ~4e-3 relative error into G; with G ~ I (the default scale)
-        # that is amplified in G - I. Half the scale keeps G - I of order 1, as in fine-tuning.
+    if precision != "ieee" and scale is None:
+        # tf32/bf16 operands carry 5e-4/4e-3 relative error into G; with G ~ I (the default
+        # scale) it is amplified in G - I. Half the scale keeps G - I of order 1, as in
+        # fine-tuning, where updates are small.
         weights, bases = [], []
         for shape in shapes:
             w, b = random_layers([shape], dtype=dtype, scale=0.5 * max(shape) ** -0.5, generator=gen)
@@ -26,6 +28,7 @@ def check_against_reference(shapes, squared, precision, dtype=torch.float32, sca
             bases += b
     else:
         weights, bases = random_layers(shapes, dtype=dtype, scale=scale, generator=gen)
+    weights, bases = [w.to(device) for w in weights], [b.to(device) for b in bases]
     values, grads = fast_values_and_grads(weights, bases, squared, precision)
     ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
     assert values.dtype == torch.float32 and values.shape == (len(shapes),)
@@ -47,6 +50,14 @@ def test_single_layer_matches_reference(shape, squared, precision):
 def test_mixed_shapes_and_repeated_shapes_in_one_call(squared):
     shapes = [(33, 17), (1, 37), (33, 17), (65, 130), (17, 33), (33, 17), (65, 130)]
     check_against_reference(shapes, squared, "ieee", seed=3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("squared", [True, False])
+def test_torch_backend_on_cuda_groups_by_shape(precision, squared):
+    shapes = [(33, 17), (1, 37), (33, 17), (65, 130), (17, 33), (33, 17), (768, 3072), (768, 3072)]
+    check_against_reference(shapes, squared, precision, seed=4, device="cuda")
 
 
 @pytest.mark.parametrize("shape", [(257, 1024), (768, 3072), (3072, 768), (530, 700)])

@@ -24,8 +24,8 @@ def layers(shapes, dtype=torch.float32, seed=0, precision="ieee"):
     gen = torch.Generator().manual_seed(seed)
     weights, bases = [], []
     for s in shapes:
-        # bf16 operands: keep G - I away from cancellation (see test_orthoreg.py)
-        scale = (0.5 if precision == "bf16" else 1.0) * max(s) ** -0.5
+        # tf32/bf16 operands: keep G - I away from cancellation (see test_orthoreg.py)
+        scale = (0.5 if precision != "ieee" else 1.0) * max(s) ** -0.5
         w, b = random_layers([s], dtype=dtype, scale=scale, generator=gen)
         weights += [t.to(DEVICE) for t in w]
         bases += [t.to(DEVICE) for t in b]

@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .precision import cuda_fp32_matmul
+from .precision import fp32_matmul
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,11 +58,10 @@ def _bmm(a: Tensor, b: Tensor, precision: str) -> Tensor:
         if a.device.type == "cuda":
             return torch.bmm(a16, b16).float()
         # Exact emulation elsewhere: bf16-rounded operands, fp32 products and sums.
-        return torch.bmm(a16.float(), b16.float())
-    if a.device.type == "cuda":
-        with cuda_fp32_matmul(precision):
-            return torch.bmm(a, b)
-    return torch.bmm(a, b)
+        with fp32_matmul("ieee", a.device.type):
+            return torch.bmm(a16.float(), b16.float())
+    with fp32_matmul(precision, a.device.type):
+        return torch.bmm(a, b)
 
 
 # Column-block width of the symmetric Gram below. Narrower blocks skip more of the lower

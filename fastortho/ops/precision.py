@@ -35,16 +35,19 @@ def resolve_precision(precision: str | None) -> str:
 
 
 @contextlib.contextmanager
-def cuda_fp32_matmul(precision: str) -> Iterator[None]:
-    """Run fp32 cuBLAS products inside the block as ``precision`` ("ieee" or "tf32"),
-    restoring the caller's setting after. Uses only the new ``fp32_precision`` flag and puts
-    back its exact previous value (also "none"), so the legacy getters keep working."""
-    flags = torch.backends.cuda.matmul
-    wanted = "tf32" if precision == "tf32" else "ieee"
+def fp32_matmul(precision: str, device_type: str) -> Iterator[None]:
+    """Run fp32 library products (cuBLAS on CUDA, oneDNN on CPU) inside the block as
+    ``precision`` ("tf32" is honoured on CUDA only; everything else is true fp32), restoring
+    the caller's flag after. Needed because ``torch.set_float32_matmul_precision("medium")``
+    lets even CPU fp32 products round to bf16. Uses only the new ``fp32_precision`` flags and
+    puts back their exact previous value (also "none"), so the legacy getters keep working."""
+    flags = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device_type)
+    if flags is None:
+        yield
+        return
+    wanted = "tf32" if (precision == "tf32" and device_type == "cuda") else "ieee"
     old = flags.fp32_precision
-    effective = old if old in ("ieee", "tf32") else (
-        "tf32" if torch_default_precision() == "tf32" else "ieee")
-    if effective == wanted:
+    if old == wanted:
         yield
         return
     flags.fp32_precision = wanted
