@@ -12,6 +12,11 @@ export PYTHONUNBUFFERED=1
 for step in $steps; do
   case $step in
     sweep) timeout 240 python3 bench/sweep_orthoreg.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    diag) timeout 120 python3 bench/diagnose_orthoreg.py 2>&1 | tee "$OUT/diag.log"
+          timeout 180 ncu --kernel-name regex:"gram_penalty_kernel|penalty_grad_kernel" --launch-count 2 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+            python3 bench/diagnose_orthoreg.py --once 2>&1 | grep -v "^==PROF==" | tee "$OUT/ncu.log" | \
+            grep -E "Kernel|gram|grad|Throughput|Duration|Pipe|Hit Rate|Bandwidth|Executed Ipc" ;;
     tests) timeout 300 python3 -m pytest -q -x tests/ -p no:logging 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench) timeout 400 python3 -m pytest -q bench/ --benchmark-only -p no:logging \
              --benchmark-json="$OUT/bench.json" 2>&1 | tail -5
