@@ -11,15 +11,14 @@ import torch
 import triton.testing
 
 from fastortho.kernels import orthoreg as K
-from fastortho.ops.orthoreg_torch import penalty_and_grad
+from fastortho.ops.orthoreg_torch import gram_minus_identity, layer_groups, scaled_grads
 from fastortho.testing import random_layers, vit_weight_shapes
 
 CONFIGS = {
     "default": None,
-    "bt128-bk32-w8-s2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=2),
-    "bt128-bk32-w8-s3-p2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=3, programs_per_sm=2),
-    "bt128-bk16-w8-s4": K.KernelConfig(128, 16, 128, 128, 16, num_warps=8, num_stages=4),
-    "bt64-bk32-w4-s3": K.KernelConfig(64, 32, 64, 64, 32, num_warps=4, num_stages=3, programs_per_sm=2),
+    "p2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=3, programs_per_sm=2),
+    "grad128x64": K.KernelConfig(128, 32, 128, 64, 32, num_warps=8, num_stages=3),
+    "gram64-w4-p2": K.KernelConfig(64, 32, 128, 128, 32, num_warps=4, num_stages=3, programs_per_sm=2),
 }
 
 
@@ -32,8 +31,10 @@ def main():
         shapes = vit_weight_shapes(name)
         weights, bases = random_layers(shapes, device="cuda", generator=torch.Generator().manual_seed(0))
         coef = torch.full((len(shapes),), 4.0, device="cuda")
-        for precision in ("tf32", "bf16"):
-            ref_sq, ref_bufs = penalty_and_grad(weights, bases, True, "ieee", True)
+        for precision in ("tf32",):
+            ref_sq, deltas, gmis = gram_minus_identity(weights, bases, "ieee", keep=True)
+            ref_bufs = scaled_grads(deltas, gmis, [torch.full((d.shape[0],), 4.0, device="cuda") for d in deltas], "ieee")
+            del deltas, gmis
             for label, cfg in CONFIGS.items():
                 cfg = cfg or K.default_config(precision, weights[0].device)
                 try:
@@ -46,8 +47,7 @@ def main():
                 err_sq = float((sq - ref_sq).norm() / ref_sq.norm())
                 plan = K.launch_plan(weights, bases, cfg)
                 grads = K.layer_views(flat, shapes, plan.shape.out_offsets)
-                # torch backend groups by shape on CUDA: compare layer by layer through it
-                from fastortho.ops.orthoreg_torch import layer_groups
+                # the torch backend groups by shape on CUDA: undo the grouping
                 ref_grads = [None] * len(shapes)
                 for buf, (_, idx) in zip(ref_bufs, layer_groups(weights)):
                     for j, i in enumerate(idx):

@@ -214,13 +214,13 @@ def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
                        acc, PRECISION, EMULATE_BF16)
         acc = acc * c
         o = out_ptr + out_off
+        # (no variable shared by the two branches: their tile shapes differ when BM != BN)
         if tall != 0:
-            mask = (offs_b[:, None] < big) & (offs_j[None, :] < k)
-            tl.store(o + offs_b[:, None] * cols + offs_j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(o + offs_b[:, None] * cols + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=(offs_b[:, None] < big) & (offs_j[None, :] < k))
         else:
-            mask = (offs_j[:, None] < k) & (offs_b[None, :] < big)
-            tl.store(o + offs_j[:, None] * cols + offs_b[None, :],
-                     tl.trans(acc).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(o + offs_j[:, None] * cols + offs_b[None, :], tl.trans(acc).to(out_ptr.dtype.element_ty),
+                     mask=(offs_j[:, None] < k) & (offs_b[None, :] < big))
 
 
 # ----------------------------------------------------------------------------- host code

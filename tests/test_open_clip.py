@@ -38,7 +38,8 @@ def vit_b32():
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in base:
-                p.add_(torch.randn_like(p) / max(p.shape) ** 0.5)
+                # half the scale that puts G at I: keeps G - I of order 1 (cf. test_orthoreg.py)
+                p.add_(0.5 * torch.randn_like(p) / max(p.shape) ** 0.5)
     return model, base
 
 

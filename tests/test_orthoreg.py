@@ -343,15 +343,18 @@ def test_non_finite_weights_are_reported_by_name(where, bad):
 # ----------------------------------------------------------------- registration
 
 
-def test_torch_op_passes_opcheck():
-    from fastortho.ops.orthoreg_torch import ortho_penalty_torch
+def test_torch_ops_pass_opcheck():
+    from fastortho.ops.orthoreg_torch import ortho_grad_torch, ortho_gram_torch
 
     gen = torch.Generator().manual_seed(23)
     weights, bases = random_layers([(9, 5), (5, 9), (9, 5)], generator=gen)
     weights = [w.requires_grad_(True) for w in weights]
     for squared in (True, False):
-        torch.library.opcheck(ortho_penalty_torch, (weights, bases, squared, "ieee", True))
-    torch.library.opcheck(ortho_penalty_torch, ([w.detach() for w in weights], bases, True, "ieee", False))
+        torch.library.opcheck(ortho_gram_torch, (weights, bases, squared, "ieee", True))
+    torch.library.opcheck(ortho_gram_torch, ([w.detach() for w in weights], bases, True, "ieee", False))
+    _, deltas, gmis = ortho_gram_torch([w.detach() for w in weights], bases, True, "ieee", True)
+    coefs = [torch.rand(d.shape[0]) for d in deltas]
+    torch.library.opcheck(ortho_grad_torch, (deltas, gmis, coefs, "ieee"))
 
 
 def test_training_step_compiles_with_fullgraph():

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from .orthoreg_torch import ortho_penalty_torch
+from .orthoreg_torch import ortho_gram_torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -77,5 +77,4 @@ def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, 
     if chosen == "triton":
         return _triton_penalty(weights, bases, squared, precision)
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    values, _ = ortho_penalty_torch(weights, bases, squared, precision, need_grad)
-    return values
+    return ortho_gram_torch(weights, bases, squared, precision, need_grad)[0]
