@@ -36,6 +36,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastortho"] = fastortho.__version__
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    # The device machine gets a copy of the working tree without .git: the run script passes
+    # the commit in FASTORTHO_COMMIT.
+    commit = os.environ.get("FASTORTHO_COMMIT")
+    if commit and not output_json.get("commit_info", {}).get("id"):
+        output_json["commit_info"] = {"id": commit, "source": "FASTORTHO_COMMIT"}
+
+
 def bench_models() -> list[str]:
     """ViT shape sets to time: FASTORTHO_BENCH_MODELS (comma-separated) or, by default, both
     on a GPU and only ViT-B-32 on a CPU (ViT-L-14's released-code step takes minutes there)."""

@@ -9,6 +9,8 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 export PYTHONUNBUFFERED=1
+# the tree arrives without .git; the caller passes the commit (FASTORTHO_COMMIT=... bash ...)
+export FASTORTHO_COMMIT=${FASTORTHO_COMMIT:-unknown}
 for step in $steps; do
   case $step in
     sweep) timeout 240 python3 bench/sweep_orthoreg.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;

@@ -14,7 +14,7 @@ from fastortho import reference as ref
 open_clip = pytest.importorskip("open_clip")
 
 BATCH = 128 if DEVICE == "cuda" else 4
-CASES = ["none", "fastortho-tf32", "fastortho-bf16", "released"]
+CASES = ["none", "torch-tf32", "triton-tf32", "triton-bf16", "released"]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,13 @@ def training():
 @pytest.mark.parametrize("case", CASES)
 def test_train_step(benchmark, training, case):
     model, base, head, x, y, opt = training
-    if DEVICE != "cuda" and case not in ("none", "fastortho-tf32"):
-        pytest.skip("on a CPU only the plain step and one penalty are timed")
+    if DEVICE != "cuda" and case not in ("none", "torch-tf32"):
+        pytest.skip("on a CPU only the plain step and the torch backend are timed")
     penalty = None
-    if case.startswith("fastortho"):
-        penalty = fo.OrthoReg(model, base, lam=0.1, squared=False, precision=case.split("-")[1],
-                              check_finite=False)
+    if case.startswith(("torch", "triton")):
+        backend, precision = case.split("-")
+        penalty = fo.OrthoReg(model, base, lam=0.1, squared=False, precision=precision,
+                              backend=backend, check_finite=False)
     elif case == "released":
         penalty = lambda: 0.1 * ref.released_ortho_loss(model, base)  # noqa: E731
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda"

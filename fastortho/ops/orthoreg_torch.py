@@ -31,6 +31,18 @@ def _shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
     return tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
 
 
+@functools.lru_cache(maxsize=256)
+def _group_permutations(groups, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Device index tensors between layer order and group order (layers of group 0, then
+    group 1, ...), made once: indexing with a Python list would copy the index from pageable
+    host memory on every call, which waits for the GPU to drain."""
+    order = [i for _, idx in groups for i in idx]
+    to_groups = torch.tensor(order, dtype=torch.long)
+    to_layers = torch.empty_like(to_groups)
+    to_layers[to_groups] = torch.arange(len(order))
+    return to_groups.to(device), to_layers.to(device)
+
+
 def layer_groups(weights: list[Tensor]) -> tuple[tuple[tuple[int, int], tuple[int, ...]], ...]:
     """How the layers are batched. On CUDA, by shape: one batched product per group instead
     of one launch per layer. Elsewhere one group per layer: there is no launch overhead to
@@ -105,23 +117,24 @@ def gram_minus_identity(weights: list[Tensor], bases: list[Tensor], precision: s
                         keep: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and, if ``keep``, per group the stacked
     updates ``D`` and ``G - I`` that the gradient needs."""
-    values = torch.empty(len(weights), dtype=torch.float32, device=weights[0].device)
+    groups = layer_groups(weights)
+    sqs: list[Tensor] = []
     deltas: list[Tensor] = []
     gmis: list[Tensor] = []
-    for (rows, cols), idx in layer_groups(weights):
+    for (rows, cols), idx in groups:
         d = _deltas(weights, bases, idx)
         g = _gram(d if rows >= cols else d.transpose(1, 2), precision)
         g.diagonal(dim1=1, dim2=2).sub_(1.0)  # G - I without materializing I
         # square().sum() (cascaded summation) is ~100x more accurate in fp32 on a CPU than
         # linalg.vector_norm over 10^6 terms; the temporary is only k x k per layer.
         sq = g.square().sum(dim=(1, 2))
-        if len(idx) == 1:
-            values[idx[0]:idx[0] + 1] = sq
-        else:
-            values[list(idx)] = sq
+        sqs.append(sq)
         if keep:
             deltas.append(d)
             gmis.append(g)
+    values = torch.cat(sqs)
+    if len(groups) > 1 and any(len(idx) > 1 for _, idx in groups):
+        values = values[_group_permutations(groups, values.device)[1]]
     return values, deltas, gmis
 
 
@@ -186,7 +199,9 @@ def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     else:
         # d||G - I|| = 4 D (G - I) / (2 ||G - I||); zero where the norm is zero.
         coef = torch.where(values > 0, 2.0 * grad_values / values, torch.zeros_like(values))
-    coefs = [coef[idx[0]:idx[0] + 1] if len(idx) == 1 else coef[list(idx)] for _, idx in ctx.groups]
+    if any(len(idx) > 1 for _, idx in ctx.groups):
+        coef = coef[_group_permutations(ctx.groups, coef.device)[0]]
+    coefs = list(torch.split(coef, [len(idx) for _, idx in ctx.groups]))
     buffers = ortho_grad_torch(list(deltas), list(gmis), coefs, ctx.precision)
     grads: list[Tensor | None] = [None] * n
     for buf, (_, idx) in zip(buffers, ctx.groups):
