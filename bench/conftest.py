@@ -40,7 +40,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     # The device machine gets a copy of the working tree without .git: the run script passes
     # the commit in FASTORTHO_COMMIT.
     commit = os.environ.get("FASTORTHO_COMMIT")
-    if commit and not output_json.get("commit_info", {}).get("id"):
+    if commit and output_json.get("commit_info", {}).get("id") in (None, "", "unknown"):
         output_json["commit_info"] = {"id": commit, "source": "FASTORTHO_COMMIT"}
 
 

@@ -19,6 +19,8 @@ for step in $steps; do
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
             python3 bench/diagnose_orthoreg.py --once 2>&1 | grep -v "^==PROF==" | tee "$OUT/ncu.log" | \
             grep -E "Kernel|gram|grad|Throughput|Duration|Pipe|Hit Rate|Bandwidth|Executed Ipc" ;;
+    profile) timeout 120 python3 bench/profile_orthoreg.py ViT-B-32 2>&1 | tee "$OUT/profile.log" | \
+               grep -E "=====|Self CUDA time total|^ *[a-zA-Z_:<>]" | cut -c1-160 | head -60 ;;
     tests) timeout 300 python3 -m pytest -q -x tests/ -p no:logging 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench) timeout 400 python3 -m pytest -q bench/ --benchmark-only -p no:logging \
              --benchmark-json="$OUT/bench.json" 2>&1 | tail -5
