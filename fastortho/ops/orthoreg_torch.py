@@ -188,26 +188,62 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, *deltas, *gmis)
 
 
+def weight_grads(values, deltas, gmis, groups, dtypes, squared, precision, grad_values, grad_fn):
+    """Per-layer gradients from what forward kept; ``grad_fn`` is :func:`scaled_grads` or
+    its registered op."""
+    if squared:
+        coef = 4.0 * grad_values
+    else:
+        # d||G - I|| = 4 D (G - I) / (2 ||G - I||); zero where the norm is zero.
+        coef = torch.where(values > 0, 2.0 * grad_values / values, torch.zeros_like(values))
+    if any(len(idx) > 1 for _, idx in groups):
+        coef = coef[_group_permutations(groups, coef.device)[0]]
+    coefs = list(torch.split(coef, [len(idx) for _, idx in groups]))
+    buffers = grad_fn(list(deltas), list(gmis), coefs, precision)
+    grads: list[Tensor | None] = [None] * len(dtypes)
+    for buf, (_, idx) in zip(buffers, groups):
+        for j, i in enumerate(idx):
+            grads[i] = buf[j] if dtypes[i] == torch.float32 else buf[j].to(dtypes[i])
+    return grads
+
+
 def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     n = len(ctx.dtypes)
     if not ctx.need_grad:
         return [None] * n, [None] * n, None, None, None
     values, *saved = ctx.saved_tensors
-    deltas, gmis = saved[:len(ctx.groups)], saved[len(ctx.groups):]
-    if ctx.squared:
-        coef = 4.0 * grad_values
-    else:
-        # d||G - I|| = 4 D (G - I) / (2 ||G - I||); zero where the norm is zero.
-        coef = torch.where(values > 0, 2.0 * grad_values / values, torch.zeros_like(values))
-    if any(len(idx) > 1 for _, idx in ctx.groups):
-        coef = coef[_group_permutations(ctx.groups, coef.device)[0]]
-    coefs = list(torch.split(coef, [len(idx) for _, idx in ctx.groups]))
-    buffers = ortho_grad_torch(list(deltas), list(gmis), coefs, ctx.precision)
-    grads: list[Tensor | None] = [None] * n
-    for buf, (_, idx) in zip(buffers, ctx.groups):
-        for j, i in enumerate(idx):
-            grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
+    k = len(ctx.groups)
+    grads = weight_grads(values, saved[:k], saved[k:], ctx.groups, ctx.dtypes, ctx.squared,
+                         ctx.precision, grad_values, ortho_grad_torch)
     return grads, [None] * n, None, None, None
 
 
 ortho_gram_torch.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TorchPenalty(torch.autograd.Function):
+    """The same computation for eager mode without the custom-op dispatch, whose Python cost
+    per call grows with the number of list arguments (milliseconds for a ViT's 100 tensors).
+    Under torch.compile the registered ops are used instead."""
+
+    @staticmethod
+    def forward(ctx, squared: bool, precision: str, n: int, *tensors: Tensor) -> Tensor:
+        weights, bases = list(tensors[:n]), list(tensors[n:])
+        need_grad = any(ctx.needs_input_grad[3:3 + n])
+        sq, deltas, gmis = gram_minus_identity(weights, bases, precision, keep=need_grad)
+        values = sq if squared else sq.sqrt()
+        ctx.groups, ctx.dtypes = layer_groups(weights), [w.dtype for w in weights]
+        ctx.squared, ctx.precision, ctx.n = squared, precision, n
+        ctx.save_for_backward(values, *deltas, *gmis)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        values, *saved = ctx.saved_tensors
+        none = [None] * ctx.n
+        if not saved:
+            return (None, None, None, *none, *none)
+        k = len(ctx.groups)
+        grads = weight_grads(values, saved[:k], saved[k:], ctx.groups, ctx.dtypes, ctx.squared,
+                             ctx.precision, grad_values, scaled_grads)
+        return (None, None, None, *grads, *none)

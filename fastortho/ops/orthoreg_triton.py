@@ -49,6 +49,18 @@ def _(weights, bases, gmi, coef, precision):
     return weights[0].new_empty(grad_layout(_shapes(weights))[1])
 
 
+def _coef(values, grad_values, squared):
+    if squared:
+        return 4.0 * grad_values
+    # d||G - I|| = 4 X (G - I) / (2 ||G - I||); zero where the norm is zero.
+    return torch.where(values > 0, 2.0 * grad_values / values, torch.zeros_like(values))
+
+
+def _views(flat, shapes):
+    offsets, _ = grad_layout(shapes)
+    return [flat[o:o + r * c].view(r, c) for (r, c), o in zip(shapes, offsets)]
+
+
 def _setup_context(ctx, inputs, output):
     weights, bases, squared, precision = inputs
     values, gmi = output
@@ -60,15 +72,36 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, _grad_gmi):
     values, gmi, *tensors = ctx.saved_tensors
     weights, bases = tensors[:ctx.n], tensors[ctx.n:]
-    if ctx.squared:
-        coef = 4.0 * grad_values
-    else:
-        # d||G - I|| = 4 X (G - I) / (2 ||G - I||); zero where the norm is zero.
-        coef = torch.where(values > 0, 2.0 * grad_values / values, torch.zeros_like(values))
+    coef = _coef(values, grad_values, ctx.squared)
     flat = ortho_grad_triton(weights, bases, gmi, coef, ctx.precision)
-    offsets, _ = grad_layout(ctx.shapes)
-    grads = [flat[o:o + r * c].view(r, c) for (r, c), o in zip(ctx.shapes, offsets)]
-    return grads, [None] * ctx.n, None, None
+    return _views(flat, ctx.shapes), [None] * ctx.n, None, None
 
 
 ortho_gram_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TritonPenalty(torch.autograd.Function):
+    """The same two launches for eager mode without the custom-op dispatch (whose Python
+    cost grows with the number of list arguments). Under torch.compile the registered ops
+    are used instead."""
+
+    @staticmethod
+    def forward(ctx, squared: bool, precision: str, n: int, *tensors: Tensor) -> Tensor:
+        from ..kernels.orthoreg import gram_penalty
+
+        weights, bases = list(tensors[:n]), list(tensors[n:])
+        sq, gmi = gram_penalty(weights, bases, precision)
+        values = sq if squared else sq.sqrt()
+        ctx.squared, ctx.precision, ctx.n = squared, precision, n
+        ctx.shapes = _shapes(weights)
+        ctx.save_for_backward(values, gmi, *weights, *bases)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        from ..kernels.orthoreg import penalty_grad
+
+        values, gmi, *tensors = ctx.saved_tensors
+        weights, bases = tensors[:ctx.n], tensors[ctx.n:]
+        flat = penalty_grad(weights, bases, gmi, _coef(values, grad_values, ctx.squared), ctx.precision)
+        return (None, None, None, *_views(flat, ctx.shapes), *([None] * ctx.n))
