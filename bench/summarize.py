@@ -24,12 +24,12 @@ def main(path: str) -> None:
             for r in rows:
                 e, t = r["extra_info"], r["stats"]["median"]
                 speed = f"{released / t:.1f}x" if released else "-"
-                print(f"| {e['impl']} | {e['precision']} | {t * 1e3:.3f} | {e['flop_min'] / t / 1e12:.1f} | "
+                print(f"| {e['impl']} | {e['precision']} | {t * 1e3:.3f} | {e['flop_min'] / t / 1e12:.3g} | "
                       f"{e['bytes'] / t / 1e9:.0f} | {t / e['floor_s']:.2f} | {speed} |")
             e = rows[0]["extra_info"]
             print(f"\nfloor {e['floor_s'] * 1e3:.3f} ms = max({e['flop_min'] / 1e9:.0f} GFLOP / "
-                  f"{e['peak_flops'] / 1e12:.0f} TFLOP/s, {e['bytes'] / 1e9:.2f} GB / "
-                  f"{e['bandwidth'] / 1e12:.2f} TB/s)\n")
+                  f"{e['peak_flops'] / 1e12:.3g} TFLOP/s, {e['bytes'] / 1e9:.2f} GB / "
+                  f"{e['bandwidth'] / 1e12:.3g} TB/s)\n")
         else:
             plain = next((r["stats"]["median"] for r in rows if r["extra_info"]["case"] == "none"), None)
             print("| case | median ms | overhead vs no penalty |")
