@@ -337,19 +337,25 @@ last_launch: dict[str, object] = {}
 
 
 def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
-    key = (tuple((w.data_ptr(), tuple(w.shape), w.dtype) for w in weights),
-           tuple((b.data_ptr(), b.dtype) for b in bases), cfg, weights[0].device)
+    """The cached plan for these exact tensors; the inputs are validated only when the plan
+    is built (the key pins storage, shape, strides, dtype and device of every tensor)."""
+    key = (tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights),
+           tuple((b.data_ptr(), b.shape, b.stride(), b.dtype, b.device) for b in bases), cfg)
     plan = _PLANS.get(key)
     if plan is None:
+        _check(weights, bases)
         if len(_PLANS) >= 16:
             _PLANS.pop(next(iter(_PLANS)))
         plan = _PLANS[key] = LaunchPlan(weights, bases, cfg)
     return plan
 
 
-def _check(weights, bases, precision):
+def _check_precision(precision):
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+
+
+def _check(weights, bases):
     if not weights or len(weights) != len(bases):
         raise ValueError("weights, bases: expected two non-empty lists of equal length")
     device = weights[0].device
@@ -375,7 +381,7 @@ def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precisi
     fp32 buffer of every layer's ``G - I`` (layer ``l`` at ``plan.g_offsets[l]``, ``k`` rows
     of stride ``round_up(k, 16)``, the padding columns zero).
     ``gmi_out`` / ``partials_out`` let tests pass pre-poisoned outputs."""
-    _check(weights, bases, precision)
+    _check_precision(precision)
     device = weights[0].device
     cfg = config or default_config(precision, device)
     plan = launch_plan(weights, bases, cfg)
@@ -394,10 +400,10 @@ def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precisi
 def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: torch.Tensor,
                  coef: torch.Tensor, precision: str, *, config: KernelConfig | None = None,
                  out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Phase 2. ``coef[l] * 4``-style scaled gradient of every layer into one flat buffer
-    (layer ``l`` at ``plan.out_offsets[l]``, in its own ``out x in`` layout). ``coef`` is the
-    whole per-layer factor, e.g. ``4 * upstream`` for the squared penalty."""
-    _check(weights, bases, precision)
+    """Phase 2. ``coef[l] * X (G - I)`` for every layer (``coef`` is the whole per-layer
+    factor, e.g. ``4 * upstream`` for the squared penalty) into one flat buffer, layer ``l``
+    at ``plan.out_offsets[l]`` in its own ``out x in`` layout."""
+    _check_precision(precision)
     device = weights[0].device
     cfg = config or default_config(precision, device)
     plan = launch_plan(weights, bases, cfg)

@@ -188,3 +188,15 @@ def test_compiled_training_step_on_gpu():
     assert rel_err(loss, expected) <= 1e-5
     for g, p in zip(grads, model.parameters()):
         assert rel_err(g, p.grad) <= 1e-4
+
+
+def test_launchers_reject_bad_input():
+    weights, bases = layers([(20, 12), (12, 20)], seed=10)
+    with pytest.raises(ValueError, match="precision"):
+        K.gram_penalty(weights, bases, "fp16")
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gram_penalty([weights[0].t()], [bases[0].t()], "ieee")
+    with pytest.raises(ValueError, match="equal length"):
+        K.gram_penalty(weights, bases[:1], "ieee")
+    with pytest.raises(ValueError, match="one weight dtype"):
+        K.gram_penalty([weights[0], weights[1].double()], bases, "ieee")

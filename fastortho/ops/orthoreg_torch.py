@@ -86,7 +86,7 @@ SYMMETRIC_GRAM_BLOCK = 256
 
 def _gram(x: Tensor, precision: str) -> Tensor:
     """``x^T x`` for ``x`` of shape [L, big, k], computing only the block rows of the upper
-    triangle (about 5/8 of the products for k = 768) and mirroring them."""
+    triangle (two thirds of the products for k = 768) and mirroring them."""
     k = x.shape[2]
     block = SYMMETRIC_GRAM_BLOCK
     if k < 2 * block:
