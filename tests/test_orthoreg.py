@@ -357,7 +357,8 @@ def test_torch_ops_pass_opcheck():
     torch.library.opcheck(ortho_grad_torch, (deltas, gmis, coefs, "ieee"))
 
 
-def test_training_step_compiles_with_fullgraph():
+@pytest.mark.parametrize("precision", [None, "ieee"])
+def test_training_step_compiles_with_fullgraph(precision):
     torch.manual_seed(25)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     base = fo.snapshot(model)
@@ -365,7 +366,7 @@ def test_training_step_compiles_with_fullgraph():
     x = torch.randn(5, 8)
 
     def step(m, b, x):
-        return m(x).square().mean() + 0.1 * fo.ortho_loss(m, b, precision="ieee")
+        return m(x).square().mean() + 0.1 * fo.ortho_loss(m, b, precision=precision)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(model, base, x)

@@ -13,14 +13,20 @@ from .orthoreg_torch import TorchPenalty, ortho_gram_torch
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_triton_available: bool | None = None
+
+
 def triton_available() -> bool:
-    """Whether triton imports (probed once, on first use, never at import of fastortho)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton imports (probed once, on first use, never at import of fastortho).
+    A module flag rather than functools.lru_cache, which torch.compile warns about."""
+    global _triton_available
+    if _triton_available is None:
+        try:
+            import triton  # noqa: F401
+            _triton_available = True
+        except ImportError:
+            _triton_available = False
+    return _triton_available
 
 
 def _interpreting() -> bool:

@@ -11,11 +11,15 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
+@torch.compiler.assume_constant_result
 def torch_default_precision() -> str:
     """The mode that ``torch.get_float32_matmul_precision()`` asks for.
 
     PyTorch >= 2.9 raises from that getter once a program has mixed the legacy
     (``allow_tf32``) and new (``fp32_precision``) flags; then read the new flag instead.
+    Under torch.compile the value is read once, at trace time (dynamo cannot put a string
+    returned by a torch function in a graph): a compiled step keeps the precision that was
+    set when it was compiled.
     """
     try:
         return _FROM_TORCH[torch.get_float32_matmul_precision()]
