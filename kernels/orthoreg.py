@@ -25,20 +25,16 @@ bit arithmetic on fp32 values, which gives the same products (bf16 x bf16 is exa
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from .orthoreg_layout import gmi_layout, grad_layout, round_up
 
 PRECISIONS = ("ieee", "tf32", "bf16")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------- device code

@@ -378,3 +378,13 @@ def test_training_step_compiles_with_fullgraph(precision):
     assert torch.allclose(loss, expected, rtol=1e-5)
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_import_is_light():
+    # `import fastortho` must not import triton or torch._dynamo (no probing at import).
+    import subprocess
+    import sys
+
+    code = "import sys, fastortho; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

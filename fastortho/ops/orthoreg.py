@@ -2,12 +2,11 @@
 autograd formula; this module picks one and calls it."""
 from __future__ import annotations
 
-import functools
-import os
 
 import torch
 from torch import Tensor
 
+from ..kernels import interpreting
 from .orthoreg_torch import TorchPenalty, ortho_gram_torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -29,10 +28,6 @@ def triton_available() -> bool:
     return _triton_available
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run: "auto" is Triton on CUDA (when triton imports), else torch."""
     if backend not in BACKENDS:
@@ -42,7 +37,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton': triton is not installed; use backend='torch'")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (the weights are on {device}); on "
                              f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
                              f"before triton is imported), or use backend='torch'")

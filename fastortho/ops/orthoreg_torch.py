@@ -27,7 +27,7 @@ def shape_groups(shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, 
     return tuple((s, tuple(idx)) for s, idx in groups.items())
 
 
-def _shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
+def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
     return tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
 
 
@@ -47,7 +47,7 @@ def layer_groups(weights: list[Tensor]) -> tuple[tuple[tuple[int, int], tuple[in
     """How the layers are batched. On CUDA, by shape: one batched product per group instead
     of one launch per layer. Elsewhere one group per layer: there is no launch overhead to
     amortize and stacking would only copy the weights."""
-    shapes = _shapes(weights)
+    shapes = weight_shapes(weights)
     if weights[0].device.type == "cuda":
         return shape_groups(shapes)
     return tuple((s, (i,)) for i, s in enumerate(shapes))

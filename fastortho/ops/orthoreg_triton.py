@@ -15,10 +15,7 @@ from torch import Tensor
 
 
 from ..kernels.orthoreg_layout import gmi_layout, grad_layout
-
-
-def _shapes(weights):
-    return tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
+from .orthoreg_torch import weight_shapes as _shapes
 
 
 @torch.library.custom_op("fastortho::ortho_gram_triton", mutates_args=())

@@ -11,7 +11,6 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
-@torch.compiler.assume_constant_result
 def torch_default_precision() -> str:
     """The mode that ``torch.get_float32_matmul_precision()`` asks for.
 
@@ -26,6 +25,12 @@ def torch_default_precision() -> str:
     except RuntimeError:
         flag = torch.backends.cuda.matmul.fp32_precision
         return flag if flag in PRECISIONS else "ieee"
+
+
+# What torch.compiler.assume_constant_result sets; applied by hand because that function
+# imports torch._dynamo (and with it triton), about a second at `import fastortho`.
+# tests/test_orthoreg.py compiles with precision=None to keep this honest.
+torch_default_precision._dynamo_marked_constant = True
 
 
 def resolve_precision(precision: str | None) -> str:
