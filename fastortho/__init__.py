@@ -1,7 +1,11 @@
 """fastortho: fused kernels for weight-disentanglement regularizers in task arithmetic."""
 from .layers import select_parameters
+from .lora import (LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters,
+                   lora_delta_weights, merge_lora)
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
 
 __version__ = "0.1.0"
-__all__ = ["OrthoReg", "Snapshot", "ortho_loss", "select_parameters", "snapshot", "__version__"]
+__all__ = ["LoRAAdapter", "OrthoReg", "Snapshot", "TrainableReport", "add_lora", "attention_only",
+           "lora_adapters", "lora_delta_weights", "merge_lora", "ortho_loss", "select_parameters",
+           "snapshot", "__version__"]

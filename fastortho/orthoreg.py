@@ -10,21 +10,49 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LayerSpec, base_tensors, paired_bases, select_parameters
+from .lora import LoRAAdapter, lora_adapters
+from .ops.lora import lora_ortho_penalty
 from .ops.orthoreg import ortho_penalty, resolve_backend
 from .ops.precision import resolve_precision
 
 
-def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases: list[Tensor]) -> None:
-    """Raise a ValueError naming the layer whose penalty is not finite (one host sync)."""
+def _lora_plan(model: nn.Module, base, layers) -> list[LoRAAdapter] | None:
+    """The adapters to regularize when ``model`` is a LoRA model (then ``base`` must be None),
+    or None for the dense penalty against ``base``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    adapters = lora_adapters(model)
+    if base is None:
+        if not adapters:
+            raise ValueError("base: required (the pretrained weights, e.g. fastortho.snapshot(model) taken "
+                             "before fine-tuning), unless model has LoRA adapters, whose update s B A "
+                             "needs no base")
+        if layers != "trainable-2d":
+            raise ValueError(f"layers={layers!r}: a LoRA model's penalty covers all of its adapters; "
+                             f"choose the adapted projections with add_lora(targets=...) instead")
+        return adapters
+    if adapters:
+        raise ValueError(f"base: model has {len(adapters)} LoRA adapters, whose update D = s B A is "
+                         f"regularized exactly without a base; call ortho_loss(model) (base=None), or "
+                         f"merge the adapters (fastortho.merge_lora) to regularize dense updates")
+    return None
+
+
+def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases: list[Tensor],
+                  lora: bool = False) -> None:
+    """Raise a ValueError naming the layer whose penalty is not finite (one host sync).
+    For LoRA models ``weights`` / ``bases`` are the adapters' A / B."""
     if torch.compiler.is_compiling() or bool(torch.isfinite(values).all()):
         return
     bad = torch.nonzero(~torch.isfinite(values.detach())).flatten().tolist()
     problems = []
     for i in bad[:5]:
         if not bool(torch.isfinite(weights[i]).all()):
-            problems.append(f"model parameter {names[i]!r} has non-finite values")
+            what = "lora_A of adapter" if lora else "model parameter"
+            problems.append(f"{what} {names[i]!r} has non-finite values")
         elif not bool(torch.isfinite(bases[i]).all()):
-            problems.append(f"base[{names[i]!r}] has non-finite values")
+            problems.append(f"lora_B of adapter {names[i]!r} has non-finite values" if lora
+                            else f"base[{names[i]!r}] has non-finite values")
         else:
             problems.append(f"the penalty of {names[i]!r} overflows float32 (|W - W0| is too large)")
     more = f" (and {len(bad) - 5} more layers)" if len(bad) > 5 else ""
@@ -32,22 +60,29 @@ def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases
 
 
 class OrthoReg(nn.Module):
-    """``lam * OrthoReg penalty`` of ``model`` against ``base``, with the plan built once.
+    """``lam * OrthoReg penalty`` of ``model`` against ``base``, with the plan built once
+    (``base=None`` on a LoRA model: the exact low-rank penalty of its adapters).
 
     The selected parameters and their base tensors are resolved and validated at
     construction; each call only launches the penalty. Build it after moving the model to
     its device. Options are those of :func:`ortho_loss`.
     """
 
-    def __init__(self, model: nn.Module, base, lam: float = 1.0, *, squared: bool = True,
+    def __init__(self, model: nn.Module, base=None, lam: float = 1.0, *, squared: bool = True,
                  layers: LayerSpec = "trainable-2d", precision: str | None = None,
                  backend: str = "auto", check_finite: bool = True):
         super().__init__()
-        selected = select_parameters(model, layers)
-        # Plain lists: the model's parameters must not be registered a second time here.
-        self._names = [n for n, _ in selected]
-        self._weights = [p for _, p in selected]
-        self._bases = paired_bases(selected, base_tensors(base, model))
+        self._adapters = _lora_plan(model, base, layers)
+        if self._adapters is not None:
+            # Plain lists: the model's parameters must not be registered a second time here.
+            self._names = [a.name for a in self._adapters]
+            self._weights = [a.A for a in self._adapters]
+            self._bases = [a.B for a in self._adapters]
+        else:
+            selected = select_parameters(model, layers)
+            self._names = [n for n, _ in selected]
+            self._weights = [p for _, p in selected]
+            self._bases = paired_bases(selected, base_tensors(base, model))
         self._device = self._weights[0].device
         self.lam = float(lam)
         self.squared = bool(squared)
@@ -65,10 +100,15 @@ class OrthoReg(nn.Module):
         if self._weights[0].device != self._device:
             raise ValueError(f"model: its parameters moved to {self._weights[0].device} after "
                              f"OrthoReg was built on {self._device}; build a new OrthoReg")
-        values = ortho_penalty(self._weights, self._bases, squared=self.squared,
-                               precision=resolve_precision(self.precision), backend=self.backend)
+        precision = resolve_precision(self.precision)
+        if self._adapters is not None:
+            values = lora_ortho_penalty(self._weights, self._bases, [a.scale for a in self._adapters],
+                                        squared=self.squared, precision=precision, backend=self.backend)
+        else:
+            values = ortho_penalty(self._weights, self._bases, squared=self.squared, precision=precision,
+                                   backend=self.backend)
         if self.check_finite:
-            _check_finite(values, self._names, self._weights, self._bases)
+            _check_finite(values, self._names, self._weights, self._bases, lora=self._adapters is not None)
         return values
 
     def forward(self) -> Tensor:
@@ -79,14 +119,16 @@ class OrthoReg(nn.Module):
                 f"precision={self.precision}, backend={self.backend!r}")
 
 
-def ortho_loss(model: nn.Module, base, *, squared: bool = True, layers: LayerSpec = "trainable-2d",
+def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: LayerSpec = "trainable-2d",
                precision: str | None = None, backend: str = "auto", check_finite: bool = True) -> Tensor:
     """The OrthoReg penalty of ``model``'s tuned layers against ``base``, a 0-dim fp32 tensor.
 
     Args:
         model: the model being fine-tuned.
         base: the pretrained weights: :func:`fastortho.snapshot`, a state_dict, or a module.
-            Its tensors may be in another floating dtype than the model's.
+            Its tensors may be in another floating dtype than the model's. None for a LoRA
+            model (:func:`fastortho.add_lora` or Hugging Face PEFT): each adapter's
+            ``D = s B A`` is regularized exactly from ``r x r`` products, ``D`` never formed.
         squared: True is the paper's ``||G - I||_F^2``; False the released code's ``||G - I||_F``.
         layers: "trainable-2d" (default, released-code rule), "linear", "attention", or a
             predicate ``(name, param) -> bool``.
@@ -100,6 +142,14 @@ def ortho_loss(model: nn.Module, base, *, squared: bool = True, layers: LayerSpe
     Backward writes the analytic gradient ``4 D (G - I)`` (or ``4 (G - I) D`` for wide layers;
     divided by ``2 ||G - I||`` when not squared) into the parameters' ``.grad``.
     """
+    adapters = _lora_plan(model, base, layers)
+    if adapters is not None:
+        As, Bs = [a.A for a in adapters], [a.B for a in adapters]
+        values = lora_ortho_penalty(As, Bs, [a.scale for a in adapters], squared=squared,
+                                    precision=resolve_precision(precision), backend=backend)
+        if check_finite:
+            _check_finite(values, [a.name for a in adapters], As, Bs, lora=True)
+        return values.sum()
     selected = select_parameters(model, layers)
     bases = paired_bases(selected, base_tensors(base, model))
     weights = [p for _, p in selected]

@@ -20,8 +20,12 @@ __all__ = [
     "gram",
     "layer_penalty",
     "layer_penalty_grad",
+    "lora_delta",
+    "lora_layer_penalty",
+    "lora_layer_penalty_grads",
     "ortho_penalty",
     "ortho_penalty_of_deltas",
+    "released_lora_ortho_loss",
     "released_ortho_loss",
 ]
 
@@ -111,4 +115,43 @@ def released_ortho_loss(model: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
                 g = d.T @ d
                 eye = torch.eye(cols, device=d.device)
             loss = loss + torch.norm(g - eye, p="fro")
+    return loss
+
+
+def lora_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """The dense update ``s B A`` of a LoRA adapter (``B: out x r``, ``A: r x in``)."""
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise ValueError(f"a, b: expected A of shape r x in and B of shape out x r, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return scale * (b @ a)
+
+
+def lora_layer_penalty(a: Tensor, b: Tensor, scale: float, squared: bool = True) -> Tensor:
+    """OrthoReg of a LoRA adapter by the dense definition: ``D = s B A`` materialized, then
+    :func:`layer_penalty` (Gram of the smaller side)."""
+    return layer_penalty(lora_delta(a, b, scale), squared)
+
+
+def lora_layer_penalty_grads(a: Tensor, b: Tensor, scale: float, squared: bool = True) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`lora_layer_penalty` w.r.t. ``A`` and ``B`` by the chain rule
+    through the dense ``D``: ``dA = s B^T dD``, ``dB = s dD A^T``."""
+    grad_d = layer_penalty_grad(lora_delta(a, b, scale), squared)
+    return scale * (b.T @ grad_d), scale * (grad_d @ a.T)
+
+
+def released_lora_ortho_loss(adapters: Iterable[tuple[Tensor, Tensor, float]]) -> Tensor:
+    """The released LoRA OrthoReg: per adapter ``(A, B, s)`` the dense ``D = s B A`` is
+    materialized and its Gram of the smaller side taken, Frobenius norm not squared, in the
+    adapters' dtype. The speed baseline of the exact low-rank penalty."""
+    loss = 0.0
+    for a, b, s in adapters:
+        d = s * (b @ a)
+        rows, cols = d.shape
+        if rows < cols:
+            g = d @ d.T
+            eye = torch.eye(rows, device=d.device)
+        else:
+            g = d.T @ d
+            eye = torch.eye(cols, device=d.device)
+        loss = loss + torch.norm(g - eye, p="fro")
     return loss

@@ -1,0 +1,192 @@
+"""The "torch" backend of the exact low-rank OrthoReg penalty of LoRA adapters.
+
+For an adapter ``D = s B A`` (``B: out x r``, ``A: r x in``), with ``M = B^T B`` and
+``N = A A^T`` (``r x r``) and ``E = s^2 M N - I_r`` (DESIGN section 1):
+
+    ||G - I||_F^2 = tr(E E) + (k - r),      k = min(out, in)
+
+(the same as ``s^4 tr(MNMN) - 2 s^2 tr(MN) + k``, written so that no two large terms cancel),
+and the gradients are
+
+    dP/dB = 4 s^2 B (N E),      dP/dA = 4 s^2 (E M) A.
+
+``D`` is never formed: the cost is ``O((out + in) r^2)`` per adapter instead of
+``O(out in k)``. Adapters of one shape ``(out, in, r)`` are stacked and run as batched
+products (the stacked copies are only ``(out + in) r`` elements each). Forward keeps the
+small ``4 s^2 N E`` and ``4 s^2 E M``; backward folds the per-adapter upstream factor into
+them and writes each gradient with one product.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .orthoreg_torch import _bmm, _group_permutations, shape_groups
+from .precision import fp32_matmul
+
+
+def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
+    """``(out, in, r)`` per adapter."""
+    return tuple((int(b.shape[0]), int(a.shape[1]), int(a.shape[0])) for a, b in zip(As, Bs))
+
+
+@functools.lru_cache(maxsize=256)
+def _scale_factors(scales: tuple[float, ...], groups, device: torch.device) -> tuple[Tensor, ...]:
+    """Per group the ``[L_g, 1, 1]`` tensor of ``s^2``, made on the device once (a fresh
+    host tensor every call would be a blocking copy)."""
+    return tuple(torch.tensor([scales[i] ** 2 for i in idx], dtype=torch.float32).view(-1, 1, 1).to(device)
+                 for _, idx in groups)
+
+
+def _stack(tensors: list[Tensor], idx: tuple[int, ...]) -> Tensor:
+    if len(idx) == 1:
+        return tensors[idx[0]].float().unsqueeze(0)
+    return torch.stack([tensors[i].float() for i in idx])
+
+
+def lora_penalty_parts(As: list[Tensor], Bs: list[Tensor], scales: tuple[float, ...], precision: str,
+                       keep: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per-adapter ``||G - I||_F^2`` (fp32 ``[L]``) and, if ``keep``, per shape group the
+    stacked ``4 s^2 N E`` and ``4 s^2 E M`` the gradients need."""
+    groups = shape_groups(adapter_shapes(As, Bs))
+    s2s = _scale_factors(tuple(scales), groups, As[0].device)
+    sqs, nes, ems = [], [], []
+    for ((out, inn, r), idx), s2 in zip(groups, s2s):
+        a, b = _stack(As, idx), _stack(Bs, idx)
+        m = _bmm(b.transpose(1, 2), b, precision)  # B^T B
+        n = _bmm(a, a.transpose(1, 2), precision)  # A A^T
+        # The r x r products are free next to the two above: always true fp32.
+        with fp32_matmul("ieee", a.device.type):
+            e = s2 * torch.bmm(m, n)
+            e.diagonal(dim1=1, dim2=2).sub_(1.0)
+            sqs.append((e * e.transpose(1, 2)).sum(dim=(1, 2)) + float(min(out, inn) - r))
+            if keep:
+                nes.append(torch.bmm(n, e) * (4.0 * s2))
+                ems.append(torch.bmm(e, m) * (4.0 * s2))
+    values = torch.cat(sqs)
+    if len(groups) > 1 and any(len(idx) > 1 for _, idx in groups):
+        values = values[_group_permutations(groups, values.device)[1]]
+    return values, nes, ems
+
+
+def lora_scaled_grads(As: list[Tensor], Bs: list[Tensor], nes: list[Tensor], ems: list[Tensor],
+                      coefs: list[Tensor], precision: str) -> list[Tensor]:
+    """Per group ``[grad A (stacked), grad B (stacked)]``: ``(c 4s^2 E M) A`` and
+    ``B (c 4s^2 N E)``, fp32."""
+    groups = shape_groups(adapter_shapes(As, Bs))
+    out = []
+    for (_, idx), ne, em, c in zip(groups, nes, ems, coefs):
+        c = c.view(-1, 1, 1)
+        out.append(_bmm(em * c, _stack(As, idx), precision))
+        out.append(_bmm(_stack(Bs, idx), ne * c, precision))
+    return out
+
+
+def _coefs(values: Tensor, grad_values: Tensor, squared: bool, groups) -> list[Tensor]:
+    if squared:
+        coef = grad_values.float()
+    else:
+        # d sqrt(P) = dP / (2 sqrt(P)); P >= k - r > 0 except for full-rank adapters.
+        coef = torch.where(values > 0, 0.5 * grad_values / values, torch.zeros_like(values))
+    if any(len(idx) > 1 for _, idx in groups):
+        coef = coef[_group_permutations(groups, coef.device)[0]]
+    return list(torch.split(coef, [len(idx) for _, idx in groups]))
+
+
+def _unstack(buffers: list[Tensor], groups, As, Bs) -> tuple[list[Tensor], list[Tensor]]:
+    n = len(As)
+    grad_a: list[Tensor | None] = [None] * n
+    grad_b: list[Tensor | None] = [None] * n
+    for g, (_, idx) in enumerate(groups):
+        for j, i in enumerate(idx):
+            ga, gb = buffers[2 * g][j], buffers[2 * g + 1][j]
+            grad_a[i] = ga if As[i].dtype == torch.float32 else ga.to(As[i].dtype)
+            grad_b[i] = gb if Bs[i].dtype == torch.float32 else gb.to(Bs[i].dtype)
+    return grad_a, grad_b
+
+
+@torch.library.custom_op("fastortho::lora_ortho_torch", mutates_args=())
+def lora_ortho_torch(As: list[Tensor], Bs: list[Tensor], scales: list[float], squared: bool,
+                     precision: str, need_grad: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    sq, nes, ems = lora_penalty_parts(As, Bs, tuple(scales), precision, keep=need_grad)
+    return (sq if squared else sq.sqrt()), nes, ems
+
+
+@lora_ortho_torch.register_fake
+def _(As, Bs, scales, squared, precision, need_grad):
+    values = As[0].new_empty(len(As), dtype=torch.float32)
+    if not need_grad:
+        return values, [], []
+    groups = shape_groups(adapter_shapes(As, Bs))
+    small = [As[0].new_empty((len(idx), r, r), dtype=torch.float32) for (_, _, r), idx in groups]
+    return values, small, [torch.empty_like(t) for t in small]
+
+
+@torch.library.custom_op("fastortho::lora_grad_torch", mutates_args=())
+def lora_grad_torch(As: list[Tensor], Bs: list[Tensor], nes: list[Tensor], ems: list[Tensor],
+                    coefs: list[Tensor], precision: str) -> list[Tensor]:
+    return lora_scaled_grads(As, Bs, nes, ems, coefs, precision)
+
+
+@lora_grad_torch.register_fake
+def _(As, Bs, nes, ems, coefs, precision):
+    out = []
+    for (o, i, r), idx in shape_groups(adapter_shapes(As, Bs)):
+        out.append(As[0].new_empty((len(idx), r, i), dtype=torch.float32))
+        out.append(As[0].new_empty((len(idx), o, r), dtype=torch.float32))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    As, Bs, _, squared, precision, need_grad = inputs
+    values, nes, ems = output
+    ctx.squared, ctx.precision, ctx.need_grad, ctx.n = squared, precision, need_grad, len(As)
+    ctx.save_for_backward(values, *As, *Bs, *nes, *ems)
+
+
+def _backward(ctx, grad_values, _grad_nes, _grad_ems):
+    n = ctx.n
+    if not ctx.need_grad:
+        return [None] * n, [None] * n, None, None, None, None
+    values, *saved = ctx.saved_tensors
+    As, Bs, small = saved[:n], saved[n:2 * n], saved[2 * n:]
+    groups = shape_groups(adapter_shapes(As, Bs))
+    g = len(groups)
+    coefs = _coefs(values, grad_values, ctx.squared, groups)
+    buffers = lora_grad_torch(list(As), list(Bs), small[:g], small[g:], coefs, ctx.precision)
+    grad_a, grad_b = _unstack(buffers, groups, As, Bs)
+    return grad_a, grad_b, None, None, None, None
+
+
+lora_ortho_torch.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LoRATorchPenalty(torch.autograd.Function):
+    """The same computation for eager mode, without the custom-op dispatch cost (which grows
+    with the number of list arguments). Under torch.compile the registered ops are used."""
+
+    @staticmethod
+    def forward(ctx, squared: bool, precision: str, scales: tuple[float, ...], n: int, *tensors: Tensor) -> Tensor:
+        As, Bs = list(tensors[:n]), list(tensors[n:])
+        need_grad = any(ctx.needs_input_grad[4:])
+        sq, nes, ems = lora_penalty_parts(As, Bs, scales, precision, keep=need_grad)
+        values = sq if squared else sq.sqrt()
+        ctx.squared, ctx.precision, ctx.n = squared, precision, n
+        ctx.save_for_backward(values, *As, *Bs, *nes, *ems)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        n = ctx.n
+        values, *saved = ctx.saved_tensors
+        As, Bs, small = saved[:n], saved[n:2 * n], saved[2 * n:]
+        if not small:
+            return (None,) * (4 + 2 * n)
+        groups = shape_groups(adapter_shapes(As, Bs))
+        g = len(groups)
+        coefs = _coefs(values, grad_values, ctx.squared, groups)
+        buffers = lora_scaled_grads(list(As), list(Bs), small[:g], small[g:], coefs, ctx.precision)
+        grad_a, grad_b = _unstack(buffers, groups, As, Bs)
+        return (None, None, None, None, *grad_a, *grad_b)

@@ -1,0 +1,251 @@
+"""Exact low-rank OrthoReg of every LoRA adapter of a model: one launch for the penalties,
+one for the gradients.
+
+For an adapter ``D = s B A`` (``B: out x r``, ``A: r x in``, row-major), ``M = B^T B``,
+``N = A A^T``, ``E = s^2 M N - I_r`` (all ``r x r``; DESIGN section 1):
+
+    ||G - I||_F^2 = sum(E * E^T) + (k - r),   dP/dB = 4 s^2 B (N E),   dP/dA = 4 s^2 (E M) A.
+
+- :func:`lora_penalty` runs one program per adapter: it streams ``B`` by row blocks into
+  ``M`` and ``A`` by column blocks into ``N`` (fp32 accumulation), forms ``E`` in registers,
+  and writes the penalty and the two ``r x r`` matrices ``4 s^2 N E`` and ``4 s^2 E M``
+  (padded to ``RP x RP``, the padding written as zeros).
+- :func:`lora_grad` runs persistent programs over a table of row blocks of every ``B`` and
+  column blocks of every ``A``: ``c B[blk] (4s^2 N E)`` and ``c (4s^2 E M) A[:, blk]``, into
+  one flat buffer (all ``A`` gradients, then all ``B`` gradients).
+
+Adapters are addressed by element offsets relative to the first ``A`` / ``B`` tensor, so
+one launch covers adapters of every shape and rank (``RP`` = the largest rank, padded).
+Precision: the two streaming products and the gradient products follow "ieee" / "tf32" /
+"bf16"; the ``r x r`` products are always true fp32 (they cost nothing).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .orthoreg import PRECISIONS, _grid, _mma, _operand, KernelConfig
+
+FIELDS = 8  # a_off, b_off, out, in, r, k, ga_off, gb_off
+
+
+@triton.jit
+def _adapter(table, i, NF: tl.constexpr):
+    row = table + i * NF
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
+
+
+@triton.jit
+def lora_penalty_kernel(a_base, b_base, table, s2_ptr, values_ptr, small_ptr, NF: tl.constexpr,
+                        RP: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
+                        EMULATE_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    a_off, b_off, out, inn, r, k, ga_off, gb_off = _adapter(table, pid, NF)
+    a = a_base + a_off
+    b = b_base + b_off
+    offs_r = tl.arange(0, RP)
+    in_rank = offs_r < r
+    m = tl.zeros((RP, RP), dtype=tl.float32)
+    for o0 in range(0, out, BL):
+        offs_o = o0 + tl.arange(0, BL)
+        blk = tl.load(b + offs_o[:, None] * r + offs_r[None, :],
+                      mask=(offs_o[:, None] < out) & in_rank[None, :], other=0.0).to(tl.float32)
+        blk = _operand(blk, PRECISION, EMULATE_BF16)
+        m = _mma(tl.trans(blk), blk, m, PRECISION, EMULATE_BF16)
+    n = tl.zeros((RP, RP), dtype=tl.float32)
+    for i0 in range(0, inn, BL):
+        offs_i = i0 + tl.arange(0, BL)
+        blk = tl.load(a + offs_r[:, None] * inn + offs_i[None, :],
+                      mask=in_rank[:, None] & (offs_i[None, :] < inn), other=0.0).to(tl.float32)
+        blk = _operand(blk, PRECISION, EMULATE_BF16)
+        n = _mma(blk, tl.trans(blk), n, PRECISION, EMULATE_BF16)
+    s2 = tl.load(s2_ptr + pid)
+    # Rows and columns past r of M and N are zero; the identity is masked to r so E is too.
+    eye = ((offs_r[:, None] == offs_r[None, :]) & in_rank[:, None]).to(tl.float32)
+    e = s2 * tl.dot(m, n, input_precision="ieee") - eye
+    sq = tl.sum(tl.sum(e * tl.trans(e), axis=1), axis=0) + (k - r).to(tl.float32)
+    tl.store(values_ptr + pid, sq)
+    idx = offs_r[:, None] * RP + offs_r[None, :]
+    small = small_ptr + pid * (2 * RP * RP)
+    tl.store(small + idx, (4.0 * s2) * tl.dot(n, e, input_precision="ieee"))
+    tl.store(small + RP * RP + idx, (4.0 * s2) * tl.dot(e, m, input_precision="ieee"))
+
+
+@triton.jit
+def lora_grad_kernel(a_base, b_base, table, tiles, num_tiles, small_ptr, coef_ptr, out_ptr,
+                     NF: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, RP)
+    small_idx = offs_r[:, None] * RP + offs_r[None, :]
+    for t in range(pid, num_tiles, tl.num_programs(0)):
+        i = tl.load(tiles + t * 3 + 0)
+        kind = tl.load(tiles + t * 3 + 1)
+        blk = tl.load(tiles + t * 3 + 2)
+        a_off, b_off, out, inn, r, k, ga_off, gb_off = _adapter(table, i, NF)
+        in_rank = offs_r < r
+        c = tl.load(coef_ptr + i)
+        small = small_ptr + i * (2 * RP * RP)
+        offs_l = blk * BL + tl.arange(0, BL)
+        if kind == 0:  # grad A[:, blk] = (c 4s^2 E M) A[:, blk]
+            em = c * tl.load(small + RP * RP + small_idx)
+            mask_a = in_rank[:, None] & (offs_l[None, :] < inn)
+            a_blk = tl.load(a_base + a_off + offs_r[:, None] * inn + offs_l[None, :], mask=mask_a,
+                            other=0.0).to(tl.float32)
+            ga = _mma(_operand(em, PRECISION, EMULATE_BF16), _operand(a_blk, PRECISION, EMULATE_BF16),
+                      tl.zeros((RP, BL), dtype=tl.float32), PRECISION, EMULATE_BF16)
+            tl.store(out_ptr + ga_off + offs_r[:, None] * inn + offs_l[None, :],
+                     ga.to(out_ptr.dtype.element_ty), mask=mask_a)
+        else:  # grad B[blk, :] = B[blk, :] (c 4s^2 N E)
+            ne = c * tl.load(small + small_idx)
+            mask_b = (offs_l[:, None] < out) & in_rank[None, :]
+            b_blk = tl.load(b_base + b_off + offs_l[:, None] * r + offs_r[None, :], mask=mask_b,
+                            other=0.0).to(tl.float32)
+            gb = _mma(_operand(b_blk, PRECISION, EMULATE_BF16), _operand(ne, PRECISION, EMULATE_BF16),
+                      tl.zeros((BL, RP), dtype=tl.float32), PRECISION, EMULATE_BF16)
+            tl.store(out_ptr + gb_off + offs_l[:, None] * r + offs_r[None, :],
+                     gb.to(out_ptr.dtype.element_ty), mask=mask_b)
+
+
+# ----------------------------------------------------------------------------- host code
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    block: int = 64  # BL: rows of B / columns of A per step
+    num_warps: int = 4
+    programs_per_sm: int = 2
+
+
+def default_config(device: torch.device) -> LoRAConfig:
+    return LoRAConfig(block=64 if device.type == "cuda" else 32)
+
+
+def rank_padding(max_rank: int) -> int:
+    """``RP``: the power of two >= the largest rank, at least 16 (the smallest tl.dot)."""
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+class LoRAPlan:
+    """Device tables for one set of adapter tensors; rebuilt only when a tensor moves."""
+
+    def __init__(self, As, Bs, scales, cfg: LoRAConfig):
+        device = As[0].device
+        es = As[0].element_size()
+        a_base, b_base = As[0].data_ptr(), Bs[0].data_ptr()
+        rows, tiles = [], []
+        ga, gb = 0, sum(a.numel() for a in As)
+        self.a_offsets, self.b_offsets = [], []
+        for i, (a, b) in enumerate(zip(As, Bs)):
+            r, inn, out = int(a.shape[0]), int(a.shape[1]), int(b.shape[0])
+            da, db = a.data_ptr() - a_base, b.data_ptr() - b_base
+            if da % es or db % es:
+                raise ValueError("As, Bs: tensor storage is not element-aligned")
+            rows.append([da // es, db // es, out, inn, r, min(out, inn), ga, gb])
+            self.a_offsets.append(ga)
+            self.b_offsets.append(gb)
+            tiles += [(out + inn, i, 0, j) for j in range(-(-inn // cfg.block))]
+            tiles += [(out + inn, i, 1, j) for j in range(-(-out // cfg.block))]
+            ga += a.numel()
+            gb += b.numel()
+        tiles.sort(key=lambda t: -t[0])
+        self.numel = gb
+        self.rp = rank_padding(max(int(a.shape[0]) for a in As))
+        self.table = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.tiles = torch.tensor([t[1:] for t in tiles], dtype=torch.int32).reshape(-1, 3).to(device)
+        self.s2 = torch.tensor([s * s for s in scales], dtype=torch.float32).to(device)
+
+
+_PLANS: dict[tuple, LoRAPlan] = {}
+
+
+def _check(As, Bs, scales):
+    if not As or len(As) != len(Bs) or len(scales) != len(As):
+        raise ValueError("As, Bs, scales: expected non-empty lists of equal length")
+    device, dtype = As[0].device, As[0].dtype
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
+                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    for a, b in zip(As, Bs):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"As, Bs: expected A (r x in) and B (out x r), got {tuple(a.shape)} and {tuple(b.shape)}")
+        if not (a.is_contiguous() and b.is_contiguous()):
+            raise ValueError("As, Bs: expected contiguous tensors")
+        if a.device != device or b.device != device or a.dtype != dtype or b.dtype != dtype:
+            raise ValueError(f"As, Bs: one launch takes tensors of one dtype on one device ({dtype}, {device})")
+
+
+def lora_plan(As, Bs, scales, cfg: LoRAConfig) -> LoRAPlan:
+    key = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in (*As, *Bs)),
+           tuple(scales), cfg)
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check(As, Bs, scales)
+        if len(_PLANS) >= 16:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = LoRAPlan(As, Bs, scales, cfg)
+    return plan
+
+
+def lora_penalty(As, Bs, scales, precision: str, *, config: LoRAConfig | None = None,
+                 values_out=None, small_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-adapter ``||G - I||_F^2`` (fp32 ``[L]``) and the ``[L, 2, RP, RP]`` fp32 buffer of
+    ``4 s^2 N E`` and ``4 s^2 E M``. ``values_out`` / ``small_out`` let tests pre-poison."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    device = As[0].device
+    cfg = config or default_config(device)
+    plan = lora_plan(As, Bs, scales, cfg)
+    n, rp = len(As), plan.rp
+    values = values_out if values_out is not None else torch.empty(n, dtype=torch.float32, device=device)
+    small = small_out if small_out is not None else torch.empty((n, 2, rp, rp), dtype=torch.float32, device=device)
+    lora_penalty_kernel[(n,)](As[0], Bs[0], plan.table, plan.s2, values, small, NF=FIELDS, RP=rp,
+                              BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
+                              num_warps=cfg.num_warps)
+    return values, small
+
+
+def lora_grad(As, Bs, scales, small: torch.Tensor, coef: torch.Tensor, precision: str, *,
+              config: LoRAConfig | None = None, out=None) -> torch.Tensor:
+    """``coef[i] *`` the gradients of every adapter into one flat buffer (all ``A`` then all
+    ``B``, each in its own row-major layout; see :func:`grad_views`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    device = As[0].device
+    cfg = config or default_config(device)
+    plan = lora_plan(As, Bs, scales, cfg)
+    num_tiles = plan.tiles.shape[0]
+    if out is None:
+        out = torch.empty(plan.numel, dtype=As[0].dtype, device=device)
+    grid = _grid(num_tiles, device, KernelConfig(programs_per_sm=cfg.programs_per_sm))
+    lora_grad_kernel[grid](As[0], Bs[0], plan.table, plan.tiles, num_tiles, small,
+                           coef.to(torch.float32).contiguous(), out, NF=FIELDS, RP=plan.rp,
+                           BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
+                           num_warps=cfg.num_warps)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def grad_offsets(shapes: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Offsets of each adapter's A and B gradient in the flat buffer, and its length, for
+    ``(out, in, r)`` shapes."""
+    a_offs, b_offs, pos = [], [], 0
+    for out, inn, r in shapes:
+        a_offs.append(pos)
+        pos += r * inn
+    for out, inn, r in shapes:
+        b_offs.append(pos)
+        pos += out * r
+    return tuple(a_offs), tuple(b_offs), pos
+
+
+def grad_views(flat: torch.Tensor, shapes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    a_offs, b_offs, _ = grad_offsets(tuple(shapes))
+    grads_a = [flat[o:o + r * i].view(r, i) for (_, i, r), o in zip(shapes, a_offs)]
+    grads_b = [flat[o:o + out * r].view(out, r) for (out, _, r), o in zip(shapes, b_offs)]
+    return grads_a, grads_b
