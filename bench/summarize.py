@@ -30,6 +30,19 @@ def main(path: str) -> None:
             print(f"\nfloor {e['floor_s'] * 1e3:.3f} ms = max({e['flop_min'] / 1e9:.0f} GFLOP / "
                   f"{e['peak_flops'] / 1e12:.3g} TFLOP/s, {e['bytes'] / 1e9:.2f} GB / "
                   f"{e['bandwidth'] / 1e12:.3g} TB/s)\n")
+        elif group.startswith("lora"):
+            dense = next((r["stats"]["median"] for r in rows if r["extra_info"]["impl"] == "released-dense"), None)
+            print("| impl | precision | median ms | x floor | speed-up vs dense | value rel. err vs float64 |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                speed = f"{dense / t:.0f}x" if dense else "-"
+                print(f"| {e['impl']} | {e['precision']} | {t * 1e3:.3f} | {t / e['floor_s']:.1f} | {speed} | "
+                      f"{e['value_rel_err_vs_float64']:.1e} |")
+            e = rows[0]["extra_info"]
+            print(f"\n{e['adapters']} adapters; low-rank floor {e['floor_s'] * 1e3:.3f} ms = max("
+                  f"{e['flop_low_rank'] / 1e9:.2f} GFLOP / {e['peak_flops'] / 1e12:.3g} TFLOP/s, "
+                  f"{e['bytes_low_rank'] / 1e6:.0f} MB / {e['bandwidth'] / 1e9:.0f} GB/s)\n")
         else:
             plain = next((r["stats"]["median"] for r in rows if r["extra_info"]["case"] == "none"), None)
             print("| case | median ms | overhead vs no penalty |")
