@@ -141,6 +141,18 @@ def test_registered_ops_pass_opcheck():
     torch.library.opcheck(lora_grad_torch, ([a.detach() for a in As], [b.detach() for b in Bs], nes, ems, coefs, "ieee"))
 
 
+def test_triton_registered_ops_pass_opcheck():
+    pytest.importorskip("triton")
+    from fastortho.ops.lora_triton import lora_grad_triton, lora_ortho_triton
+
+    As, Bs, scales = adapters(SHAPES[:4], seed=4)
+    grad_inputs = ([a.clone().requires_grad_(True) for a in As], [b.clone().requires_grad_(True) for b in Bs])
+    torch.library.opcheck(lora_ortho_triton, (*grad_inputs, scales, True, "ieee"))
+    _, small = lora_ortho_triton(As, Bs, scales, True, "ieee")
+    coef = torch.linspace(0.5, 1.5, len(As), device=DEVICE)
+    torch.library.opcheck(lora_grad_triton, (As, Bs, scales, small, coef, "ieee"))
+
+
 # ----------------------------------------------------------------------------- models
 
 open_clip = pytest.importorskip("open_clip")
