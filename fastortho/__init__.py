@@ -1,11 +1,14 @@
 """fastortho: fused kernels for weight-disentanglement regularizers in task arithmetic."""
 from .layers import select_parameters
+from .linearize import LinearizedModel, linearize
 from .lora import (LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters,
                    lora_delta_weights, merge_lora)
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
+from .taujp import TauJpRegularizer, taujp_loss, taujp_matrix
 
 __version__ = "0.1.0"
-__all__ = ["LoRAAdapter", "OrthoReg", "Snapshot", "TrainableReport", "add_lora", "attention_only",
+__all__ = ["LinearizedModel", "LoRAAdapter", "OrthoReg", "TauJpRegularizer", "linearize", "taujp_loss",
+           "taujp_matrix", "Snapshot", "TrainableReport", "add_lora", "attention_only",
            "lora_adapters", "lora_delta_weights", "merge_lora", "ortho_loss", "select_parameters",
            "snapshot", "__version__"]

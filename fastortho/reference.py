@@ -11,13 +11,15 @@ Nothing here is optimized; clarity wins over speed.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+import contextlib
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "gram",
+    "jvp_linearized",
     "layer_penalty",
     "layer_penalty_grad",
     "lora_delta",
@@ -27,6 +29,8 @@ __all__ = [
     "ortho_penalty_of_deltas",
     "released_lora_ortho_loss",
     "released_ortho_loss",
+    "released_taujp_penalty",
+    "taujp_naive",
 ]
 
 
@@ -155,3 +159,50 @@ def released_lora_ortho_loss(adapters: Iterable[tuple[Tensor, Tensor, float]]) -
             eye = torch.eye(cols, device=d.device)
         loss = loss + torch.norm(g - eye, p="fro")
     return loss
+
+
+# ----------------------------------------------------------------------------- linearized models
+
+@contextlib.contextmanager
+def forward_ad_attention() -> Iterator[None]:
+    """What the released TTA / tau-Jp code needs to run ``torch.func.jvp`` through attention on
+    current PyTorch: the MATH SDPA backend and no nn.MultiheadAttention fast path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
+def jvp_linearized(model: nn.Module, params0: Mapping[str, Tensor], tau: Mapping[str, Tensor],
+                   *args) -> tuple[Tensor, Tensor]:
+    """``(f(x; th0), J(x) tau)`` by ``torch.func.jvp`` over ``functional_call``, as the released
+    TTA code computes a linearized model (parameters not in ``tau`` keep the model's values)."""
+    names = list(tau)
+
+    def f(*ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), args)
+
+    with forward_ad_attention():
+        return torch.func.jvp(f, tuple(params0[n] for n in names), tuple(tau[n] for n in names))
+
+
+def taujp_naive(model: nn.Module, params0: Mapping[str, Tensor], tau: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Per-sample ``||J(x_i) tau||^2`` (tau-Jp paper Eq. 9-10), by the definition."""
+    _, tangent = jvp_linearized(model, params0, tau, x)
+    return tangent.flatten(1).square().sum(1)
+
+
+def released_taujp_penalty(model: nn.Module, params0: Mapping[str, Tensor], tau: Mapping[str, Tensor],
+                           batches: Iterable[Tensor]) -> Tensor:
+    """The released tau-Jp code's strict penalty: one ``torch.func.jvp`` call per other task,
+    each the mean over samples of the per-sample L2 norm (not squared), summed over tasks."""
+    total = 0.0
+    for x in batches:
+        _, tangent = jvp_linearized(model, params0, tau, x)
+        total = total + tangent.flatten(1).norm(dim=1).mean()
+    return total

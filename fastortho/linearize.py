@@ -1,0 +1,162 @@
+"""Linearized ("tangent") models: ``f_lin(x; th) = f(x; th0) + J(x) (th - th0)`` (TTA,
+Ortiz-Jimenez et al. 2023), computed in one dual (primal + tangent) pass through the
+unmodified model (:mod:`fastortho.dual`).
+
+- Works on current PyTorch attention: ``nn.MultiheadAttention`` and
+  ``F.scaled_dot_product_attention`` get their own tangent (no MATH backend to force, no
+  fast path to disable); any attention backend runs the primal.
+- Memory: the primal runs without autograd and the tangent is linear in ``th - th0``, so the
+  backward keeps only primal activations, as ordinary fine-tuning does.
+- Gradients flow to the trained parameters ``th``; the input and ``th0`` are constants.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .dual import Dual, primal_of, tangent_of
+
+
+def _tree_module(tensors: Mapping[str, Tensor]) -> nn.Module:
+    """Buffers at the dotted paths of ``tensors`` (so state_dict keys read like the model's)."""
+    root = nn.Module()
+    for name, t in tensors.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            child = mod._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        mod.register_buffer(leaf, t)
+    return root
+
+
+def _check_inputs(args, kwargs) -> None:
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, Tensor) and leaf.requires_grad:
+            raise ValueError("inputs: a linearized model's gradients flow to its parameters only; pass inputs "
+                             "that do not require grad (e.g. x.detach())")
+
+
+class LinearizedModel(nn.Module):
+    """``f(x; th0) + J(x) (th - th0)``, trained through ``th``.
+
+    The trainable parameters are the wrapped model's own, under the prefix ``model.``
+    (``named_parameters()`` yields ``model.<original name>``); the pretrained values
+    ``th0`` are buffers under ``th0.<original name>``. Parameters that are frozen when the
+    model is linearized stay constants (no tangent).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError("model: has no trainable parameter to linearize (all have requires_grad=False)")
+        self.model = model
+        self._names = tuple(trainable)
+        self.th0 = _tree_module({n: p.detach().clone() for n, p in trainable.items()})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The trained parameters, by their names in the wrapped model."""
+        return self._names
+
+    def base_values(self) -> dict[str, Tensor]:
+        """``th0``: the pretrained values of the trained parameters."""
+        return {n: self.th0.get_buffer(n) for n in self._names}
+
+    def task_vector(self) -> dict[str, Tensor]:
+        """``th - th0`` per trained parameter (detached), keyed by the model's names."""
+        params = dict(self.model.named_parameters())
+        return {n: (params[n] - self.th0.get_buffer(n)).detach() for n in self._names}
+
+    def _dual_params(self, taus: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        params = dict(self.model.named_parameters())
+        out = {}
+        for n in self._names:
+            th0 = self.th0.get_buffer(n)
+            tau = params[n] - th0 if taus is None else taus[n]
+            out[n] = Dual(th0, tau)
+        return out
+
+    def dual(self, *args, taus: Mapping[str, Tensor] | None = None, **kwargs) -> tuple[Any, Any]:
+        """One dual pass: ``(f(x; th0), J(x) tau)`` with ``tau = th - th0`` (or ``taus``:
+        tangent directions keyed by parameter name). Outputs keep the model's structure;
+        an output that does not depend on ``th`` gets a zero tangent."""
+        _check_inputs(args, kwargs)
+        out = torch.func.functional_call(self.model, self._dual_params(taus), args, kwargs)
+        primal = tree_map(primal_of, out)
+
+        def tangent(v):
+            if isinstance(v, Dual):
+                return v.tangent
+            return torch.zeros_like(v) if isinstance(v, Tensor) and v.is_floating_point() else v
+        return primal, tree_map(tangent, out)
+
+    def forward(self, *args, **kwargs):
+        primal, tangent = self.dual(*args, **kwargs)
+        return tree_map(lambda p, t: p + t if isinstance(p, Tensor) and p.is_floating_point() else p,
+                        primal, tangent)
+
+    def tangent(self, *args, **kwargs):
+        """``J(x) (th - th0)`` alone."""
+        return self.dual(*args, **kwargs)[1]
+
+    @torch.no_grad()
+    def primal(self, *args, **kwargs):
+        """``f(x; th0)``: the pretrained model's output."""
+        return torch.func.functional_call(self.model, self.base_values(), args, kwargs)
+
+    # ------------------------------------------------------------------------- files
+
+    def save(self, path, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the state_dict (``model.*`` = th and the model's buffers, ``th0.*``) as
+        safetensors; ``metadata`` (str -> str) is stored beside it."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        seen: set[tuple[int, int]] = set()
+        state = {}
+        for k, v in self.state_dict().items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset())
+            v = v.detach()
+            if key in seen or not v.is_contiguous():  # safetensors refuses shared or strided tensors
+                v = v.clone().contiguous()
+            seen.add(key)
+            state[k] = v
+        meta = {"format": "fastortho.LinearizedModel", "fastortho": __version__}
+        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        save_file(state, str(path), metadata=meta)
+
+    def load(self, path, strict: bool = True) -> "LinearizedModel":
+        """Load a file written by :meth:`save` into this model (same architecture), in place."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            kind = (f.metadata() or {}).get("format")
+        if kind != "fastortho.LinearizedModel":
+            raise ValueError(f"path: {path} is not a fastortho linearized-model file (format={kind!r})")
+        device = next(iter(self.th0.buffers())).device
+        self.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
+        return self
+
+
+def linearize(model: nn.Module) -> LinearizedModel:
+    """``model`` linearized around its current trainable parameters (``th0``): a
+    :class:`LinearizedModel` that trains ``model``'s own parameters (shared, not copied)."""
+    return LinearizedModel(model)
+
+
+def tangent_of_output(out) -> Tensor:
+    """The tangent of a single-tensor output of a dual pass (zeros if it has none)."""
+    t = tangent_of(out)
+    return t if t is not None else torch.zeros_like(primal_of(out))

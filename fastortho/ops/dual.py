@@ -1,0 +1,247 @@
+"""Per-op dual functions: each takes primal inputs and their tangents (``None`` = zero) and
+returns ``(primal output, tangent output)``.
+
+The primal is computed without autograd: in a linearized model ``f(x; th0)`` does not depend
+on the trained parameters. The tangent is computed with autograd, as ordinary differentiable
+PyTorch ops that are linear in the tangents, so its backward keeps only primal activations
+(never a second copy of the network's activations, as ``torch.func.jvp`` does). These
+functions are the seams where fused kernels plug in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def add_terms(*terms: Tensor | None) -> Tensor | None:
+    """Sum of the terms that are not None (None if all are)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | None,
+                bias: Tensor | None = None, dbias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (DESIGN section 1)."""
+    with torch.no_grad():
+        y = F.linear(x, weight, bias)
+    dy = add_terms(F.linear(x, dweight) if dweight is not None else None,
+                   F.linear(dx, weight) if dx is not None else None,
+                   dbias)
+    return y, dy
+
+
+def dual_conv2d(x, dx, weight, dweight, bias=None, dbias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``conv(x, W) + b`` and ``conv(x, dW) + conv(dx, W) + db``."""
+    with torch.no_grad():
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    dy = add_terms(F.conv2d(x, dweight, None, stride, padding, dilation, groups) if dweight is not None else None,
+                   F.conv2d(dx, weight, None, stride, padding, dilation, groups) if dx is not None else None,
+                   dbias.view(1, -1, 1, 1) if dbias is not None else None)
+    return y, dy
+
+
+def dual_layer_norm(x, dx, normalized_shape, weight=None, dweight=None, bias=None, dbias=None, eps=1e-5):
+    """LayerNorm: with ``xh = (x - mu) / sigma``,
+    ``dy = w * (dx - mean(dx) - xh * mean(dx * xh)) / sigma + dw * xh + db``.
+    Statistics in fp32 for half-precision inputs (as autocast runs layer_norm)."""
+    with torch.no_grad():
+        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        if dx is None and dweight is None:
+            return y, dbias
+        dims = tuple(range(-len(normalized_shape), 0))
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = xf.mean(dims, keepdim=True)
+        rstd = torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + eps)
+        xhat = (xf - mean) * rstd
+    dxhat = None
+    if dx is not None:
+        dxf = dx.to(xhat.dtype)
+        dxhat = rstd * (dxf - dxf.mean(dims, keepdim=True) - xhat * (dxf * xhat).mean(dims, keepdim=True))
+        if weight is not None:
+            dxhat = dxhat * weight
+    dy = add_terms(dxhat, xhat * dweight if dweight is not None else None, dbias)
+    return y, (dy.to(y.dtype) if dy is not None else None)
+
+
+def dual_gelu(x, dx, approximate: str = "none"):
+    with torch.no_grad():
+        y = F.gelu(x, approximate=approximate)
+    if dx is None:
+        return y, None
+    # gelu_backward is linear in its first argument: exactly gelu'(x) * dx, saving only x.
+    return y, torch.ops.aten.gelu_backward(dx.to(x.dtype), x, approximate=approximate)
+
+
+def dual_pointwise(y: Tensor, dx: Tensor | None, derivative: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``dy = f'(x) * dx`` with the derivative computed (without autograd) by the caller."""
+    return y, (dx * derivative if dx is not None else None)
+
+
+def dual_softmax(x, dx, dim, dtype=None):
+    with torch.no_grad():
+        y = torch.softmax(x, dim, dtype=dtype)
+    if dx is None:
+        return y, None
+    dx = dx.to(y.dtype)
+    return y, y * (dx - (y * dx).sum(dim, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- attention
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype, attend_when_true: bool) -> Tensor | None:
+    """A float mask to add to the scores. Boolean masks: SDPA's ``True`` = attend;
+    nn.MultiheadAttention's ``True`` = masked out (``attend_when_true=False``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        blocked = ~mask if attend_when_true else mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(blocked, float("-inf"))
+    return mask.to(dtype)
+
+
+def _up(t: Tensor) -> Tensor:
+    """Half-precision values in fp32; fp32 and fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s + mask
+    return torch.softmax(s, dim=-1)
+
+
+def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
+    """The tangent of ``O = softmax(c Q K^T + mask) V`` (DESIGN section 7):
+    ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
+    Plain differentiable ops (used without autograd, e.g. under vmap); fp32 inside."""
+    dtype = q.dtype
+    q, k, v, o = _up(q), _up(k), _up(v), _up(o)
+    p = _probs(q, k, mask, scale)
+    ds = (torch.matmul(_up(dq), k.transpose(-2, -1)) + torch.matmul(q, _up(dk).transpose(-2, -1))) * scale
+    z = p * ds
+    do = torch.matmul(z, v) - z.sum(-1, keepdim=True) * o + torch.matmul(p, _up(dv))
+    return do.to(dtype)
+
+
+class AttentionTangent(torch.autograd.Function):
+    """``(dQ, dK, dV) -> dO`` at fixed primal ``Q, K, V, O``, with the gradient of that linear
+    map: ``g_S = P * (g V^T - rowsum(g * O))`` (the flash-attention backward's ``dS``),
+    ``grad dQ = c g_S K``, ``grad dK = c g_S^T Q``, ``grad dV = P^T g``. Only the primal
+    ``Q, K, V, O`` are saved; ``P`` is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, o, dq, dk, dv, mask, scale):
+        ctx.save_for_backward(q, k, v, o, mask)
+        ctx.scale = scale
+        ctx.dtypes = (dq.dtype, dk.dtype, dv.dtype)
+        return attention_tangent(q, k, v, o, dq, dk, dv, mask, scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, o, mask = ctx.saved_tensors
+        c = ctx.scale
+        q, k, v, o, g = _up(q), _up(k), _up(v), _up(o), _up(g)
+        p = _probs(q, k, mask, c)
+        grad_dv = torch.matmul(p.transpose(-2, -1), g)
+        gs = p * (torch.matmul(g, v.transpose(-2, -1)) - (g * o).sum(-1, keepdim=True))
+        grad_dq = torch.matmul(gs, k) * c
+        grad_dk = torch.matmul(gs.transpose(-2, -1), q) * c
+        tq, tk, tv = ctx.dtypes
+        return None, None, None, None, grad_dq.to(tq), grad_dk.to(tk), grad_dv.to(tv), None, None
+
+
+def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
+    L, S = q.shape[-2], k.shape[-2]
+    keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+    return additive_mask(keep, torch.float32, attend_when_true=True)
+
+
+def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention: the primal by ``F.scaled_dot_product_attention`` (any
+    backend: flash, memory-efficient, math), the tangent by the one-pass formula."""
+    if dropout_p:
+        raise NotImplementedError("attention dropout (dropout_p > 0) in a linearized model: the tangent "
+                                  "would need the primal's dropout mask; use eval mode or dropout_p=0")
+    if enable_gqa:
+        raise NotImplementedError("grouped-query attention (enable_gqa=True) in a linearized model")
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if dq is None and dk is None and dv is None:
+        return o, None
+    c = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = additive_mask(attn_mask, mask_dtype, attend_when_true=True)
+    if is_causal:
+        causal = _causal_mask(q, k).to(mask_dtype)
+        mask = causal if mask is None else mask + causal
+    zeros = torch.zeros((), dtype=q.dtype, device=q.device)
+    dq = dq if dq is not None else zeros.expand(q.shape)
+    dk = dk if dk is not None else zeros.expand(k.shape)
+    dv = dv if dv is not None else zeros.expand(v.shape)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dq, dk, dv)):
+        return o, AttentionTangent.apply(q, k, v, o, dq, dk, dv, mask, c)
+    return o, attention_tangent(q, k, v, o, dq, dk, dv, mask, c)
+
+
+def _chunk3(t: Tensor | None) -> tuple:
+    return (None, None, None) if t is None else t.chunk(3)
+
+
+def dual_multi_head_attention(query, key, value, num_heads, in_proj, in_proj_bias, out_proj, out_proj_bias,
+                              attn_mask=None, key_padding_mask=None, separate_proj=None, is_causal=False):
+    """``nn.MultiheadAttention``'s computation (``F.multi_head_attention_forward`` without
+    bias_k/bias_v, zero-attention, dropout or returned weights) on dual values. Every
+    argument that can carry a tangent is a ``(primal, tangent)`` pair; ``query`` etc. are
+    ``(L, N, E)`` or unbatched ``(L, E)``. ``separate_proj``: ``(q, k, v)`` weight pairs
+    when nn.MultiheadAttention keeps them apart."""
+    batched = query[0].dim() == 3
+
+    def batch(pair):
+        p, t = pair
+        return (p, t) if batched else (p.unsqueeze(1), t.unsqueeze(1) if t is not None else None)
+
+    query, key, value = batch(query), batch(key), batch(value)
+    L, N, E = query[0].shape
+    S = key[0].shape[0]
+    H = num_heads
+    hd = E // H
+    if separate_proj is not None:
+        (wq, dwq), (wk, dwk), (wv, dwv) = separate_proj
+    else:
+        (wq, wk, wv), (dwq, dwk, dwv) = in_proj[0].chunk(3), _chunk3(in_proj[1])
+    if in_proj_bias[0] is not None:
+        (bq, bk, bv), (dbq, dbk, dbv) = in_proj_bias[0].chunk(3), _chunk3(in_proj_bias[1])
+    else:
+        bq = bk = bv = dbq = dbk = dbv = None
+
+    def heads(t: Tensor | None, length: int) -> Tensor | None:  # (len, N, E) -> (N, H, len, hd)
+        return None if t is None else t.reshape(length, N, H, hd).permute(1, 2, 0, 3)
+
+    q, dq = dual_linear(*query, wq, dwq, bq, dbq)
+    k, dk = dual_linear(*key, wk, dwk, bk, dbk)
+    v, dv = dual_linear(*value, wv, dwv, bv, dbv)
+    q, dq, k, dk, v, dv = heads(q, L), heads(dq, L), heads(k, S), heads(dk, S), heads(v, S), heads(dv, S)
+
+    mask = None
+    if attn_mask is not None:
+        m = additive_mask(attn_mask, q.dtype, attend_when_true=False)
+        mask = m.view(1, 1, L, S) if m.dim() == 2 else m.view(N, H, L, S)
+    if key_padding_mask is not None:
+        kp = additive_mask(key_padding_mask, q.dtype, attend_when_true=False).view(N, 1, 1, S)
+        mask = kp if mask is None else mask + kp
+    o, do = dual_sdpa(q, dq, k, dk, v, dv, attn_mask=mask, is_causal=is_causal and mask is None)
+
+    def merge(t: Tensor | None) -> Tensor | None:  # (N, H, L, hd) -> (L, N, E)
+        return None if t is None else t.permute(2, 0, 1, 3).reshape(L, N, E)
+
+    out, dout = dual_linear(merge(o), merge(do), *out_proj, *out_proj_bias)
+    if not batched:
+        out, dout = out.squeeze(1), (dout.squeeze(1) if dout is not None else None)
+    return out, dout
