@@ -33,14 +33,23 @@ FALLBACK_OPS: set[str] = set()
 
 
 class Dual(Tensor):
-    """A primal tensor (the object's own data) carrying ``.tangent``."""
+    """A primal tensor (the object's own data) carrying ``.tangent``.
+
+    ``tangent`` may be a zero-argument function instead of a tensor: it is then called on
+    every access, so a parameter's tangent ``th - th0`` exists only while an op uses it
+    (instead of a second copy of every trained parameter living through the step)."""
 
     @staticmethod
-    def __new__(cls, primal: Tensor, tangent: Tensor):
+    def __new__(cls, primal: Tensor, tangent):
         obj = Tensor._make_subclass(cls, primal)
         obj.primal = primal
-        obj.tangent = tangent
+        obj._tangent = tangent
         return obj
+
+    @property
+    def tangent(self) -> Tensor:
+        t = self._tangent
+        return t() if callable(t) else t
 
     def __repr__(self) -> str:
         with torch._C.DisableTorchFunctionSubclass():
@@ -298,8 +307,11 @@ def _mha(func, args, kwargs):
     separate = None
     if g["use_separate_proj_weight"]:
         separate = (split(g["q_proj_weight"]), split(g["k_proj_weight"]), split(g["v_proj_weight"]))
+    query = split(g["query"])
+    key = query if g["key"] is g["query"] else split(g["key"])  # self-attention stays recognizable
+    value = key if g["value"] is g["key"] else split(g["value"])
     out, tan = ops.dual_multi_head_attention(
-        split(g["query"]), split(g["key"]), split(g["value"]), g["num_heads"], split(g["in_proj_weight"]),
+        query, key, value, g["num_heads"], split(g["in_proj_weight"]),
         split(g["in_proj_bias"]), split(g["out_proj_weight"]), split(g["out_proj_bias"]),
         attn_mask=g["attn_mask"], key_padding_mask=g["key_padding_mask"], separate_proj=separate,
         is_causal=g["is_causal"])

@@ -82,8 +82,8 @@ class LinearizedModel(nn.Module):
         out = {}
         for n in self._names:
             th0 = self.th0.get_buffer(n)
-            tau = params[n] - th0 if taus is None else taus[n]
-            out[n] = Dual(th0, tau)
+            # th - th0 formed where an op uses it (see Dual), not held through the pass
+            out[n] = Dual(th0, (lambda p=params[n], p0=th0: p - p0) if taus is None else taus[n])
         return out
 
     def dual(self, *args, taus: Mapping[str, Tensor] | None = None, **kwargs) -> tuple[Any, Any]:

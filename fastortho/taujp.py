@@ -30,8 +30,10 @@ def _single_tensor(out, what: str) -> Tensor:
 
 def reduce_tangent(tangent: Tensor, reduction: str) -> Tensor:
     """``sum_i ||t_i||^2`` ("sum_sq") or ``mean_i ||t_i||`` ("mean_norm") over the rows of a
-    batch-first tangent, in fp32."""
-    rows = tangent.flatten(1).float()
+    batch-first tangent (half precision reduced in fp32)."""
+    rows = tangent.flatten(1)
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
     if reduction == "sum_sq":
         return rows.square().sum()
     return rows.square().sum(1).sqrt().mean()
@@ -201,7 +203,7 @@ def taujp_matrix(model: nn.Module, task_vectors: Sequence[Mapping[str, Tensor]],
             out = torch.func.functional_call(model_, params, (x,))
             t = tangent_of(out)
             t = t if t is not None else torch.zeros_like(out)
-            return t.flatten(1).float().square().sum(1).mean()
+            return reduce_tangent(t, "sum_sq") / t.shape[0]
         return torch.func.vmap(one, chunk_size=chunk_size)(taus)
 
     columns = [tangent_for(x.to(device)) for x in inputs]

@@ -42,3 +42,22 @@ def random_layers(shapes, *, scale: float | None = None, dtype=torch.float32, de
         bases.append(w0.to(dtype=dtype, device=device))
         weights.append((w0 + d).to(dtype=dtype, device=device))
     return weights, bases
+
+
+def saved_activation_bytes(loss_fn, exclude=()) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``loss_fn()`` runs (the
+    activation memory of a training step, measurable on any device), not counting the
+    storages of the tensors in ``exclude`` (parameters and buffers, which exist anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(seen.values())

@@ -72,10 +72,12 @@ def dual_layer_norm(x, dx, normalized_shape, weight=None, dweight=None, bias=Non
 def dual_gelu(x, dx, approximate: str = "none"):
     with torch.no_grad():
         y = F.gelu(x, approximate=approximate)
-    if dx is None:
-        return y, None
-    # gelu_backward is linear in its first argument: exactly gelu'(x) * dx, saving only x.
-    return y, torch.ops.aten.gelu_backward(dx.to(x.dtype), x, approximate=approximate)
+        if dx is None:
+            return y, None
+        # gelu'(x), activation-sized like the x an ordinary step saves; dx * gelu'(x) saves
+        # only it (gelu_backward(dx, x) under autograd would also keep dx).
+        derivative = torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
+    return y, dx.to(x.dtype) * derivative
 
 
 def dual_pointwise(y: Tensor, dx: Tensor | None, derivative: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -134,21 +136,23 @@ class AttentionTangent(torch.autograd.Function):
     """``(dQ, dK, dV) -> dO`` at fixed primal ``Q, K, V, O``, with the gradient of that linear
     map: ``g_S = P * (g V^T - rowsum(g * O))`` (the flash-attention backward's ``dS``),
     ``grad dQ = c g_S K``, ``grad dK = c g_S^T Q``, ``grad dV = P^T g``. Only the primal
-    ``Q, K, V, O`` are saved; ``P`` is recomputed in backward."""
+    ``Q, K, V`` are saved; ``P`` and ``O = P V`` are recomputed in backward (``O`` is kept
+    by the next layer in another layout; saving it here would hold it twice)."""
 
     @staticmethod
     def forward(ctx, q, k, v, o, dq, dk, dv, mask, scale):
-        ctx.save_for_backward(q, k, v, o, mask)
+        ctx.save_for_backward(q, k, v, mask)
         ctx.scale = scale
         ctx.dtypes = (dq.dtype, dk.dtype, dv.dtype)
         return attention_tangent(q, k, v, o, dq, dk, dv, mask, scale)
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, o, mask = ctx.saved_tensors
+        q, k, v, mask = ctx.saved_tensors
         c = ctx.scale
-        q, k, v, o, g = _up(q), _up(k), _up(v), _up(o), _up(g)
+        q, k, v, g = _up(q), _up(k), _up(v), _up(g)
         p = _probs(q, k, mask, c)
+        o = torch.matmul(p, v)
         grad_dv = torch.matmul(p.transpose(-2, -1), g)
         gs = p * (torch.matmul(g, v.transpose(-2, -1)) - (g * o).sum(-1, keepdim=True))
         grad_dq = torch.matmul(gs, k) * c
@@ -190,8 +194,8 @@ def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return o, attention_tangent(q, k, v, o, dq, dk, dv, mask, c)
 
 
-def _chunk3(t: Tensor | None) -> tuple:
-    return (None, None, None) if t is None else t.chunk(3)
+def _chunk3(t: Tensor | None, dim: int = 0) -> tuple:
+    return (None, None, None) if t is None else t.chunk(3, dim=dim)
 
 
 def dual_multi_head_attention(query, key, value, num_heads, in_proj, in_proj_bias, out_proj, out_proj_bias,
@@ -207,7 +211,10 @@ def dual_multi_head_attention(query, key, value, num_heads, in_proj, in_proj_bia
         p, t = pair
         return (p, t) if batched else (p.unsqueeze(1), t.unsqueeze(1) if t is not None else None)
 
+    same_kv, same_qk = key is value, query is key
     query, key, value = batch(query), batch(key), batch(value)
+    key = query if same_qk else key
+    value = key if same_kv else value
     L, N, E = query[0].shape
     S = key[0].shape[0]
     H = num_heads
@@ -224,9 +231,15 @@ def dual_multi_head_attention(query, key, value, num_heads, in_proj, in_proj_bia
     def heads(t: Tensor | None, length: int) -> Tensor | None:  # (len, N, E) -> (N, H, len, hd)
         return None if t is None else t.reshape(length, N, H, hd).permute(1, 2, 0, 3)
 
-    q, dq = dual_linear(*query, wq, dwq, bq, dbq)
-    k, dk = dual_linear(*key, wk, dwk, bk, dbk)
-    v, dv = dual_linear(*value, wv, dwv, bv, dbv)
+    if separate_proj is None and query is key and key is value:
+        # Self-attention: one product with the fused weight, as nn.MultiheadAttention does
+        # (three would each keep their own contiguous copy of a transposed input).
+        qkv, dqkv = dual_linear(*query, *in_proj, *in_proj_bias)
+        (q, k, v), (dq, dk, dv) = qkv.chunk(3, dim=-1), _chunk3(dqkv, dim=-1)
+    else:
+        q, dq = dual_linear(*query, wq, dwq, bq, dbq)
+        k, dk = dual_linear(*key, wk, dwk, bk, dbk)
+        v, dv = dual_linear(*value, wv, dwv, bv, dbv)
     q, dq, k, dk, v, dv = heads(q, L), heads(dq, L), heads(k, S), heads(dk, S), heads(v, S), heads(dv, S)
 
     mask = None
