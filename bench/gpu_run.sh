@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, check on the GPU, tune, time. Writes logs and JSONs to $OUT.
-#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|tests|bench ...]
+#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|diag|profile|tests|bench|lora|linearize ...]
+# Each step must fit the device's 10-minute call limit together with the others named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 steps=${*:-"sweep tests bench"}
@@ -22,8 +23,14 @@ for step in $steps; do
     profile) timeout 120 python3 bench/profile_orthoreg.py ViT-B-32 2>&1 | tee "$OUT/profile.log" | \
                grep -E "=====|Self CUDA time total|^ *[a-zA-Z_:<>]" | cut -c1-160 | head -60 ;;
     tests) timeout 300 python3 -m pytest -q -x tests/ -p no:logging 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
-    bench) timeout 400 python3 -m pytest -q bench/ --benchmark-only -p no:logging \
-             --benchmark-json="$OUT/bench.json" 2>&1 | tail -5
+    bench) timeout 400 python3 -m pytest -q bench/test_bench_orthoreg.py bench/test_bench_train_step.py \
+             --benchmark-only -p no:logging --benchmark-json="$OUT/bench.json" 2>&1 | tail -5
            python3 bench/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md" ;;
+    lora) timeout 200 python3 -m pytest -q bench/test_bench_lora.py --benchmark-only -p no:logging \
+             --benchmark-json="$OUT/lora.json" 2>&1 | tail -5
+           python3 bench/summarize.py "$OUT/lora.json" | tee "$OUT/lora.md" ;;
+    linearize) timeout 500 python3 -m pytest -q bench/test_bench_linearize.py --benchmark-only -p no:logging \
+             --benchmark-json="$OUT/linearize.json" 2>&1 | tail -5
+           python3 bench/summarize.py "$OUT/linearize.json" | tee "$OUT/linearize.md" ;;
   esac
 done

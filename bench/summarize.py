@@ -43,6 +43,28 @@ def main(path: str) -> None:
             print(f"\n{e['adapters']} adapters; low-rank floor {e['floor_s'] * 1e3:.3f} ms = max("
                   f"{e['flop_low_rank'] / 1e9:.2f} GFLOP / {e['peak_flops'] / 1e12:.3g} TFLOP/s, "
                   f"{e['bytes_low_rank'] / 1e6:.0f} MB / {e['bandwidth'] / 1e9:.0f} GB/s)\n")
+        elif group.startswith("linearized-step"):
+            plain = next((r for r in rows if r["extra_info"]["kind"] == "ordinary"), None)
+            measure = rows[0]["extra_info"]["memory_measure"]
+            print(f"| step | median ms | x ordinary | memory MB ({measure}) | x ordinary |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                tp = plain["stats"]["median"] if plain else None
+                mp = plain["extra_info"]["peak_memory_bytes"] if plain else None
+                print(f"| {e['kind']} | {t * 1e3:.1f} | {t / tp:.2f} | {e['peak_memory_bytes'] / 1e6:.0f} | "
+                      f"{e['peak_memory_bytes'] / mp:.2f} |" if plain else f"| {e['kind']} | {t * 1e3:.1f} | - | - | - |")
+            print(f"\nbatch {rows[0]['extra_info']['batch']}\n")
+        elif group.startswith("taujp"):
+            loop = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "released-loop"), None)
+            cyc = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "cyclical"), None)
+            print("| penalty | median ms | speed-up vs released loop | x cyclical |")
+            print("|---|---|---|---|")
+            for r in rows:
+                t = r["stats"]["median"]
+                print(f"| {r['extra_info']['kind']} | {t * 1e3:.1f} | {loop / t:.2f}x | {t / cyc:.2f} |")
+            e = rows[0]["extra_info"]
+            print(f"\n{e['other_tasks']} other tasks x {e['images_per_task']} images\n")
         else:
             plain = next((r["stats"]["median"] for r in rows if r["extra_info"]["case"] == "none"), None)
             print("| case | median ms | overhead vs no penalty |")

@@ -5,7 +5,7 @@
 output and its tangent:
 
 - a per-op dual function of :mod:`fastortho.ops.dual` for the ops that matter (linear,
-  conv2d, layer_norm, gelu, softmax, scaled-dot-product attention, the whole
+  conv2d, layer_norm, batch_norm, gelu, softmax, scaled-dot-product attention, the whole
   ``F.multi_head_attention_forward``), the seams for fused kernels;
 - the tangent rule of the op's class for the rest of what networks do: ops linear in their
   first argument (reshapes, indexing, sums, casts...), ops linear in each argument (mul,
@@ -250,6 +250,16 @@ def _layer_norm(func, args, kwargs):
                                      *split(g["bias"]), g["eps"]))
 
 
+def _batch_norm(func, args, kwargs):
+    a = inspect.signature(F.batch_norm).bind(*args, **kwargs)
+    a.apply_defaults()
+    g = a.arguments
+    if isinstance(g["running_mean"], Dual) or isinstance(g["running_var"], Dual):
+        return _jvp_fallback(func, args, kwargs)
+    return wrap(*ops.dual_batch_norm(*split(g["input"]), g["running_mean"], g["running_var"], *split(g["weight"]),
+                                     *split(g["bias"]), g["training"], g["momentum"], g["eps"]))
+
+
 def _gelu(func, args, kwargs):
     return wrap(*ops.dual_gelu(*split(args[0]), kwargs.get("approximate", args[1] if len(args) > 1 else "none")))
 
@@ -386,7 +396,7 @@ RULES.update({f: _concat for f in _CONCATS})
 RULES.update({f: _nondifferentiable for f in _NONDIFF})
 RULES.update({f: _inplace for f in _INPLACE})
 RULES.update({
-    F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.gelu: _gelu,
+    F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm, F.gelu: _gelu,
     F.softmax: _softmax, T.softmax: _softmax, torch.softmax: _softmax,
     F.scaled_dot_product_attention: _sdpa, F.multi_head_attention_forward: _mha,
     F.dropout: _dropout, F.pad: _pad,

@@ -108,32 +108,48 @@ def test_open_clip_vit_with_frozen_parameters():
 
 
 class ConvNet(nn.Module):
-    def __init__(self):
+    def __init__(self, running_stats=True):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.norm = nn.GroupNorm(2, 8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        # (torch.func.jvp, the reference, cannot update running statistics in train mode)
+        self.bn = nn.BatchNorm2d(8, track_running_stats=running_stats)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.LayerNorm(32), nn.SiLU(),
                                   nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 16), nn.Sigmoid(),
                                   nn.Linear(16, 5))
 
     def forward(self, x):
         h = torch.relu(self.conv(x))
-        h = self.conv2(self.norm(h)) + h
+        h = self.bn(self.conv2(self.norm(h))) + h
         h = F.avg_pool2d(h, 1)
         return self.head(h).softmax(-1) * 2.0 - 1.0 / (1.0 + h.mean())
 
 
-def test_mlp_and_cnn_match_jvp():
+@pytest.mark.parametrize("train", [True, False])
+def test_mlp_and_cnn_match_jvp(train):
     torch.manual_seed(0)
-    model = ConvNet().double()
+    model = ConvNet(running_stats=not train).double().train(train)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     # GroupNorm has no dedicated dual function: it must take the jvp fallback, correctly
     lin, th0 = linearized_pair(model)
     with fallback_log() as fallbacks:
         lin.dual(x)
-    assert any("group_norm" in f for f in fallbacks)
-    check_model(ConvNet().double(), x, expect_no_fallback=False)
+    assert any("group_norm" in f for f in fallbacks) and not any("batch_norm" in f for f in fallbacks)
+    torch.manual_seed(0)
+    model = ConvNet(running_stats=not train).double().train(train)
+    check_model(model, x, expect_no_fallback=False)
+
+
+def test_batch_norm_running_stats_update_once():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4).double()
+    plain = copy.deepcopy(bn)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    fo.linearize(bn)(x)
+    plain(x)
+    assert torch.allclose(bn.running_mean, plain.running_mean) and torch.allclose(bn.running_var, plain.running_var)
+    assert int(bn.num_batches_tracked) == 1
 
 
 class OddOps(nn.Module):

@@ -69,6 +69,45 @@ def dual_layer_norm(x, dx, normalized_shape, weight=None, dweight=None, bias=Non
     return y, (dy.to(y.dtype) if dy is not None else None)
 
 
+def dual_batch_norm(x, dx, running_mean, running_var, weight=None, dweight=None, bias=None, dbias=None,
+                    training=False, momentum=0.1, eps=1e-5):
+    """BatchNorm (channels on dim 1). With batch statistics (training, or no running stats)
+    the tangent is LayerNorm's over the non-channel dims; with running statistics it is
+    affine: ``dy = w dx / sqrt(var + eps) + dw xh + db``. The running statistics are
+    updated once, by the primal."""
+    with torch.no_grad():
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if dx is None and dweight is None:
+            return y, (_channels(dbias, x) if dbias is not None else None)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        batch_stats = training or running_mean is None
+        if batch_stats:
+            mean = xf.mean(dims, keepdim=True)
+            rstd = torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + eps)
+        else:
+            mean = running_mean.view(shape).to(xf.dtype)
+            rstd = torch.rsqrt(running_var.view(shape).to(xf.dtype) + eps)
+        xhat = (xf - mean) * rstd
+    dxhat = None
+    if dx is not None:
+        dxf = dx.to(xhat.dtype)
+        if batch_stats:
+            dxhat = rstd * (dxf - dxf.mean(dims, keepdim=True) - xhat * (dxf * xhat).mean(dims, keepdim=True))
+        else:
+            dxhat = rstd * dxf
+        if weight is not None:
+            dxhat = dxhat * weight.view(shape)
+    dy = add_terms(dxhat, xhat * dweight.view(shape) if dweight is not None else None,
+                   _channels(dbias, x) if dbias is not None else None)
+    return y, (dy.to(y.dtype) if dy is not None else None)
+
+
+def _channels(t: Tensor, x: Tensor) -> Tensor:
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
 def dual_gelu(x, dx, approximate: str = "none"):
     with torch.no_grad():
         y = F.gelu(x, approximate=approximate)

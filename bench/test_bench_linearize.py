@@ -1,0 +1,152 @@
+"""Linearized (TTA) training step and the tau-Jp penalty on open_clip ViTs (random init).
+
+- ``linearized-step``: one AdamW step on ``features.square().mean()`` of the visual tower:
+  an ordinary step, fastortho's linearized model, and the released way (torch.func.jvp over
+  functional_call, MATH attention, MHA fast path off); fp32 and bf16 autocast on a GPU.
+  extra_info has the peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU
+  the bytes autograd saves for backward (parameters excluded), a device-independent proxy.
+- ``taujp``: the penalty over 8 other tasks (forward + backward): the released loop of one
+  jvp call per task, one batched jvp call, fastortho strict (one dual pass over all tasks'
+  batches) and cyclical (one task).
+
+    pytest bench/test_bench_linearize.py --benchmark-only [--benchmark-json=...]
+
+Sizes: GPU ViT-B-32 batch 128 / ViT-L-14 batch 32 (tau-Jp 8 x 16 / 8 x 4 images); CPU only
+ViT-B-32 at batch 8 (tau-Jp 8 x 2) unless FASTORTHO_BENCH_MODELS says otherwise.
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+import fastortho as fo
+from conftest import DEVICE, bench_models, sync
+from fastortho import reference as ref
+from fastortho.testing import saved_activation_bytes
+
+open_clip = pytest.importorskip("open_clip")
+
+BATCH = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 32} if DEVICE == "cuda" else {"ViT-B-32": 8, "ViT-B-16": 4, "ViT-L-14": 2}
+TAUJP_BATCH = {"ViT-B-32": 16, "ViT-B-16": 8, "ViT-L-14": 4} if DEVICE == "cuda" else {"ViT-B-32": 2, "ViT-B-16": 1, "ViT-L-14": 1}
+OTHER_TASKS = 8
+PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
+STEPS = ["ordinary", "fastortho", "torch.func.jvp"]
+ROUNDS = int(os.environ.get("FASTORTHO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
+
+
+def autocast(precision):
+    if precision == "bf16":
+        return torch.autocast(DEVICE, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module", params=bench_models())
+def vit(request):
+    torch.manual_seed(0)
+    model = open_clip.create_model(request.param, pretrained=None).visual.to(DEVICE).train()
+    return request.param, model
+
+
+def _tf32_off():
+    if DEVICE == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+
+
+def make_step(kind, model, x, precision):
+    if kind == "ordinary":
+        params = list(model.parameters())
+
+        def loss():
+            return model(x).float().square().mean()
+    elif kind == "fastortho":
+        lin = fo.linearize(model)
+        params = list(lin.parameters())
+
+        def loss():
+            return lin(x).float().square().mean()
+    else:
+        th0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        params = list(model.parameters())
+
+        def loss():
+            tau = {n: p - th0[n] for n, p in model.named_parameters()}
+            primal, tangent = ref.jvp_linearized(model, th0, tau, x)
+            return (primal + tangent).float().square().mean()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision):
+            value = loss()
+        value.backward()
+        opt.step()
+        sync()
+    return step, loss, params
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", STEPS)
+def test_linearized_step(benchmark, vit, kind, precision):
+    name, model = vit
+    _tf32_off()
+    x = torch.randn(BATCH[name], 3, 224, 224, device=DEVICE)
+    step, loss, params = make_step(kind, model, x, precision)
+    step()  # warm-up, optimizer state
+    info = {"model": name, "batch": x.shape[0], "kind": kind, "precision": precision, "device": DEVICE}
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        info["memory_measure"] = "torch.cuda.max_memory_allocated"
+    else:
+        statics = params + [b for b in model.buffers()]
+        with autocast(precision):
+            info["peak_memory_bytes"] = saved_activation_bytes(loss, statics)
+        info["memory_measure"] = "bytes saved for backward (parameters excluded)"
+    benchmark.group = f"linearized-step-{name}-{precision}"
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+TAUJP = ["released-loop", "jvp-batched", "strict", "cyclical"]
+
+
+@pytest.mark.parametrize("kind", TAUJP)
+def test_taujp_penalty(benchmark, vit, kind):
+    name, model = vit
+    _tf32_off()
+    gen = torch.Generator().manual_seed(0)
+    n = TAUJP_BATCH[name]
+    others = [torch.randn(n, 3, 224, 224, generator=gen).to(DEVICE) for _ in range(OTHER_TASKS)]
+    lin = fo.linearize(model)
+    with torch.no_grad():  # a task vector that is not zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-4)
+    th0 = lin.base_values()
+    params = list(lin.parameters())
+
+    if kind in ("released-loop", "jvp-batched"):
+        batches = others if kind == "released-loop" else [torch.cat(others)]
+
+        def penalty():
+            tau = {nm: p - th0[nm] for nm, p in model.named_parameters()}
+            return ref.released_taujp_penalty(model, th0, tau, batches)
+    else:
+        reg = fo.TauJpRegularizer(lin, others, mode=kind, reduction="mean_norm")
+
+        def penalty():
+            return reg()
+
+    def step():
+        for p in params:
+            p.grad = None
+        penalty().backward()
+        sync()
+
+    step()
+    benchmark.group = f"taujp-{name}"
+    benchmark.extra_info.update(model=name, kind=kind, other_tasks=OTHER_TASKS, images_per_task=n, device=DEVICE)
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
