@@ -84,9 +84,12 @@ def wrap(out, tan):
         if tan.dtype != out.dtype:
             tan = tan.to(out.dtype)
         return Dual(out, tan)
-    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+    if isinstance(out, (tuple, list)):
         tans = tan if isinstance(tan, (tuple, list)) else [None] * len(out)
-        return type(out)(wrap(o, t) for o, t in zip(out, tans))
+        items = [wrap(o, t) for o, t in zip(out, tans)]
+        if hasattr(out, "_fields"):  # a namedtuple
+            return type(out)(*items)
+        return type(out)(items)
     return out
 
 

@@ -163,11 +163,12 @@ def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
     ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
     Plain differentiable ops (used without autograd, e.g. under vmap); fp32 inside."""
     dtype = q.dtype
-    q, k, v, o = _up(q), _up(k), _up(v), _up(o)
-    p = _probs(q, k, mask, scale)
-    ds = (torch.matmul(_up(dq), k.transpose(-2, -1)) + torch.matmul(q, _up(dk).transpose(-2, -1))) * scale
-    z = p * ds
-    do = torch.matmul(z, v) - z.sum(-1, keepdim=True) * o + torch.matmul(p, _up(dv))
+    with torch.autocast(q.device.type, enabled=False):  # keep the fp32 upcast under autocast
+        q, k, v, o = _up(q), _up(k), _up(v), _up(o)
+        p = _probs(q, k, mask, scale)
+        ds = (torch.matmul(_up(dq), k.transpose(-2, -1)) + torch.matmul(q, _up(dk).transpose(-2, -1))) * scale
+        z = p * ds
+        do = torch.matmul(z, v) - z.sum(-1, keepdim=True) * o + torch.matmul(p, _up(dv))
     return do.to(dtype)
 
 
@@ -189,13 +190,14 @@ class AttentionTangent(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, mask = ctx.saved_tensors
         c = ctx.scale
-        q, k, v, g = _up(q), _up(k), _up(v), _up(g)
-        p = _probs(q, k, mask, c)
-        o = torch.matmul(p, v)
-        grad_dv = torch.matmul(p.transpose(-2, -1), g)
-        gs = p * (torch.matmul(g, v.transpose(-2, -1)) - (g * o).sum(-1, keepdim=True))
-        grad_dq = torch.matmul(gs, k) * c
-        grad_dk = torch.matmul(gs.transpose(-2, -1), q) * c
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v, g = _up(q), _up(k), _up(v), _up(g)
+            p = _probs(q, k, mask, c)
+            o = torch.matmul(p, v)
+            grad_dv = torch.matmul(p.transpose(-2, -1), g)
+            gs = p * (torch.matmul(g, v.transpose(-2, -1)) - (g * o).sum(-1, keepdim=True))
+            grad_dq = torch.matmul(gs, k) * c
+            grad_dk = torch.matmul(gs.transpose(-2, -1), q) * c
         tq, tk, tv = ctx.dtypes
         return None, None, None, None, grad_dq.to(tq), grad_dk.to(tk), grad_dv.to(tv), None, None
 
