@@ -5,10 +5,13 @@ from .lora import (LoRAAdapter, TrainableReport, add_lora, attention_only, lora_
                    lora_delta_weights, merge_lora)
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
+from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_matrix, task_addition, task_negation
 from .taujp import TauJpRegularizer, taujp_loss, taujp_matrix
+from . import analysis  # noqa: E402  (plots import matplotlib only when drawn)
 
 __version__ = "0.1.0"
-__all__ = ["LinearizedModel", "LoRAAdapter", "OrthoReg", "TauJpRegularizer", "linearize", "taujp_loss",
+__all__ = ["AdditionResult", "NegationResult", "TaskVector", "analysis", "cosine_matrix", "task_addition",
+           "task_negation", "LinearizedModel", "LoRAAdapter", "OrthoReg", "TauJpRegularizer", "linearize", "taujp_loss",
            "taujp_matrix", "Snapshot", "TrainableReport", "add_lora", "attention_only",
            "lora_adapters", "lora_delta_weights", "merge_lora", "ortho_loss", "select_parameters",
            "snapshot", "__version__"]

@@ -1,0 +1,378 @@
+"""Task vectors (``tau_t = th_t - th0``) and task arithmetic: addition with one coefficient
+searched on validation splits, and negation under a control-task constraint (DESIGN
+section 1; Ilharco et al. 2023, Ortiz-Jimenez et al. 2023).
+
+Everything here is model- and data-agnostic: evaluation is an ``evaluate(model, task) ->
+accuracy`` callable supplied by the caller. Result keys follow the task-vectors code:
+``"{Dataset}:top1"``, ``"{Dataset}:normalized_top1"``, ``"avg_top1"``, ``"avg_normalized_top1"``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .linearize import LinearizedModel
+
+FORMAT = "fastortho.TaskVector"
+
+
+def _floating_state(obj, what: str) -> dict[str, Tensor]:
+    """Floating-point tensors of a module (its state_dict) or of a mapping."""
+    if isinstance(obj, LinearizedModel):
+        raise TypeError(f"{what}: got a LinearizedModel; use TaskVector.from_linearized(lin)")
+    if isinstance(obj, nn.Module):
+        state = obj.state_dict()
+    elif isinstance(obj, Mapping):
+        state = obj
+    else:
+        raise TypeError(f"{what}: expected an nn.Module or a state_dict (mapping name -> tensor), got "
+                        f"{type(obj).__name__}")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
+
+
+def load_checkpoint(path) -> dict[str, Tensor]:
+    """A state_dict from a safetensors file or a torch checkpoint (``weights_only=True``: never
+    unpickles code). A checkpoint holding ``{"state_dict": ...}`` is unwrapped."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"path: {path} holds a {type(obj).__name__}, not a state_dict")
+    return dict(obj)
+
+
+class TaskVector(Mapping[str, Tensor]):
+    """``name -> (fine-tuned - pretrained)`` over floating-point tensors, with metadata.
+
+    Arithmetic: ``tv1 + tv2``, ``tv1 - tv2``, ``-tv``, ``c * tv``, ``tv / c``, ``sum(tvs)``;
+    the operands must have the same keys and shapes. ``apply_to(pretrained, alpha)`` returns a
+    new model (or state_dict) and never changes its input.
+    """
+
+    def __init__(self, vector: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None):
+        bad = [k for k, v in vector.items() if not (isinstance(v, Tensor) and v.is_floating_point())]
+        if bad:
+            raise TypeError(f"vector: entries must be floating-point tensors; not so for {bad[:5]}")
+        if not vector:
+            raise ValueError("vector: a task vector needs at least one tensor")
+        self._vector = {k: v.detach() for k, v in vector.items()}
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+
+    # ------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_models(cls, pretrained, finetuned, metadata: Mapping[str, str] | None = None) -> "TaskVector":
+        """From two modules or state_dicts with the same floating-point keys and shapes."""
+        pre = _floating_state(pretrained, "pretrained")
+        fine = _floating_state(finetuned, "finetuned")
+        _same_layout(pre, fine, "pretrained", "finetuned")
+        vector = {}
+        for k, p in pre.items():
+            dtype = torch.promote_types(p.dtype, fine[k].dtype)
+            vector[k] = fine[k].to(device=p.device, dtype=dtype) - p.to(dtype)
+        return cls(vector, metadata)
+
+    @classmethod
+    def from_checkpoints(cls, pretrained_path, finetuned_path, metadata=None) -> "TaskVector":
+        return cls.from_models(load_checkpoint(pretrained_path), load_checkpoint(finetuned_path), metadata)
+
+    @classmethod
+    def from_linearized(cls, lin: LinearizedModel, metadata=None) -> "TaskVector":
+        """``th - th0`` of a linearized model, keyed by the wrapped model's parameter names."""
+        if not isinstance(lin, LinearizedModel):
+            raise TypeError(f"lin: expected a fastortho LinearizedModel, got {type(lin).__name__}")
+        meta = {"method": "linearized"}
+        meta.update(metadata or {})
+        return cls(lin.task_vector(), meta)
+
+    @classmethod
+    def from_lora(cls, model: nn.Module, metadata=None) -> "TaskVector":
+        """The dense updates ``s B A`` of a LoRA model (fastortho's or PEFT's adapters)."""
+        from .lora import lora_delta_weights
+
+        meta = {"method": "lora"}
+        meta.update(metadata or {})
+        return cls(lora_delta_weights(model), meta)
+
+    # ------------------------------------------------------------------------- mapping
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._vector[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vector)
+
+    def __len__(self) -> int:
+        return len(self._vector)
+
+    def __repr__(self) -> str:
+        n = sum(v.numel() for v in self._vector.values())
+        return f"TaskVector({len(self)} tensors, {n:,} values, metadata={self.metadata})"
+
+    # ------------------------------------------------------------------------- arithmetic
+
+    def _combine(self, other, op) -> "TaskVector":
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        _same_layout(self._vector, other._vector, "left operand", "right operand")
+        return TaskVector({k: op(v, other[k].to(v.device)) for k, v in self._vector.items()})
+
+    def __add__(self, other):
+        return self._combine(other, torch.add)
+
+    def __radd__(self, other):
+        if isinstance(other, (int, float)) and other == 0:  # sum() starts from 0
+            return self
+        return self.__add__(other)
+
+    def __sub__(self, other):
+        return self._combine(other, torch.sub)
+
+    def __neg__(self) -> "TaskVector":
+        return TaskVector({k: -v for k, v in self._vector.items()}, self.metadata)
+
+    def __mul__(self, scalar) -> "TaskVector":
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return TaskVector({k: v * scalar for k, v in self._vector.items()}, self.metadata)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar) -> "TaskVector":
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return self * (1.0 / scalar)
+
+    def flatten(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """All entries in one vector (in key order)."""
+        return torch.cat([v.reshape(-1).to(dtype) for v in self._vector.values()])
+
+    def norm(self) -> float:
+        return float(torch.sqrt(sum(v.double().square().sum() for v in self._vector.values())))
+
+    # ------------------------------------------------------------------------- applying
+
+    def apply_to(self, pretrained, alpha: float = 1.0):
+        """``pretrained + alpha * tau`` as a NEW object: a deep copy of a module (a
+        LinearizedModel gets ``th = th0 + alpha * tau``), or a new state_dict for a mapping.
+        Keys of the task vector must exist in ``pretrained`` with the same shapes."""
+        if isinstance(pretrained, LinearizedModel):
+            out = copy.deepcopy(pretrained)
+            base = out.base_values()
+            self._check_target(base, "pretrained (LinearizedModel th0)")
+            params = dict(out.model.named_parameters())
+            with torch.no_grad():
+                for k, v in self._vector.items():
+                    params[k].copy_(base[k] + alpha * v.to(base[k].device, base[k].dtype))
+            return out
+        if isinstance(pretrained, nn.Module):
+            out = copy.deepcopy(pretrained)
+            state = out.state_dict()
+            self._check_target(state, "pretrained")
+            with torch.no_grad():
+                for k, v in self._vector.items():
+                    state[k].add_(alpha * v.to(state[k].device, state[k].dtype))  # state_dict tensors alias the copy
+            return out
+        if isinstance(pretrained, Mapping):
+            self._check_target(pretrained, "pretrained")
+            out = dict(pretrained)
+            for k, v in self._vector.items():
+                out[k] = pretrained[k] + alpha * v.to(pretrained[k].device, pretrained[k].dtype)
+            return out
+        raise TypeError(f"pretrained: expected an nn.Module, a LinearizedModel or a state_dict, got "
+                        f"{type(pretrained).__name__}")
+
+    def _check_target(self, state: Mapping[str, Tensor], what: str) -> None:
+        missing = [k for k in self._vector if k not in state]
+        if missing:
+            raise ValueError(f"{what} lacks {len(missing)} key(s) of the task vector: {missing[:5]}")
+        bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in self._vector.items()
+               if tuple(state[k].shape) != tuple(v.shape)]
+        if bad:
+            raise ValueError(f"{what}: shapes differ from the task vector's for {bad[:3]}")
+
+    # ------------------------------------------------------------------------- files
+
+    def save(self, path, metadata: Mapping[str, str] | None = None) -> None:
+        """Safetensors with the metadata (e.g. base model, method, regularizer, lambda)."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        meta = dict(self.metadata)
+        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        meta.update(format=FORMAT, fastortho=__version__, tensor_order=json.dumps(list(self._vector)))
+        save_file({k: v.contiguous() for k, v in self._vector.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> "TaskVector":
+        """Read a file written by :meth:`save` (safetensors: nothing is unpickled)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"path: {path} is not a fastortho task-vector file (format={meta.get('format')!r})")
+        tensors = load_file(str(path), device=device)
+        order = json.loads(meta.pop("tensor_order", "[]"))  # safetensors sorts keys; keep the saved order
+        if sorted(order) == sorted(tensors):
+            tensors = {k: tensors[k] for k in order}
+        meta.pop("format")
+        return cls(tensors, meta)
+
+
+def _same_layout(a: Mapping[str, Tensor], b: Mapping[str, Tensor], name_a: str, name_b: str) -> None:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ValueError(f"{name_a} and {name_b} have different keys: only in {name_a}: {only_a[:5]}, "
+                         f"only in {name_b}: {only_b[:5]}")
+    bad = [(k, tuple(a[k].shape), tuple(b[k].shape)) for k in a if tuple(a[k].shape) != tuple(b[k].shape)]
+    if bad:
+        raise ValueError(f"{name_a} and {name_b} disagree in shape for {bad[:3]}")
+
+
+# ----------------------------------------------------------------------------- merging
+
+ADDITION_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
+NEGATION_ALPHAS = tuple(round(0.1 * i, 1) for i in range(31))
+
+
+def _progress(iterable, desc: str, total: int | None = None, show: bool = True):
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total)
+
+
+@dataclass
+class AdditionResult:
+    """Task addition at the chosen ``alpha``: ``test`` has the result keys; ``search`` the
+    validation curve (alpha -> average absolute and normalized accuracy)."""
+    alpha: float
+    test: dict[str, float]
+    search: list[dict[str, float]] = field(default_factory=list)
+
+
+def task_addition(pretrained, task_vectors: Mapping[str, TaskVector], evaluate: Callable[[object, str], float], *,
+                  alphas: Sequence[float] = ADDITION_ALPHAS, select: str = "normalized", val_suffix: str | None = "Val",
+                  finetuned_accuracy: Mapping[str, float] | None = None, progress: bool = True) -> AdditionResult:
+    """Merge ``th0 + alpha * sum_t tau_t`` with one ``alpha`` chosen on validation splits.
+
+    Args:
+        pretrained: a module, state_dict or LinearizedModel (see :meth:`TaskVector.apply_to`).
+        task_vectors: ``{dataset name: task vector}``.
+        evaluate: ``evaluate(model, dataset name) -> accuracy``; called with ``f"{task}{val_suffix}"``
+            during the search (``val_suffix=None`` searches on the test splits themselves).
+        select: "normalized" (average of acc / single-task acc, the default) or "absolute".
+        finetuned_accuracy: single-task accuracies by dataset name (also the ``...Val`` names)
+            used to normalize; missing ones are measured with ``th0 + tau_t``.
+    """
+    if select not in ("normalized", "absolute"):
+        raise ValueError(f"select: expected 'normalized' or 'absolute', got {select!r}")
+    if not task_vectors:
+        raise ValueError("task_vectors: expected at least one {task: TaskVector}")
+    tasks = list(task_vectors)
+    single = dict(finetuned_accuracy or {})
+
+    def normalizer(split: str, task: str) -> float:
+        if split not in single:
+            single[split] = float(evaluate(task_vectors[task].apply_to(pretrained, 1.0), split))
+        if single[split] <= 0:
+            raise ValueError(f"finetuned_accuracy[{split!r}] = {single[split]}: cannot normalize by it")
+        return single[split]
+
+    merged_tv = sum(task_vectors.values())
+    search = []
+    for alpha in _progress(alphas, "task addition: alpha search", show=progress):
+        model = merged_tv.apply_to(pretrained, float(alpha))
+        accs = {t: float(evaluate(model, _split(t, val_suffix))) for t in tasks}
+        row = {"alpha": float(alpha), "avg_top1": float(np.mean(list(accs.values())))}
+        if select == "normalized":
+            row["avg_normalized_top1"] = float(np.mean([accs[t] / normalizer(_split(t, val_suffix), t) for t in tasks]))
+        search.append(row)
+    key = "avg_normalized_top1" if select == "normalized" else "avg_top1"
+    best = max(search, key=lambda r: r[key])  # first (smallest) alpha on ties
+    model = merged_tv.apply_to(pretrained, best["alpha"])
+    test: dict[str, float] = {}
+    for t in tasks:
+        acc = float(evaluate(model, t))
+        test[f"{t}:top1"] = acc
+        test[f"{t}:normalized_top1"] = acc / normalizer(t, t)
+    test["avg_top1"] = float(np.mean([test[f"{t}:top1"] for t in tasks]))
+    test["avg_normalized_top1"] = float(np.mean([test[f"{t}:normalized_top1"] for t in tasks]))
+    return AdditionResult(best["alpha"], test, search)
+
+
+def _split(task: str, suffix: str | None) -> str:
+    return task if not suffix else f"{task}{suffix}"
+
+
+@dataclass
+class NegationResult:
+    """Per control threshold (fraction of the control task's zero-shot accuracy): the alpha
+    chosen on validation and the test accuracies there; ``search`` is the validation curve."""
+    zero_shot_control: float
+    choices: dict[float, dict[str, float]]
+    search: list[dict[str, float]] = field(default_factory=list)
+
+
+def task_negation(pretrained, task_vector: TaskVector, evaluate: Callable[[object, str], float], target: str,
+                  control: str = "ImageNet", *, alphas: Sequence[float] = NEGATION_ALPHAS,
+                  thresholds: Sequence[float] = (0.95, 0.90, 0.80), val_suffix: str | None = "Val",
+                  progress: bool = True) -> NegationResult:
+    """Forget ``target`` with ``th0 - alpha * tau``: for each threshold, the alpha (searched on
+    the validation splits) with the lowest target accuracy whose control accuracy stays at
+    least ``threshold`` times the control's zero-shot accuracy; then test accuracies there.
+    ``alpha = 0`` (the pretrained model) always qualifies."""
+    if not thresholds or any(not (0 < t <= 1) for t in thresholds):
+        raise ValueError(f"thresholds: expected fractions in (0, 1], got {thresholds!r}")
+    zero_shot = float(evaluate(pretrained, _split(control, val_suffix)))
+    search = []
+    for alpha in _progress(alphas, f"task negation ({target}): alpha search", show=progress):
+        model = task_vector.apply_to(pretrained, -float(alpha))
+        search.append({"alpha": float(alpha), f"{target}:top1": float(evaluate(model, _split(target, val_suffix))),
+                       f"{control}:top1": float(evaluate(model, _split(control, val_suffix)))})
+    choices = {}
+    for thr in thresholds:
+        ok = [r for r in search if r[f"{control}:top1"] >= thr * zero_shot - 1e-12]
+        if not ok:
+            raise ValueError(f"no alpha keeps {control} at {thr:.0%} of its zero-shot accuracy "
+                             f"(include 0 in alphas)")
+        best = min(ok, key=lambda r: (r[f"{target}:top1"], r["alpha"]))
+        model = task_vector.apply_to(pretrained, -best["alpha"])
+        choices[float(thr)] = {"alpha": best["alpha"], f"{target}:top1": float(evaluate(model, target)),
+                               f"{control}:top1": float(evaluate(model, control))}
+    return NegationResult(zero_shot, choices, search)
+
+
+def cosine_matrix(task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping[str, Tensor]]) -> np.ndarray:
+    """Pairwise cosine similarity of task vectors (OrthoReg Fig. 5): one GEMM over the
+    ``N x P`` matrix of flattened vectors (float64 accumulation)."""
+    tvs = list(task_vectors.values()) if isinstance(task_vectors, Mapping) and not isinstance(task_vectors, TaskVector) \
+        else list(task_vectors)
+    if not tvs:
+        raise ValueError("task_vectors: expected at least one task vector")
+    keys = list(tvs[0].keys())
+    for i, tv in enumerate(tvs[1:], 1):
+        _same_layout(tvs[0], tv, "task_vectors[0]", f"task_vectors[{i}]")
+    flat = torch.stack([torch.cat([tv[k].reshape(-1).double().cpu() for k in keys]) for tv in tvs])
+    gram = flat @ flat.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-300)
+    return (gram / norms[:, None] / norms[None, :]).numpy()
+
+
+__all__ = ["ADDITION_ALPHAS", "AdditionResult", "NEGATION_ALPHAS", "NegationResult", "TaskVector", "cosine_matrix",
+           "load_checkpoint", "task_addition", "task_negation"]
