@@ -100,8 +100,13 @@ class LinearizedModel(nn.Module):
             return torch.zeros_like(v) if isinstance(v, Tensor) and v.is_floating_point() else v
         return primal, tree_map(tangent, out)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, return_tangent: bool = False, **kwargs):
+        """``f(x; th0) + J(x) tau``; with ``return_tangent=True`` the pair
+        ``(f(x; th0), J(x) tau)`` instead (one pass; the way to get both through a
+        DistributedDataParallel wrapper, whose forward is this method)."""
         primal, tangent = self.dual(*args, **kwargs)
+        if return_tangent:
+            return primal, tangent
         return tree_map(lambda p, t: p + t if isinstance(p, Tensor) and p.is_floating_point() else p,
                         primal, tangent)
 
@@ -148,6 +153,19 @@ class LinearizedModel(nn.Module):
         device = next(iter(self.th0.buffers())).device
         self.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
         return self
+
+
+def unwrap(lin) -> tuple[LinearizedModel, object]:
+    """``(the LinearizedModel, the callable to run its forward through)``: a LinearizedModel
+    itself, or one wrapped by DistributedDataParallel (whose forward must be the one called,
+    so that its gradient synchronization sees the pass)."""
+    inner = getattr(lin, "module", None)
+    if isinstance(lin, LinearizedModel):
+        return lin, lin
+    if isinstance(inner, LinearizedModel):
+        return inner, lin
+    raise TypeError(f"lin: expected a fastortho LinearizedModel (fastortho.linearize(model)), possibly "
+                    f"wrapped by DistributedDataParallel, got {type(lin).__name__}")
 
 
 def linearize(model: nn.Module) -> LinearizedModel:

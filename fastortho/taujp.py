@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .dual import Dual, tangent_of
-from .linearize import LinearizedModel, linearize
+from .linearize import LinearizedModel, linearize, unwrap
 
 REDUCTIONS = ("sum_sq", "mean_norm")
 
@@ -39,19 +39,14 @@ def reduce_tangent(tangent: Tensor, reduction: str) -> Tensor:
     return rows.square().sum(1).sqrt().mean()
 
 
-def _as_linearized(lin) -> LinearizedModel:
-    if not isinstance(lin, LinearizedModel):
-        raise TypeError(f"lin: expected a fastortho LinearizedModel (fastortho.linearize(model)), got "
-                        f"{type(lin).__name__}")
-    return lin
-
-
 def taujp_loss(lin: LinearizedModel, x_other: Tensor, reduction: str = "sum_sq") -> Tensor:
-    """``||J(x_other) tau||^2`` with ``tau = th - th0`` of the linearized model ``lin``: per-sample
-    squared norms summed (``"sum_sq"``, paper Eq. 10) or the mean per-sample L2 norm
-    (``"mean_norm"``, the released code). Differentiable w.r.t. ``lin``'s parameters."""
+    """``||J(x_other) tau||^2`` with ``tau = th - th0`` of the linearized model ``lin`` (or a
+    DistributedDataParallel wrapping one): per-sample squared norms summed (``"sum_sq"``,
+    paper Eq. 10) or the mean per-sample L2 norm (``"mean_norm"``, the released code).
+    Differentiable w.r.t. ``lin``'s parameters."""
     _check_reduction(reduction)
-    tangent = _single_tensor(_as_linearized(lin).tangent(x_other), "lin")
+    _, run = unwrap(lin)
+    tangent = _single_tensor(run(x_other, return_tangent=True)[1], "lin")
     return reduce_tangent(tangent, reduction)
 
 
@@ -102,7 +97,8 @@ class TauJpRegularizer:
     """``lam * sum_{t in T_orth} ||J(x_t) tau||^2`` for a linearized model being trained.
 
     Args:
-        lin: the :class:`LinearizedModel`.
+        lin: the :class:`LinearizedModel`, or a DistributedDataParallel wrapping it (the
+            pass then goes through DDP's forward, so gradients are synchronized).
         other_batches: one source per other task: a tensor (the same batch every step) or an
             iterable of batches (a DataLoader; ``(inputs, labels)`` batches are fine, labels
             are ignored), restarted when exhausted.
@@ -117,7 +113,7 @@ class TauJpRegularizer:
 
     def __init__(self, lin: LinearizedModel, other_batches: Sequence, mode: str = "cyclical",
                  lam: float = 1.0, reduction: str = "sum_sq"):
-        self.lin = _as_linearized(lin)
+        self.lin, self._run = unwrap(lin)
         if mode not in ("strict", "cyclical"):
             raise ValueError(f"mode: expected 'strict' or 'cyclical', got {mode!r}")
         _check_reduction(reduction)
@@ -137,7 +133,7 @@ class TauJpRegularizer:
         self.step += 1
         rows = [b.shape[0] for b in others]
         batch = torch.cat(([x] if x is not None else []) + others) if (x is not None or len(others) > 1) else others[0]
-        primal, tangent = self.lin.dual(batch)
+        primal, tangent = self._run(batch, return_tangent=True)
         tangent = _single_tensor(tangent, "lin")
         n = 0 if x is None else x.shape[0]
         penalty = sum(reduce_tangent(t, self.reduction) for t in torch.split(tangent[n:], rows))

@@ -74,9 +74,35 @@ def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, p
     return torch.cat(parts)[inverse.to(weights[0].device)]
 
 
+def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
+    """Weights that are DTensors (FSDP2 / tensor parallel): sharded ones by partial Grams and
+    one all-reduce (fastortho.distributed), replicated ones as their local full tensors."""
+    from ..distributed import is_dtensor, shard_dim, sharded_ortho_penalty
+
+    sharded, plain = [], []
+    for i, w in enumerate(weights):
+        (sharded if is_dtensor(w) and shard_dim(w) is not None else plain).append(i)
+    parts, order = [], []
+    if sharded:
+        parts.append(sharded_ortho_penalty([weights[i] for i in sharded], [bases[i] for i in sharded],
+                                           squared=squared, precision=precision))
+        order += sharded
+    if plain:
+        ws = [weights[i].to_local() if hasattr(weights[i], "to_local") else weights[i] for i in plain]
+        bs = [bases[i].to_local() if hasattr(bases[i], "to_local") else bases[i] for i in plain]
+        parts.append(ortho_penalty(ws, bs, squared=squared, precision=precision, backend=backend))
+        order += plain
+    values = torch.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return values[inverse.to(values.device)]
+
+
 def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, precision: str,
                   backend: str) -> Tensor:
     """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``."""
+    if any(type(w).__name__ == "DTensor" for w in weights):
+        return _with_dtensors(weights, bases, squared, precision, backend)
     device = weights[0].device
     if any(w.device != device for w in weights):
         raise ValueError(f"model: the regularized parameters must share one device, got "
