@@ -1,0 +1,292 @@
+"""Fine-tuning one task of a benchmark in any mode with any regularizer, as the papers do
+(OrthoReg Sec. 5 / App. I; tau-Jp App. C): AdamW, cosine schedule with linear warm-up,
+gradient accumulation, bf16 autocast, a frozen classification head, checkpoints and resume.
+
+A benchmark is any object with ``tasks``, ``control``, ``encoder()`` (a fresh pretrained
+image encoder), ``head(task)`` (frozen), ``train_data(task)`` and ``eval_data(split)``
+(``split`` = a task name for its test split, ``f"{task}Val"`` for its validation split):
+:class:`fastortho.offline.OfflineBenchmark` and :class:`fastortho.clip.ClipBenchmark`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .clip import ImageClassifier
+from .linearize import LinearizedModel, linearize
+from .lora import add_lora, attention_only
+from .orthoreg import OrthoReg
+from .snapshot import snapshot
+from .task_vectors import TaskVector
+from .taujp import TauJpRegularizer
+
+MODES = ("nonlinear", "linear", "attention", "lora")
+REGULARIZERS = ("none", "orthoreg", "taujp-strict", "taujp-cyclical")
+
+
+@dataclass
+class FinetuneConfig:
+    """The paper defaults: 2,000 steps, batch 128, lr 1e-5, weight decay 0.1, 200 warm-up steps."""
+    mode: str = "nonlinear"
+    reg: str = "none"
+    lam: float = 0.1
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup: int = 200
+    accumulation: int = 1
+    autocast: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "none"
+    lora_targets: str = "qkvo"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    taujp_batch: int = 16  # images per other task per step
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+
+    def check(self) -> "FinetuneConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if self.reg not in REGULARIZERS:
+            raise ValueError(f"reg: expected one of {REGULARIZERS}, got {self.reg!r}")
+        for name in ("steps", "batch_size", "accumulation", "lora_rank", "taujp_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.warmup < 0 or self.lr <= 0:
+            raise ValueError("warmup must be >= 0 and lr > 0")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast: expected 'auto', 'bf16' or 'none', got {self.autocast!r}")
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    task_vector: TaskVector
+    steps: int
+    wall_time_s: float
+    memory_bytes: int
+    memory_measure: str
+    final_loss: float
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_batch(data: Dataset, size: int, seed: int, step: int):
+    """A batch drawn with replacement, fixed by ``(seed, step)`` (so resuming is exact)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(0, len(data), (size,), generator=gen)
+    if hasattr(data, "tensors"):
+        return tuple(t[idx] for t in data.tensors)
+    return default_collate([data[int(i)] for i in idx])
+
+
+def prepare(encoder: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
+    """``(trained module, the module whose parameters the optimizer sees)`` for a mode."""
+    if cfg.mode == "attention":
+        attention_only(encoder)
+    elif cfg.mode == "lora":
+        add_lora(encoder, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    else:
+        encoder.requires_grad_(True)
+    if cfg.mode == "linear":
+        lin = linearize(encoder)
+        return lin, lin
+    return encoder, encoder
+
+
+def _autocast(cfg: FinetuneConfig, device: torch.device):
+    enabled = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _save_checkpoint(path: Path, net: nn.Module, opt, sched, step: int, cfg: FinetuneConfig) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    save_file(state, str(path / "model.safetensors.tmp"), metadata={"step": str(step)})
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+               path / "train_state.pt.tmp")
+    (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+    (path / "train_state.pt.tmp").replace(path / "train_state.pt")
+    (path / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+
+def _load_checkpoint(path: Path, net, opt, sched, cfg: FinetuneConfig) -> int:
+    from safetensors.torch import load_file
+
+    saved = json.loads((path / "config.json").read_text())
+    if saved != asdict(cfg):
+        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+        raise ValueError(f"resume: the checkpoint in {path} was made with another configuration: {diff}")
+    device = next(iter(net.parameters())).device
+    net.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    state = torch.load(path / "train_state.pt", map_location=device, weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpoint_dir=None, resume: bool = True,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``benchmark``'s encoder on ``task``; returns its task vector and run costs.
+
+    With ``checkpoint_dir``, the trainable state, optimizer and schedule are saved every
+    ``cfg.checkpoint_every`` steps and at the end; a later call with ``resume=True`` picks up
+    from the last checkpoint (the batches are a function of ``(seed, step)``, so a resumed run
+    sees the same data as an uninterrupted one).
+    """
+    cfg.check()
+    if task not in benchmark.tasks:
+        raise ValueError(f"task: expected one of {benchmark.tasks}, got {task!r}")
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    encoder = benchmark.encoder().to(device)
+    pretrained_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    base = snapshot(encoder)  # before any adapter changes names
+    net, trained = prepare(encoder, cfg)
+    head = benchmark.head(task).to(device)
+    model = ImageClassifier(net, head).train()
+
+    orthoreg = None
+    if cfg.reg == "orthoreg":
+        inner = net.model if isinstance(net, LinearizedModel) else net
+        orthoreg = OrthoReg(inner, None if cfg.mode == "lora" else base, lam=cfg.lam)
+    taujp = None
+    if cfg.reg.startswith("taujp"):
+        lin = net if isinstance(net, LinearizedModel) else linearize(encoder)
+        others = [t for t in benchmark.tasks if t != task]
+        sources = [_InputStream(benchmark.train_data(t), cfg.taujp_batch, cfg.seed + 17 * i, device)
+                   for i, t in enumerate(others)]
+        taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam)
+        one_pass = isinstance(net, LinearizedModel)  # the task batch rides in the same dual pass
+
+    params = [p for p in trained.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup, cfg.steps))
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and resume and (ckpt / "train_state.pt").exists():
+        start = _load_checkpoint(ckpt, trained, opt, sched, cfg)
+
+    data = benchmark.train_data(task)
+    memory, measure = _memory_probe(device)
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    steps = range(start, cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{task} [{cfg.mode}, {cfg.reg}]", initial=start, total=cfg.steps)
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        for micro in range(cfg.accumulation):
+            x, y = sample_batch(data, cfg.batch_size, cfg.seed, step * cfg.accumulation + micro)[:2]
+            x, y = x.to(device), y.to(device)
+            with _autocast(cfg, device):
+                if taujp is not None and one_pass:
+                    features, penalty = taujp(x)
+                    logits = head(features)
+                else:
+                    logits = model(x)
+                    penalty = taujp() if taujp is not None else 0.0
+                loss = F.cross_entropy(logits.float(), y)
+                if orthoreg is not None:
+                    loss = loss + orthoreg()
+                loss = (loss + penalty) / cfg.accumulation
+            loss.backward()
+            loss_value = float(loss.detach()) * cfg.accumulation
+        if memory is None and step == start:
+            memory = _activation_bytes(model, head, x, y, cfg, device)
+        opt.step()
+        sched.step()
+        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, trained, opt, sched, step + 1, cfg)
+    wall = time.perf_counter() - t0
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    if ckpt is not None:
+        _save_checkpoint(ckpt, trained, opt, sched, cfg.steps, cfg)
+    meta = {"task": task, "mode": cfg.mode, "regularizer": cfg.reg, "lambda": cfg.lam, "steps": cfg.steps,
+            "benchmark": getattr(benchmark, "name", "?")}
+    if cfg.mode == "linear":
+        tv = TaskVector.from_linearized(net, meta)
+    elif cfg.mode == "lora":
+        tv = TaskVector.from_lora(encoder, meta)
+    else:
+        tv = TaskVector.from_models(pretrained_state, encoder, meta)
+    return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, loss_value)
+
+
+class _InputStream:
+    """Endless batches of one task's inputs for the tau-Jp penalty (labels dropped)."""
+
+    def __init__(self, data: Dataset, batch: int, seed: int, device):
+        self.data, self.batch, self.seed, self.device, self.step = data, batch, seed, device, 0
+
+    def __iter__(self):
+        while True:
+            x = sample_batch(self.data, self.batch, self.seed, self.step)[0]
+            self.step += 1
+            yield x.to(self.device)
+
+
+def _memory_probe(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0, "peak CUDA memory allocated"
+    return None, "activation bytes saved for backward (CPU proxy)"
+
+
+def _activation_bytes(model, head, x, y, cfg, device) -> int:
+    from .testing import saved_activation_bytes
+
+    statics = list(model.parameters()) + list(model.buffers())
+
+    def loss():
+        with _autocast(cfg, device):
+            return F.cross_entropy(model(x).float(), y)
+    return saved_activation_bytes(loss, statics)
+
+
+def make_evaluator(benchmark, *, device="cpu", batch_size: int = 256):
+    """``evaluate(encoder_or_linearized, split) -> accuracy`` with the split's frozen head."""
+    device = torch.device(device)
+
+    @torch.no_grad()
+    def evaluate(encoder, split: str) -> float:
+        head = benchmark.head(split).to(device)
+        data = benchmark.eval_data(split)
+        encoder = encoder.to(device).eval()
+        correct = total = 0
+        for i in range(0, len(data), batch_size):
+            if hasattr(data, "tensors"):
+                x, y = (t[i:i + batch_size] for t in data.tensors[:2])
+            else:
+                x, y = default_collate([data[j] for j in range(i, min(len(data), i + batch_size))])[:2]
+            logits = head(encoder(x.to(device)))
+            correct += int((logits.argmax(-1).cpu() == y).sum())
+            total += len(y)
+        return correct / max(total, 1)
+    return evaluate
+
+
+def pretrained_for(benchmark, mode: str, device="cpu"):
+    """The model task vectors of ``mode`` are applied to: the encoder, or its linearization
+    for ``mode="linear"`` (a TTA task vector is evaluated on the linearized model)."""
+    encoder = benchmark.encoder().to(device)
+    return linearize(encoder) if mode == "linear" else encoder

@@ -1,0 +1,207 @@
+"""Fine-tuning in every mode x regularizer, the scripts end to end on the offline benchmark (a
+tiny encoder configuration), the dataset registry's errors, and the CLIP integration."""
+import json
+
+import pytest
+import torch
+
+import fastortho as fo
+from fastortho import cli, datasets
+from fastortho.finetune import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
+from fastortho.offline import EncoderConfig, OfflineBenchmark
+
+pytest.importorskip("sklearn")
+open_clip = pytest.importorskip("open_clip")
+
+TINY = {"width": 32, "layers": 1, "heads": 2, "output_dim": 16, "pretrain_steps": 10}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    import os
+
+    os.environ["FASTORTHO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return OfflineBenchmark(EncoderConfig(**TINY), progress=False)
+
+
+def test_offline_benchmark(bench):
+    assert bench.tasks == ["Digits", "Textures", "Shapes", "Gratings"] and bench.control == "Rotation"
+    for split in ["Digits", "DigitsVal", "Rotation", "ShapesVal"]:
+        x, y = bench.eval_data(split).tensors
+        assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all() and len(x) == len(y)
+    acc = make_evaluator(bench)(bench.encoder(), "Digits")
+    assert 0.0 <= acc <= 1.0
+    again = OfflineBenchmark(EncoderConfig(**TINY), progress=False)  # the cached encoder
+    assert all(torch.equal(a, b) for a, b in zip(again.encoder().state_dict().values(),
+                                                 bench.encoder().state_dict().values()))
+    with pytest.raises(ValueError, match="split"):
+        bench.eval_data("Nope")
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_and_regularizer(bench, mode, reg):
+    cfg = FinetuneConfig(mode=mode, reg=reg, steps=2, batch_size=8, lr=1e-3, warmup=1, lora_rank=4, taujp_batch=4)
+    res = finetune(bench, "Shapes", cfg, progress=False)
+    tv = res.task_vector
+    assert tv.metadata["mode"] == mode and tv.metadata["regularizer"] == reg
+    assert all(torch.isfinite(v).all() for v in tv.values()) and tv.norm() > 0
+    assert res.steps == 2 and res.memory_bytes > 0
+    pretrained = fo.linearize(bench.encoder()) if mode == "linear" else bench.encoder()
+    assert 0.0 <= make_evaluator(bench)(tv.apply_to(pretrained), "Shapes") <= 1.0
+    if mode == "attention":
+        assert all(k.endswith(("in_proj_weight", "out_proj.weight")) for k, v in tv.items() if torch.count_nonzero(v))
+
+
+def test_finished_checkpoint_is_reused(bench, tmp_path):
+    cfg = FinetuneConfig(steps=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=2)
+    full = finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "a", progress=False).task_vector
+    finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["steps"] == 4
+    resumed = finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert resumed.steps == 0  # nothing left to do: the saved weights are the result
+    for k in full:
+        assert torch.allclose(full[k], resumed.task_vector[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="another configuration"):
+        finetune(bench, "Digits", FinetuneConfig(**{**cfg.__dict__, "lr": 5e-4}), checkpoint_dir=tmp_path / "b",
+                 progress=False)
+
+
+def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
+    cfg = FinetuneConfig(steps=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=2)
+    full = finetune(bench, "Textures", cfg, progress=False).task_vector
+
+    class Stop(Exception):
+        pass
+    import fastortho.finetune as ft
+    original = ft._save_checkpoint
+    calls = []
+
+    def save_then_stop(*args):
+        original(*args)
+        calls.append(args[4])
+        if args[4] == 2:
+            raise Stop
+    ft._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            finetune(bench, "Textures", cfg, checkpoint_dir=tmp_path, progress=False)
+    finally:
+        ft._save_checkpoint = original
+    resumed = finetune(bench, "Textures", cfg, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.steps == 2
+    for k in full:
+        assert torch.allclose(full[k], resumed.task_vector[k], atol=1e-5), k
+
+
+def test_config_checks_and_schedule():
+    with pytest.raises(ValueError, match="mode"):
+        FinetuneConfig(mode="full").check()
+    with pytest.raises(ValueError, match="reg"):
+        FinetuneConfig(reg="l2").check()
+    with pytest.raises(ValueError, match="steps"):
+        FinetuneConfig(steps=0).check()
+    assert cosine_with_warmup(0, 10, 100) == pytest.approx(0.1)
+    assert cosine_with_warmup(10, 10, 100) == pytest.approx(1.0)
+    assert cosine_with_warmup(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_scripts_end_to_end(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTORTHO_OFFLINE_CONFIG", json.dumps(TINY))
+    common = ["--steps", "2", "--batch-size", "8", "--no-progress"]
+    cli.finetune_main(["--mode", "lora", "--reg", "orthoreg", "--out", str(tmp_path / "runs"), "--lr", "1e-3",
+                       "--warmup", "1", *common])
+    assert all((tmp_path / "runs" / "lora-orthoreg" / f"{t}.safetensors").exists() for t in bench.tasks)
+    cli.eval_main(["--vectors", str(tmp_path / "runs" / "lora-orthoreg"), "--out", str(tmp_path / "eval"),
+                   "--no-progress"])
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert {"zero_shot", "single_task", "addition", "negation"} <= set(res)
+    assert "Digits:normalized_top1" in res["addition"] and "0.95" in res["negation"]["Digits"]
+    assert (tmp_path / "eval" / "radar.png").stat().st_size > 1000
+    args = ["--demo", "--modes", "nonlinear,linear", "--regs", "none,orthoreg", "--out", str(tmp_path / "abl"), *common]
+    cli.ablate_main(args)
+    table = (tmp_path / "abl" / "table.md").read_text()
+    assert table.count("| Non-lin. FT |") == 2 and table.count("| TTA (linear FT) |") == 2 and "delta abs" in table
+    capsys.readouterr()
+    cli.ablate_main(args)  # resumable: every run is found done
+    assert capsys.readouterr().out.count("done before, skipped") == 4
+    with pytest.raises(SystemExit):
+        cli.ablate_main(["--modes", "full", "--out", str(tmp_path / "x")])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _image_folder(root, classes, n=3):
+    from PIL import Image
+
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), color=(i * 40, 10, 20)).save(d / f"{i}.png")
+
+
+def test_dataset_registry(tmp_path):
+    with pytest.raises(ValueError, match="split_name"):
+        datasets.get_dataset("CIFAR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"EuroSAT_splits/\{train,test\}/<class>/<image>"):
+        datasets.get_dataset("EuroSAT", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        datasets.get_dataset("DTD", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="MNIST"):
+        datasets.get_dataset("MNIST", tmp_path)
+    _image_folder(tmp_path / "EuroSAT_splits" / "train", ["Annual_Crop", "Forest"], n=20)
+    _image_folder(tmp_path / "EuroSAT_splits" / "test", ["Annual_Crop", "Forest"], n=2)
+    test = datasets.get_dataset("EuroSAT", tmp_path)
+    val = datasets.get_dataset("EuroSATVal", tmp_path)
+    train = datasets.get_dataset("EuroSAT", tmp_path, part="train")
+    assert len(test) == 4 and len(val) == 4 and len(train) == 36
+    assert not set(val.indices) & set(train.indices)
+    assert datasets.get_dataset("EuroSATVal", tmp_path).indices == val.indices  # fixed
+    assert datasets.classnames(val) == ["Annual Crop", "Forest"]
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+@pytest.fixture(scope="module")
+def tiny_clip_name(tmp_path_factory):
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path_factory.mktemp("clipcfg") / "fastortho-tiny-clip.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return "fastortho-tiny-clip"
+
+
+def test_load_clip_from_local_file_and_zero_shot_head(tiny_clip_name, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastortho import clip
+
+    with pytest.raises(ValueError, match="never downloads"):
+        clip.load_clip(tiny_clip_name, None)
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        clip.load_clip(tiny_clip_name, tmp_path / "missing.safetensors")
+    torch.manual_seed(0)
+    source = open_clip.create_model(tiny_clip_name, pretrained=None)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model, preprocess, tokenizer = clip.load_clip(tiny_clip_name, tmp_path / "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+    names, templates = ["cat", "dog", "tree"], ["a photo of a {}.", "a drawing of a {}."]
+    head = clip.zero_shot_head(model, tokenizer, names, templates)
+    with torch.no_grad():  # the definition, one class at a time
+        expected = []
+        for n in names:
+            e = model.encode_text(tokenizer([t.format(n) for t in templates]))
+            e = e / e.norm(dim=-1, keepdim=True)
+            e = e.mean(0)
+            expected.append(e / e.norm() * model.logit_scale.exp())
+        expected = torch.stack(expected)
+        assert torch.allclose(head.weight, expected, atol=1e-5)
+        x = torch.randn(2, 3, 32, 32)
+        feats = model.encode_image(x)
+        logits = clip.ImageClassifier(model.visual, head)(x)
+        assert torch.allclose(logits, (feats / feats.norm(dim=-1, keepdim=True)) @ expected.T, atol=1e-4)
+    assert not any(p.requires_grad for p in head.parameters())
