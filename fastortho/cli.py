@@ -4,6 +4,7 @@
     fastortho-finetune --benchmark clip8 --model ViT-B-32 --weights ViT-B-32.pt --data-root ~/data \\
         --mode linear --reg taujp-cyclical --out runs/
     fastortho-eval --benchmark clip8 ... --vectors runs/linear-taujp-cyclical --out results/
+    torchrun --nproc_per_node 8 -m fastortho.cli finetune ...      # DDP: every option as above
 """
 from __future__ import annotations
 
@@ -94,16 +95,44 @@ def finetune_main(argv=None) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     _train_args(p)
     args = p.parse_args(argv)
+    device, rank = _device(args.device), _init_distributed()
+    if rank is not None and device.startswith("cuda"):
+        import os
+
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     bench = get_benchmark(args)
     tasks = bench.tasks if args.tasks == "all" else args.tasks.split(",")
     cfg = _config(args, args.mode, args.reg)
     run_dir = args.out / f"{args.mode}-{args.reg}"
     for task in tasks:
-        res = finetune(bench, task, cfg, device=_device(args.device), checkpoint_dir=run_dir / f"ckpt-{task}",
-                       resume=not args.no_resume, progress=not args.no_progress)
-        res.task_vector.save(run_dir / f"{task}.safetensors")
-        print(f"{task}: {res.steps} steps in {res.wall_time_s:.1f} s, final loss {res.final_loss:.4f} -> "
-              f"{run_dir / f'{task}.safetensors'}")
+        res = finetune(bench, task, cfg, device=device, checkpoint_dir=run_dir / f"ckpt-{task}",
+                       resume=not args.no_resume, progress=not args.no_progress and not rank)
+        if not rank:
+            res.task_vector.save(run_dir / f"{task}.safetensors")
+            print(f"{task}: {res.steps} steps in {res.wall_time_s:.1f} s, final loss {res.final_loss:.4f} -> "
+                  f"{run_dir / f'{task}.safetensors'}")
+    if rank is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and
+    return this rank; otherwise None."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
 
 
 # ----------------------------------------------------------------------------- eval
@@ -257,3 +286,12 @@ def ablate_main(argv=None) -> None:
 
 
 __all__ = ["ablate_main", "eval_main", "evaluate_vectors", "finetune_main", "get_benchmark", "write_table"]
+
+
+if __name__ == "__main__":  # python -m fastortho.cli {finetune,eval,ablate} ... (torchrun -m works too)
+    import sys
+
+    commands = {"finetune": finetune_main, "eval": eval_main, "ablate": ablate_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"usage: python -m fastortho.cli {{{','.join(commands)}}} [options]")
+    commands[sys.argv[1]](sys.argv[2:])

@@ -160,20 +160,28 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     base = snapshot(encoder)  # before any adapter changes names
     net, trained = prepare(encoder, cfg)
     head = benchmark.head(task).to(device)
+    # Under torchrun (an initialized process group): DistributedDataParallel, each rank its
+    # own batches (the effective batch is world x batch_size), rank 0 writes the files.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     model = ImageClassifier(net, head).train()
+    data_seed = cfg.seed + 7919 * rank
 
     orthoreg = None
+    plain = trained  # the module itself, not its DDP wrapper
     if cfg.reg == "orthoreg":
-        inner = net.model if isinstance(net, LinearizedModel) else net
+        inner = plain.model if isinstance(plain, LinearizedModel) else plain
         orthoreg = OrthoReg(inner, None if cfg.mode == "lora" else base, lam=cfg.lam)
     taujp = None
     if cfg.reg.startswith("taujp"):
-        lin = net if isinstance(net, LinearizedModel) else linearize(encoder)
+        one_pass = isinstance(plain, LinearizedModel)  # the task batch rides in the same dual pass
+        lin = net if one_pass else linearize(encoder)  # (net: the DDP wrapper when distributed)
         others = [t for t in benchmark.tasks if t != task]
-        sources = [_InputStream(benchmark.train_data(t), cfg.taujp_batch, cfg.seed + 17 * i, device)
+        sources = [_InputStream(benchmark.train_data(t), cfg.taujp_batch, data_seed + 17 * i, device)
                    for i, t in enumerate(others)]
         taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam)
-        one_pass = isinstance(net, LinearizedModel)  # the task batch rides in the same dual pass
 
     params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -195,7 +203,7 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     for step in steps:
         opt.zero_grad(set_to_none=True)
         for micro in range(cfg.accumulation):
-            x, y = sample_batch(data, cfg.batch_size, cfg.seed, step * cfg.accumulation + micro)[:2]
+            x, y = sample_batch(data, cfg.batch_size, data_seed, step * cfg.accumulation + micro)[:2]
             x, y = x.to(device), y.to(device)
             with _autocast(cfg, device):
                 if taujp is not None and one_pass:
@@ -215,21 +223,28 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
         opt.step()
         sched.step()
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, trained, opt, sched, step + 1, cfg)
+            _checkpoint(ckpt, trained, opt, sched, step + 1, cfg, rank, distributed)
     wall = time.perf_counter() - t0
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     if ckpt is not None:
-        _save_checkpoint(ckpt, trained, opt, sched, cfg.steps, cfg)
+        _checkpoint(ckpt, trained, opt, sched, cfg.steps, cfg, rank, distributed)
     meta = {"task": task, "mode": cfg.mode, "regularizer": cfg.reg, "lambda": cfg.lam, "steps": cfg.steps,
             "benchmark": getattr(benchmark, "name", "?")}
     if cfg.mode == "linear":
-        tv = TaskVector.from_linearized(net, meta)
+        tv = TaskVector.from_linearized(plain, meta)
     elif cfg.mode == "lora":
         tv = TaskVector.from_lora(encoder, meta)
     else:
         tv = TaskVector.from_models(pretrained_state, encoder, meta)
     return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, loss_value)
+
+
+def _checkpoint(path, trained, opt, sched, step, cfg, rank, distributed) -> None:
+    if rank == 0:
+        _save_checkpoint(path, trained, opt, sched, step, cfg)
+    if distributed:
+        torch.distributed.barrier()
 
 
 class _InputStream:
@@ -256,10 +271,11 @@ def _activation_bytes(model, head, x, y, cfg, device) -> int:
     from .testing import saved_activation_bytes
 
     statics = list(model.parameters()) + list(model.buffers())
+    encoder = model.encoder.module if isinstance(model.encoder, nn.parallel.DistributedDataParallel) else model.encoder
 
     def loss():
         with _autocast(cfg, device):
-            return F.cross_entropy(model(x).float(), y)
+            return F.cross_entropy(head(encoder(x)).float(), y)
     return saved_activation_bytes(loss, statics)
 
 

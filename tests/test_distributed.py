@@ -243,3 +243,25 @@ def test_torchrun_example(flags, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1: loss" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("mode,reg", [("nonlinear", "orthoreg"), ("linear", "taujp-strict")])
+def test_finetune_script_under_torchrun(mode, reg, tmp_path):
+    """fastortho-finetune (python -m fastortho.cli finetune) launched by torchrun, 2 CPU
+    processes: DDP, rank 0 writes the task vector."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, FASTORTHO_CACHE=str(tmp_path / "cache"),
+               FASTORTHO_OFFLINE_CONFIG=json.dumps({"width": 32, "layers": 1, "heads": 2, "output_dim": 16,
+                                                    "pretrain_steps": 5}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastortho.cli", "finetune", "--tasks", "Shapes", "--mode", mode, "--reg", reg, "--steps", "2",
+           "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--taujp-batch", "4", "--out", str(tmp_path / "runs"),
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tv = fo.TaskVector.load(tmp_path / "runs" / f"{mode}-{reg}" / "Shapes.safetensors")
+    assert tv.metadata["mode"] == mode and tv.norm() > 0
