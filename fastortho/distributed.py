@@ -111,10 +111,27 @@ def _gather(local: Tensor, dim: int, size: int, group, world: int) -> Tensor:
     return torch.cat(parts, dim=dim).narrow(dim, 0, size)
 
 
-def uses_gram_exchange(shape: tuple[int, int], dim: int) -> bool:
+EXCHANGES = ("auto", "gram")
+_exchange = "auto"
+
+
+def set_exchange(policy: str) -> None:
+    """How sharded layers are combined: ``"auto"`` (default) picks per layer the exchange that
+    moves fewer bytes; ``"gram"`` never gathers any block (every layer exchanges its partial
+    Grams, even where a Gram is larger than the weight)."""
+    global _exchange
+    if policy not in EXCHANGES:
+        raise ValueError(f"policy: expected one of {EXCHANGES}, got {policy!r}")
+    _exchange = policy
+
+
+def uses_gram_exchange(shape: tuple[int, int], dim: int, policy: str | None = None) -> bool:
     """Whether a weight sharded along ``dim`` exchanges its partial Grams (all-reduce of
     ``m x m``, ``m`` the unsharded size) rather than its blocks (all-gather in forward and
-    again in backward, ``rows x cols`` each): the Gram when ``m <= `` the sharded size."""
+    again in backward, ``rows x cols`` each): under "auto" the Gram when ``m <= `` the sharded
+    size, always under "gram"."""
+    if (policy or _exchange) == "gram":
+        return True
     return shape[1 - dim] <= shape[dim]
 
 
@@ -204,7 +221,8 @@ def sharded_ortho_penalty(weights: list, bases: list, *, squared: bool, precisio
                                 len(weights), *locals_, *local_bases)
 
 
-def communication_bytes(shapes, world_size: int, shard: int = 0, bytes_per_value: int = 4) -> dict[str, int]:
+def communication_bytes(shapes, world_size: int, shard: int = 0, bytes_per_value: int = 4,
+                        policy: str = "auto") -> dict[str, int]:
     """Bytes each rank sends per step (forward + backward, ring collectives) for the penalty
     of weights of ``shapes`` sharded along ``shard`` over ``world_size`` ranks:
 
@@ -220,7 +238,7 @@ def communication_bytes(shapes, world_size: int, shard: int = 0, bytes_per_value
     weights = sum(r * c for r, c in shapes) * bytes_per_value
     chosen = 0
     for r, c in shapes:
-        if uses_gram_exchange((r, c), shard):
+        if uses_gram_exchange((r, c), shard, policy):
             chosen += 2 * f * (c if shard == 0 else r) ** 2 * bytes_per_value
         else:
             chosen += 2 * f * r * c * bytes_per_value

@@ -52,8 +52,11 @@ def _count_sharded_calls():
     return calls
 
 
-def _dtensor_worker(rank, path, results):
+def _dtensor_worker(rank, path, results, policy):
     _init(rank, path)
+    from fastortho.distributed import set_exchange
+
+    set_exchange(policy)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -85,12 +88,13 @@ def _spawn(worker, tmp_path, *extra):
     return dict(results)
 
 
-def test_dtensor_sharded_orthoreg_equals_single_process(tmp_path):
-    results = _spawn(_dtensor_worker, tmp_path)
+@pytest.mark.parametrize("policy", ["auto", "gram"])
+def test_dtensor_sharded_orthoreg_equals_single_process(tmp_path, policy):
+    results = _spawn(_dtensor_worker, tmp_path, policy)
     assert results[0]["calls"] == [(1, 0, 1, 0, 1)] * 4  # the replicated weight took the plain path
     from fastortho.distributed import uses_gram_exchange
-    kinds = [uses_gram_exchange(s, d) for s, d in zip([SHAPES[i] for i in (0, 1, 2, 3, 5)], (1, 0, 1, 0, 1))]
-    assert kinds == [False, False, True, True, True]
+    kinds = [uses_gram_exchange(s, d, policy) for s, d in zip([SHAPES[i] for i in (0, 1, 2, 3, 5)], (1, 0, 1, 0, 1))]
+    assert kinds == ([False, False, True, True, True] if policy == "auto" else [True] * 5)
     ws, bs = weights_and_bases()
     for squared in (True, False):
         model = Layers(ws)
@@ -222,6 +226,7 @@ def test_communication_figures():
     # per layer the cheaper exchange: never more than Grams alone or updates gathered twice
     assert figures["fastortho"] <= figures["gram_only"]
     assert figures["fastortho"] <= figures["gather_weights"]
+    assert communication_bytes(shapes, world_size=8, policy="gram")["fastortho"] == figures["gram_only"]
     assert figures["gather_weights"] == int(2 * 7 / 8 * figures["weight_bytes"])
 
 
