@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, check on the GPU, tune, time. Writes logs and JSONs to $OUT.
-#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|diag|profile|tests|bench|lora|linearize ...]
+#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|diag|profile|tests|bench|lora|kernels|linearize ...]
 # Each step must fit the device's 10-minute call limit together with the others named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,6 +29,9 @@ for step in $steps; do
     lora) timeout 200 python3 -m pytest -q bench/test_bench_lora.py --benchmark-only -p no:logging \
              --benchmark-json="$OUT/lora.json" 2>&1 | tail -5
            python3 bench/summarize.py "$OUT/lora.json" | tee "$OUT/lora.md" ;;
+    kernels) timeout 300 python3 -m pytest -q bench/test_bench_dual_kernels.py --benchmark-only -p no:logging \
+             --benchmark-json="$OUT/kernels.json" 2>&1 | tail -5
+           python3 bench/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.md" ;;
     linearize) timeout 500 python3 -m pytest -q bench/test_bench_linearize.py --benchmark-only -p no:logging \
              --benchmark-json="$OUT/linearize.json" 2>&1 | tail -5
            python3 bench/summarize.py "$OUT/linearize.json" | tee "$OUT/linearize.md" ;;

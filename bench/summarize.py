@@ -43,6 +43,15 @@ def main(path: str) -> None:
             print(f"\n{e['adapters']} adapters; low-rank floor {e['floor_s'] * 1e3:.3f} ms = max("
                   f"{e['flop_low_rank'] / 1e9:.2f} GFLOP / {e['peak_flops'] / 1e12:.3g} TFLOP/s, "
                   f"{e['bytes_low_rank'] / 1e6:.0f} MB / {e['bandwidth'] / 1e9:.0f} GB/s)\n")
+        elif group.startswith(("dual-linear", "attention-tangent")):
+            torch_t = next((r["stats"]["median"] for r in rows if r["extra_info"]["policy"] == "torch"), None)
+            print("| policy | median ms | TFLOP/s | x floor | speed-up vs torch ops |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                speed = f"{torch_t / t:.2f}x" if torch_t else "-"
+                print(f"| {e['policy']} | {t * 1e3:.3f} | {e['flop'] / t / 1e12:.1f} | {t / e['floor_s']:.2f} | {speed} |")
+            print()
         elif group.startswith("linearized-step"):
             plain = next((r for r in rows if r["extra_info"]["kind"] == "ordinary"), None)
             measure = rows[0]["extra_info"]["memory_measure"]

@@ -24,6 +24,7 @@ import torch
 import fastortho as fo
 from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
+from fastortho.ops.dual import set_kernels
 from fastortho.testing import saved_activation_bytes
 
 open_clip = pytest.importorskip("open_clip")
@@ -32,7 +33,7 @@ BATCH = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 32} if DEVICE == "cuda" e
 TAUJP_BATCH = {"ViT-B-32": 16, "ViT-B-16": 8, "ViT-L-14": 4} if DEVICE == "cuda" else {"ViT-B-32": 2, "ViT-B-16": 1, "ViT-L-14": 1}
 OTHER_TASKS = 8
 PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
-STEPS = ["ordinary", "fastortho", "torch.func.jvp"]
+STEPS = ["ordinary", "fastortho", "fastortho-torch-ops", "torch.func.jvp"]
 ROUNDS = int(os.environ.get("FASTORTHO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
 
 
@@ -62,7 +63,9 @@ def make_step(kind, model, x, precision):
 
         def loss():
             return model(x).float().square().mean()
-    elif kind == "fastortho":
+    elif kind.startswith("fastortho"):
+        # "fastortho": Triton kernels on CUDA (policy auto); "fastortho-torch-ops": PyTorch dual ops
+        set_kernels("torch" if kind == "fastortho-torch-ops" else "auto")
         lin = fo.linearize(model)
         params = list(lin.parameters())
         statics += list(lin.buffers())
@@ -114,6 +117,7 @@ def test_linearized_step(benchmark, vit, kind, precision):
     benchmark.group = f"linearized-step-{name}-{precision}"
     benchmark.extra_info.update(info)
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    set_kernels("auto")
 
 
 TAUJP = ["released-loop", "jvp-batched", "strict", "cyclical"]

@@ -16,6 +16,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+KERNEL_POLICIES = ("auto", "triton", "torch")
+_kernels = "auto"
+
+
+def set_kernels(policy: str) -> None:
+    """Which implementation the dual linear and attention functions use: "auto" (the Triton
+    kernels on CUDA when triton imports, PyTorch ops elsewhere), "triton" (the kernels
+    everywhere; on a CPU only under TRITON_INTERPRET=1), "torch" (PyTorch ops everywhere)."""
+    global _kernels
+    if policy not in KERNEL_POLICIES:
+        raise ValueError(f"policy: expected one of {KERNEL_POLICIES}, got {policy!r}")
+    _kernels = policy
+
+
+def get_kernels() -> str:
+    return _kernels
+
+
+def _kernel_ok(*tensors: Tensor | None) -> bool:
+    """Whether this call goes to a Triton kernel under the current policy."""
+    if _kernels == "torch":
+        return False
+    ts = [t for t in tensors if t is not None]
+    if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in ts):
+        return False  # float64 (the reference precision) stays on PyTorch ops
+    if _kernels == "triton":
+        return True
+    from .orthoreg import triton_available
+
+    return ts[0].device.type == "cuda" and triton_available()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _fused_linear(x, dx, weight, dweight, bias, dbias):
+    from .dual_kernels import FusedDualLinear
+
+    dtype = _compute_dtype(x)
+    k, n = x.shape[-1], weight.shape[0]
+    cast = (lambda t: None if t is None else t.to(dtype))
+    x2 = cast(x).reshape(-1, k)
+    dx2 = None if dx is None else cast(dx).reshape(-1, k)
+    y, dy = FusedDualLinear.apply(x2, dx2, cast(weight), cast(dweight), cast(bias), cast(dbias))
+    lead = x.shape[:-1]
+    return y.view(*lead, n), dy.view(*lead, n)
+
+
 def add_terms(*terms: Tensor | None) -> Tensor | None:
     """Sum of the terms that are not None (None if all are)."""
     out = None
@@ -27,7 +78,11 @@ def add_terms(*terms: Tensor | None) -> Tensor | None:
 
 def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | None,
                 bias: Tensor | None = None, dbias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (DESIGN section 1)."""
+    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (DESIGN section 1). On CUDA (policy
+    "auto") one fused Triton kernel computes both, each ``x`` and ``W`` tile loaded once."""
+    if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape) \
+            and _kernel_ok(x, dx, weight, dweight):
+        return _fused_linear(x, dx, weight, dweight, bias, dbias)
     with torch.no_grad():
         y = F.linear(x, weight, bias)
     dy = add_terms(F.linear(x, dweight) if dweight is not None else None,
@@ -209,16 +264,28 @@ def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
 
 
 def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Scaled dot-product attention: the primal by ``F.scaled_dot_product_attention`` (any
-    backend: flash, memory-efficient, math), the tangent by the one-pass formula."""
+    """Scaled dot-product attention and its tangent. On CUDA (policy "auto"), without a mask
+    other than causal: one Triton kernel computes ``O`` and ``dO`` in one pass. Otherwise the
+    primal by ``F.scaled_dot_product_attention`` (any backend: flash, memory-efficient, math)
+    and the tangent by the one-pass formula in PyTorch ops."""
     if dropout_p:
         raise NotImplementedError("attention dropout (dropout_p > 0) in a linearized model: the tangent "
                                   "would need the primal's dropout mask; use eval mode or dropout_p=0")
     if enable_gqa:
         raise NotImplementedError("grouped-query attention (enable_gqa=True) in a linearized model")
+    has_tangent = not (dq is None and dk is None and dv is None)
+    if has_tangent and attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 \
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and _kernel_ok(q, k, v, dq, dk, dv):
+        from .dual_kernels import FusedAttentionTangent
+
+        dtype = _compute_dtype(q)
+        zeros = torch.zeros((), dtype=dtype, device=q.device)
+        tans = [(t if t is not None else zeros.expand(ref.shape)).to(dtype) for t, ref in ((dq, q), (dk, k), (dv, v))]
+        o, do, _ = FusedAttentionTangent.apply(q.to(dtype), k.to(dtype), v.to(dtype), *tans, scale, is_causal)
+        return o, do
     with torch.no_grad():
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    if dq is None and dk is None and dv is None:
+    if not has_tangent:
         return o, None
     c = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,0 +1,72 @@
+"""The Triton kernels of linearized models against the PyTorch dual ops they replace
+(forward + backward of the tangent), GPU only: the fused dual linear on ViT-B-32 / ViT-L-14
+MLP shapes, and the one-pass attention tangent at ViT-B-32 (L=50, d=64) and ViT-L-14
+(L=257, d=64) sizes. extra_info: FLOPs, bytes, the floor max(FLOPs / peak, bytes / bandwidth).
+
+    pytest bench/test_bench_dual_kernels.py --benchmark-only
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, sync
+from fastortho.ops.dual import dual_linear, dual_sdpa, set_kernels
+
+pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="kernels are timed on a GPU only")
+
+LINEAR = {"B-32 c_fc b128": (128 * 50, 768, 3072), "L-14 c_fc b32": (32 * 257, 1024, 4096)}
+ATTENTION = {"B-32 b128": (128, 12, 50, 64), "L-14 b32": (32, 16, 257, 64)}
+
+
+@pytest.fixture(params=["triton", "torch"])
+def policy(request):
+    set_kernels(request.param)
+    yield request.param
+    set_kernels("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(LINEAR))
+def test_dual_linear(benchmark, case, dtype, policy, ceilings):
+    M, K, N = LINEAR[case]
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    dx = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    dw = torch.randn(N, K, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    def step():
+        dx.grad = dw.grad = None
+        _, dy = dual_linear(x, dx, w, dw)
+        dy.backward(torch.ones_like(dy))
+        sync()
+    es = x.element_size()
+    flop = 2 * M * N * K * 5  # y, x dW^T, dx W^T; backward grad dx, grad dW
+    nbytes = es * (2 * M * K + 2 * N * K + 2 * M * N) + es * (M * N + M * K + N * K)
+    peak = ceilings["bf16" if dtype == torch.bfloat16 else "tf32"]
+    benchmark.group = f"dual-linear-{case}-{str(dtype).split('.')[-1]}"
+    benchmark.extra_info.update(case=case, policy=policy, flop=flop, bytes=nbytes,
+                                floor_s=max(flop / peak, nbytes / ceilings["bandwidth"]))
+    step()
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_tangent(benchmark, case, dtype, policy, ceilings):
+    B, H, L, D = ATTENTION[case]
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=dtype) for _ in range(3))
+    tans = [torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+    def step():
+        for t in tans:
+            t.grad = None
+        _, do = dual_sdpa(q, tans[0], k, tans[1], v, tans[2])
+        do.backward(torch.ones_like(do))
+        sync()
+    flop = 2 * B * H * L * L * D * (6 + 6)  # forward: 6 products; backward: ~6 with recomputation
+    nbytes = q.element_size() * B * H * L * D * (6 + 2 + 7)
+    peak = ceilings["bf16" if dtype == torch.bfloat16 else "tf32"]
+    benchmark.group = f"attention-tangent-{case}-{str(dtype).split('.')[-1]}"
+    benchmark.extra_info.update(case=case, policy=policy, flop=flop, bytes=nbytes,
+                                floor_s=max(flop / peak, nbytes / ceilings["bandwidth"]))
+    step()
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)

@@ -1,0 +1,137 @@
+"""The Triton kernels of linearized models (fused dual linear, one-pass attention tangent)
+against float64 references, with NaN-poisoned outputs; and end to end through the
+linearized model and tau-Jp with the kernel policy forced (under TRITON_INTERPRET=1 on CPU)."""
+import math
+
+import pytest
+import torch
+
+import fastortho as fo
+from conftest import rel_err, requires_cuda
+from fastortho.ops.dual import attention_tangent, set_kernels
+
+pytest.importorskip("triton")
+from fastortho.kernels.attention_tangent import attention_tangent_backward, attention_with_tangent  # noqa: E402
+from fastortho.kernels.dual_linear import dual_linear, dual_linear_multi  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 7, 5), (37, 45, 29), (64, 33, 130)])
+@pytest.mark.parametrize("parts", ["all", "dw-only", "dx-only", "no-bias"])
+def test_fused_dual_linear(M, K, N, parts):
+    x, w = randn(M, K, seed=1), randn(N, K, seed=2)
+    dx = randn(M, K, seed=3) if parts in ("all", "dx-only", "no-bias") else None
+    dw = randn(N, K, seed=4) if parts in ("all", "dw-only", "no-bias") else None
+    b = randn(N, seed=5) if parts != "no-bias" else None
+    db = randn(N, seed=6) if parts == "all" else None
+    nan = float("nan")
+    y_out = torch.full((M, N), nan, device=DEVICE)
+    dy_out = torch.full((M, N), nan, device=DEVICE)
+    y, dy = dual_linear(x, dx, w, dw, b, db, y_out=y_out, dy_out=dy_out)
+    d = {k: (v.double() if v is not None else None) for k, v in dict(x=x, dx=dx, w=w, dw=dw, b=b, db=db).items()}
+    ref_y = d["x"] @ d["w"].T + (d["b"] if b is not None else 0)
+    ref_dy = 0
+    if dw is not None:
+        ref_dy = ref_dy + d["x"] @ d["dw"].T
+    if dx is not None:
+        ref_dy = ref_dy + d["dx"] @ d["w"].T
+    if db is not None:
+        ref_dy = ref_dy + d["db"]
+    assert rel_err(y, ref_y) <= TOL and rel_err(dy, ref_dy) <= TOL
+
+
+def test_fused_dual_linear_multi_tangent():
+    T, M, K, N = 3, 21, 19, 34
+    x, w = randn(M, K, seed=1), randn(N, K, seed=2)
+    dxs, dws, dbs = randn(T, M, K, seed=3), randn(T, N, K, seed=4), randn(T, N, seed=5)
+    out = torch.full((T, M, N), float("nan"), device=DEVICE)
+    dy = dual_linear_multi(x, dxs, w, dws, dbs, dy_out=out)
+    ref = torch.stack([x.double() @ dws[t].double().T + dxs[t].double() @ w.double().T + dbs[t].double()
+                       for t in range(T)])
+    assert rel_err(dy, ref) <= TOL
+
+
+def _attention_reference(q, k, v, dq, dk, dv, causal):
+    L, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    mask = None
+    if causal:
+        mask = torch.zeros(L, S, dtype=torch.float64, device=q.device).masked_fill(
+            ~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    qd, kd, vd = q.double(), k.double(), v.double()
+    o = torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(D) + (mask if mask is not None else 0), -1) @ vd
+    dqd, dkd, dvd = (t.double().requires_grad_(True) for t in (dq, dk, dv))
+    do = attention_tangent(qd, kd, vd, o, dqd, dkd, dvd, mask, 1 / math.sqrt(D))
+    return o, do, (dqd, dkd, dvd)
+
+
+@pytest.mark.parametrize("B,H,L,S,D,causal", [
+    (2, 3, 19, 23, 20, False), (1, 2, 17, 17, 16, True), (1, 2, 50, 50, 64, False), (1, 1, 33, 41, 80, False),
+])
+def test_attention_tangent_forward_and_backward(B, H, L, S, D, causal):
+    q, dq = randn(B, H, L, D, seed=1), randn(B, H, L, D, seed=2)
+    k, v, dk, dv = (randn(B, H, S, D, seed=s) for s in (3, 4, 5, 6))
+    nan = float("nan")
+    o_out = torch.full((B * H, L, D), nan, device=DEVICE)
+    do_out = torch.full((B * H, L, D), nan, device=DEVICE)
+    o, do, lse = attention_with_tangent(q, k, v, dq, dk, dv, causal=causal, o_out=o_out, do_out=do_out)
+    ref_o, ref_do, leaves = _attention_reference(q, k, v, dq, dk, dv, causal)
+    assert rel_err(o, ref_o) <= TOL and rel_err(do, ref_do) <= TOL
+    g = randn(B, H, L, D, seed=7)
+    (ref_do * g.double()).sum().backward()
+    grads = attention_tangent_backward(q, k, v, lse, g, causal=causal)
+    for got, leaf in zip(grads, leaves):
+        assert rel_err(got, leaf.grad) <= TOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("L,D", [(50, 64), (257, 80), (257, 64)])
+def test_attention_tangent_vit_shapes_on_gpu(L, D):
+    q, dq = randn(4, 12, L, D, seed=1), randn(4, 12, L, D, seed=2)
+    k, v, dk, dv = (randn(4, 12, L, D, seed=s) for s in (3, 4, 5, 6))
+    o, do, lse = attention_with_tangent(q, k, v, dq, dk, dv)
+    ref_o, ref_do, _ = _attention_reference(q, k, v, dq, dk, dv, False)
+    assert rel_err(o, ref_o) <= 1e-3 and rel_err(do, ref_do) <= 1e-3  # tf32 by default
+
+
+@pytest.fixture
+def kernels_forced():
+    set_kernels("triton")
+    yield
+    set_kernels("auto")
+
+
+def test_set_kernels_checks_policy():
+    with pytest.raises(ValueError, match="policy"):
+        set_kernels("cuda")
+
+
+def test_linearized_vit_and_taujp_with_kernels(kernels_forced):
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                              output_dim=8).to(DEVICE)
+    lin = fo.linearize(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    x = randn(2, 3, 32, 32, seed=9)
+    results = {}
+    for policy in ("triton", "torch"):
+        set_kernels(policy)
+        model.zero_grad(set_to_none=True)
+        out = lin(x)
+        out.square().sum().backward()
+        tvs = [lin.task_vector(), {n: -2 * t for n, t in lin.task_vector().items()}]
+        results[policy] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                           fo.taujp_matrix(lin, tvs, [x, x[:1]]))
+    a, b = results["triton"], results["torch"]
+    assert rel_err(a[0], b[0]) <= TOL and rel_err(a[2], b[2]) <= 1e-4
+    for n in a[1]:
+        assert rel_err(a[1][n], b[1][n]) <= 1e-4, n
