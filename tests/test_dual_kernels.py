@@ -135,3 +135,44 @@ def test_linearized_vit_and_taujp_with_kernels(kernels_forced):
     assert rel_err(a[0], b[0]) <= TOL and rel_err(a[2], b[2]) <= 1e-4
     for n in a[1]:
         assert rel_err(a[1][n], b[1][n]) <= 1e-4, n
+
+
+def test_kernel_path_matches_jvp_and_keeps_memory_lean(kernels_forced):
+    from open_clip.transformer import VisionTransformer
+
+    from fastortho import reference as ref
+    from fastortho.testing import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                              output_dim=8).to(DEVICE)
+    x = randn(4, 3, 32, 32, seed=9)
+    statics = list(model.parameters()) + list(model.buffers())
+    ordinary = saved_activation_bytes(lambda: model(x).square().sum(), statics)
+    lin = fo.linearize(model)
+    th0 = {n: t.double() for n, t in lin.base_values().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    ours = saved_activation_bytes(lambda: lin(x).square().sum(), statics + list(lin.buffers()))
+    assert ours <= 1.15 * ordinary, (ours, ordinary)
+    primal, tangent = lin.dual(x)
+    model64 = model.double()
+    ref_primal, ref_tangent = ref.jvp_linearized(model64, th0, {n: t.double() for n, t in lin.task_vector().items()},
+                                                 x.double())
+    model.float()
+    assert rel_err(primal, ref_primal) <= TOL and rel_err(tangent, ref_tangent) <= 1e-4
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)], ids=["tf32", "bf16"])
+def test_kernels_reduced_precision_on_gpu(dtype, tol):
+    x, w, dx, dw = randn(300, 200, seed=1), randn(170, 200, seed=2), randn(300, 200, seed=3), randn(170, 200, seed=4)
+    y, dy = dual_linear(*(t.to(dtype) for t in (x, dx, w, dw)))
+    ref_dy = x.double() @ dw.double().T + dx.double() @ w.double().T
+    assert rel_err(y, x.double() @ w.double().T) <= tol and rel_err(dy, ref_dy) <= tol
+    q, dq = randn(2, 4, 257, 80, seed=5), randn(2, 4, 257, 80, seed=6)
+    k, v, dk, dv = (randn(2, 4, 257, 80, seed=s) for s in (7, 8, 9, 10))
+    o, do, _ = attention_with_tangent(*(t.to(dtype) for t in (q, k, v, dq, dk, dv)))
+    ref_o, ref_do, _ = _attention_reference(q, k, v, dq, dk, dv, False)
+    assert rel_err(o, ref_o) <= tol and rel_err(do, ref_do) <= tol
