@@ -1,8 +1,45 @@
 """Packaging. The Triton sources live in the top-level `kernels/` folder and are installed
-as `fastortho.kernels` (package_dir mapping), never as a top-level `kernels` module."""
+as `fastortho.kernels` (package_dir mapping), never as a top-level `kernels` module.
+
+The CUDA extension (`csrc/`, module `fastortho._C`) is built here only when torch is importable
+in the build environment (`pip install --no-build-isolation ...`), torch has CUDA, a CUDA
+toolkit is found (CUDA_HOME) and FASTORTHO_SKIP_CUDA_BUILD is not 1. Otherwise it is built
+lazily on first CUDA use (fastortho/ops/cuda_ext.py). TORCH_CUDA_ARCH_LIST picks the
+architectures; MAX_JOBS defaults to half the cores."""
+import glob
+import os
+
 from setuptools import setup
+
+kwargs = {}
+
+
+def _cuda_extension():
+    if os.environ.get("FASTORTHO_SKIP_CUDA_BUILD") == "1":
+        return None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # build isolation: no torch here; the extension is built lazily instead
+        return None
+    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
+    if torch.version.cuda is None or not home:
+        return None
+    os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))
+    cpp_extension.CUDA_HOME = home
+    ext = cpp_extension.CUDAExtension(
+        "fastortho._C", sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp")),
+        extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
+        library_dirs=[os.path.join(home, "lib64")])
+    return ext, cpp_extension.BuildExtension
+
+
+built = _cuda_extension()
+if built is not None:
+    kwargs = {"ext_modules": [built[0]], "cmdclass": {"build_ext": built[1]}}
 
 setup(
     packages=["fastortho", "fastortho.ops", "fastortho.kernels"],
     package_dir={"fastortho": "fastortho", "fastortho.kernels": "kernels"},
+    **kwargs,
 )

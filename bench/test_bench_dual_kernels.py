@@ -7,6 +7,7 @@ MLP shapes, and the one-pass attention tangent at ViT-B-32 (L=50, d=64) and ViT-
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICE, sync
 from fastortho.ops.dual import dual_linear, dual_sdpa, set_kernels
@@ -68,5 +69,38 @@ def test_attention_tangent(benchmark, case, dtype, policy, ceilings):
     benchmark.group = f"attention-tangent-{case}-{str(dtype).split('.')[-1]}"
     benchmark.extra_info.update(case=case, policy=policy, flop=flop, bytes=nbytes,
                                 floor_s=max(flop / peak, nbytes / ceilings["bandwidth"]))
+    step()
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("impl", ["cuda-op", "triton", "two-linear", "torch.func.jvp"])
+def test_dual_linear_cuda_op(benchmark, impl, ceilings):
+    """The C++ ``fastortho::dual_linear`` against the Triton kernel, two separate F.linear
+    calls plus the tangent's second product, and torch.func.jvp of F.linear (forward only)."""
+    from fastortho.ops import cuda_ext
+
+    M, K, N = LINEAR["B-32 c_fc b128"]
+    x, dx = torch.randn(M, K, device=DEVICE), torch.randn(M, K, device=DEVICE)
+    w, dw = torch.randn(N, K, device=DEVICE), torch.randn(N, K, device=DEVICE)
+    if impl == "cuda-op":
+        if not cuda_ext.load():
+            pytest.skip(f"the CUDA extension is not available: {cuda_ext.error()}")
+        fn = lambda: torch.ops.fastortho.dual_linear(x, dx, w, dw, None, None)  # noqa: E731
+    elif impl == "triton":
+        from fastortho.kernels.dual_linear import dual_linear as kernel
+        fn = lambda: kernel(x, dx, w, dw)  # noqa: E731
+    elif impl == "two-linear":
+        fn = lambda: (F.linear(x, w), F.linear(x, dw) + F.linear(dx, w))  # noqa: E731
+    else:
+        fn = lambda: torch.func.jvp(F.linear, (x, w), (dx, dw))  # noqa: E731
+
+    def step():
+        fn()
+        sync()
+    flop = 6 * M * N * K
+    nbytes = 4 * (2 * M * K + 2 * N * K + 2 * M * N)
+    benchmark.group = "dual-linear-forward-B-32 c_fc b128-fp32"
+    benchmark.extra_info.update(case="forward", policy=impl, flop=flop, bytes=nbytes,
+                                floor_s=max(flop / ceilings["tf32"], nbytes / ceilings["bandwidth"]))
     step()
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)

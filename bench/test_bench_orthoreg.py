@@ -19,7 +19,7 @@ from fastortho.testing import random_layers, vit_weight_shapes
 
 # The precision every timed case uses: tf32 on a GPU (the DESIGN targets), fp32 on a CPU.
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
-IMPLS = ["released", "released-compiled", "torch", "triton"]
+IMPLS = ["released", "released-compiled", "torch", "triton", "cuda", "auto"]
 
 
 class ShapeSet(nn.Module):
@@ -80,8 +80,13 @@ def fastortho_step(model, base, backend):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_orthoreg_penalty_fwd_bwd(benchmark, vit, impl, ceilings):
     model, base, info = vit
-    if impl in ("released-compiled", "triton") and DEVICE != "cuda":
+    if impl in ("released-compiled", "triton", "cuda", "auto") and DEVICE != "cuda":
         pytest.skip(f"{impl} is timed on a GPU only (CPU: compile time / Triton interpreter)")
+    if impl == "cuda":
+        from fastortho.ops import cuda_ext
+
+        if not cuda_ext.load():
+            pytest.skip(f"the CUDA extension is not available: {cuda_ext.error()}")
     if impl.startswith("released"):
         step = released_step(model, base, compiled=impl == "released-compiled")
     else:

@@ -23,6 +23,8 @@ def lora_ortho_penalty(As: list[Tensor], Bs: list[Tensor], scales: list[float], 
                          f"{sorted({str(t.device) for t in (*As, *Bs)})}")
     scales = tuple(float(s) for s in scales)
     chosen = resolve_backend(backend, device)
+    if chosen == "cuda":
+        raise ValueError("backend='cuda': the CUDA extension has no LoRA op; use backend='auto', 'triton' or 'torch'")
     if chosen == "triton":
         from .lora_triton import LoRATritonPenalty, lora_ortho_triton
 

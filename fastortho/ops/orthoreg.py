@@ -2,6 +2,7 @@
 autograd formula; this module picks one and calls it."""
 from __future__ import annotations
 
+import os
 
 import torch
 from torch import Tensor
@@ -42,9 +43,36 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                              f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
                              f"before triton is imported), or use backend='torch'")
     if backend == "cuda":
-        raise ValueError("backend='cuda': the CUDA C++ extension (csrc/) is not part of this build "
-                         "yet; use backend='auto', 'triton' or 'torch'")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors (the weights are on {device}); use "
+                             f"backend='auto' or 'torch'")
+        from . import cuda_ext
+
+        if not cuda_ext.load():
+            raise ValueError(f"backend='cuda': the CUDA extension is not available here ({cuda_ext.error()}); "
+                             f"use backend='triton' or 'torch'")
     return backend
+
+
+def combine(parts: list[tuple[list[int], Tensor]], n: int) -> Tensor:
+    """Per-layer values computed in parts (``(layer indices, values)``) back in layer order."""
+    if len(parts) == 1 and parts[0][0] == list(range(n)):
+        return parts[0][1]
+    order = [i for idx, _ in parts for i in idx]
+    values = torch.cat([v for _, v in parts])
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(n)
+    return values[inverse.to(values.device)]
+
+
+def by_dtypes(weights: list[Tensor], bases: list[Tensor], call) -> Tensor:
+    """``call(weights, bases)`` once per (weight dtype, base dtype) pair: a kernel launch or a
+    C++ call takes one of each."""
+    kinds: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for i, (w, b) in enumerate(zip(weights, bases)):
+        kinds.setdefault((w.dtype, b.dtype), []).append(i)
+    return combine([(idx, call([weights[i] for i in idx], [bases[i] for i in idx])) for idx in kinds.values()],
+                   len(weights))
 
 
 def _triton_call(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
@@ -56,22 +84,44 @@ def _triton_call(weights: list[Tensor], bases: list[Tensor], squared: bool, prec
 
 
 def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
-
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
-    # One launch takes one weight dtype and one base dtype; mixed models get one per pair.
-    kinds: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, (w, b) in enumerate(zip(weights, bases)):
-        kinds.setdefault((w.dtype, b.dtype), []).append(i)
-    if len(kinds) == 1:
-        return _triton_call(weights, bases, squared, precision)
-    parts, order = [], []
-    for idx in kinds.values():
-        parts.append(_triton_call([weights[i] for i in idx], [bases[i] for i in idx], squared, precision))
-        order += idx
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse.to(weights[0].device)]
+    return by_dtypes(weights, bases, lambda ws, bs: _triton_call(ws, bs, squared, precision))
+
+
+def _cuda_penalty(weights, bases, squared, precision) -> Tensor:
+    from .orthoreg_cuda import cuda_penalty
+
+    return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision))
+
+
+def _run(backend: str, weights, bases, squared, precision) -> Tensor:
+    if backend == "triton":
+        return _triton_penalty(weights, bases, squared, precision)
+    if backend == "cuda":
+        return _cuda_penalty(weights, bases, squared, precision)
+    if torch.compiler.is_compiling():
+        need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        return ortho_gram_torch(weights, bases, squared, precision, need_grad)[0]
+    # Eager: an autograd.Function over the same implementation, without the custom-op
+    # dispatch cost (milliseconds per call for a ViT's 100 list arguments).
+    return TorchPenalty.apply(squared, precision, len(weights), *weights, *bases)
+
+
+def _measured(weights, bases, squared, precision) -> Tensor:
+    """backend="auto" on CUDA: per shape group the faster of Triton and the CUDA extension,
+    measured once and cached on disk (fastortho.ops.backend_choice)."""
+    from . import cuda_ext
+    from .backend_choice import choose
+
+    if not cuda_ext.load():
+        return _run("triton", weights, bases, squared, precision)
+    assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision))
+    parts = []
+    for backend in sorted(set(assign)):
+        idx = [i for i, b in enumerate(assign) if b == backend]
+        parts.append((idx, _run(backend, [weights[i] for i in idx], [bases[i] for i in idx], squared, precision)))
+    return combine(parts, len(weights))
 
 
 def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
@@ -82,20 +132,17 @@ def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
     sharded, plain = [], []
     for i, w in enumerate(weights):
         (sharded if is_dtensor(w) and shard_dim(w) is not None else plain).append(i)
-    parts, order = [], []
+    parts, orders = [], []
     if sharded:
         parts.append(sharded_ortho_penalty([weights[i] for i in sharded], [bases[i] for i in sharded],
                                            squared=squared, precision=precision))
-        order += sharded
+        orders.append(sharded)
     if plain:
         ws = [weights[i].to_local() if hasattr(weights[i], "to_local") else weights[i] for i in plain]
         bs = [bases[i].to_local() if hasattr(bases[i], "to_local") else bases[i] for i in plain]
         parts.append(ortho_penalty(ws, bs, squared=squared, precision=precision, backend=backend))
-        order += plain
-    values = torch.cat(parts)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return values[inverse.to(values.device)]
+        orders.append(plain)
+    return combine([(o, v) for o, v in zip(orders, parts)], len(weights))
 
 
 def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, precision: str,
@@ -108,11 +155,7 @@ def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, 
         raise ValueError(f"model: the regularized parameters must share one device, got "
                          f"{sorted({str(w.device) for w in weights})}")
     chosen = resolve_backend(backend, device)
-    if chosen == "triton":
-        return _triton_penalty(weights, bases, squared, precision)
-    if torch.compiler.is_compiling():
-        need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-        return ortho_gram_torch(weights, bases, squared, precision, need_grad)[0]
-    # Eager: an autograd.Function over the same implementation, without the custom-op
-    # dispatch cost (milliseconds per call for a ViT's 100 list arguments).
-    return TorchPenalty.apply(squared, precision, len(weights), *weights, *bases)
+    if backend == "auto" and chosen == "triton" and not torch.compiler.is_compiling() \
+            and os.environ.get("FASTORTHO_AUTOTUNE", "1") != "0":
+        return _measured(weights, bases, squared, precision)
+    return _run(chosen, weights, bases, squared, precision)

@@ -1,0 +1,80 @@
+"""``backend="auto"`` on CUDA: which of the Triton kernels and the CUDA extension runs each
+shape group of layers, by measurement, never by guess. Each ``(shape, count, dtypes,
+precision, squared)`` group is timed once (forward + backward on the caller's own tensors,
+CUDA events, median of 5 after 2 warm-ups) and the choice cached on disk per device and
+library versions: ``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+CANDIDATES = ("triton", "cuda")
+_memory: dict[str, dict[str, str]] = {}
+
+
+def _cache_file(device: torch.device) -> Path:
+    from ..offline import cache_dir
+
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:  # pragma: no cover
+        tv = "none"
+    name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device))
+    return cache_dir() / f"backend-choice-{name}-torch{torch.__version__}-triton{tv}.json"
+
+
+def _load(path: Path) -> dict[str, str]:
+    key = str(path)
+    if key not in _memory:
+        try:
+            _memory[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _memory[key] = {}
+    return _memory[key]
+
+
+def _time(fn, weights) -> float:
+    leaves = [w.detach().clone().requires_grad_(True) for w in weights]
+    for _ in range(2):
+        fn(leaves).sum().backward()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(leaves).sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[2]
+
+
+def choose(weights, bases, squared: bool, precision: str, run) -> list[str]:
+    """The backend of each layer; ``run(backend, weights, bases)`` computes the penalties."""
+    path = _cache_file(weights[0].device)
+    table = _load(path)
+    groups: dict[str, list[int]] = {}
+    for i, (w, b) in enumerate(zip(weights, bases)):
+        groups.setdefault(f"{tuple(w.shape)}:{w.dtype}:{b.dtype}", []).append(i)
+    assign = [""] * len(weights)
+    changed = False
+    for sig, idx in groups.items():
+        key = f"{sig}:x{len(idx)}:{precision}:{'sq' if squared else 'norm'}"
+        if key not in table:
+            ws, bs = [weights[i] for i in idx], [bases[i] for i in idx]
+            timings = {c: _time(lambda leaves, c=c: run(c, leaves, bs), ws) for c in CANDIDATES}
+            table[key] = min(timings, key=timings.get)
+            changed = True
+        for i in idx:
+            assign[i] = table[key]
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return assign

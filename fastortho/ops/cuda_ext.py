@@ -1,0 +1,138 @@
+"""The optional CUDA C++ extension (``csrc/``): ahead of time as ``fastortho._C`` under
+``pip install --no-build-isolation -e .`` when torch has CUDA and ``CUDA_HOME`` is set, otherwise
+built lazily with ninja on first CUDA use (cached by torch's extension cache, one log line).
+``import fastortho`` never builds and never fails without CUDA: only :func:`load` does, and
+only when asked.
+
+Environment: ``FASTORTHO_SKIP_CUDA_BUILD=1`` (never build), ``TORCH_CUDA_ARCH_LIST`` (target
+architectures, e.g. "9.0"), ``MAX_JOBS`` (parallel compile jobs; default half the cores).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("fastortho")
+
+_state: dict[str, object] = {}
+
+
+def sources() -> list[str]:
+    """The extension's source files: the installed copy (``fastortho/csrc``) or the repository's."""
+    here = Path(__file__).resolve().parents[1]
+    for root in (here / "csrc", here.parent / "csrc"):
+        files = sorted(str(p) for p in root.glob("*.cu")) + sorted(str(p) for p in root.glob("*.cpp"))
+        if files:
+            return files
+    return []
+
+
+def cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return home
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    return None
+
+
+def include_dirs() -> list[str]:
+    """cuBLAS and runtime headers of the pip CUDA wheels (site-packages/nvidia/cu*/include)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        dirs += [str(p) for p in sorted(Path(base).glob("cu*/include"))]
+        dirs += [str(p) for p in sorted(Path(base).glob("*/include")) if (p / "cublas_v2.h").exists()]
+    return sorted(set(dirs))
+
+
+def build(verbose: bool = False):
+    """JIT-build (or reuse the cached build of) the extension and load it; registers the
+    ``fastortho::`` CUDA ops. Raises RuntimeError with the reason when it cannot."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("FASTORTHO_SKIP_CUDA_BUILD") == "1":
+        raise RuntimeError("the CUDA extension is disabled (FASTORTHO_SKIP_CUDA_BUILD=1)")
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is built without CUDA")
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the directory holding bin/nvcc")
+    srcs = sources()
+    if not srcs:
+        raise RuntimeError("the extension sources (csrc/) are not installed")
+    os.environ.setdefault("CUDA_HOME", home)
+    # torch resolves its CUDA_HOME when cpp_extension is imported (from nvcc on PATH, which can
+    # be a /usr/local/bin symlink): point it at the toolkit so that -lcudart resolves.
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))
+    log.warning("fastortho: building the CUDA extension (first use; cached in %s)",
+                cpp_extension._get_build_directory("fastortho_cuda", verbose=False))
+    return cpp_extension.load(name="fastortho_cuda", sources=srcs, extra_include_paths=include_dirs(),
+                              extra_cflags=["-O2"], extra_cuda_cflags=["-O2"], verbose=verbose,
+                              extra_ldflags=[f"-L{Path(os.environ['CUDA_HOME']) / 'lib64'}"],
+                              is_python_module=False)
+
+
+def load() -> bool:
+    """Make the ``fastortho::`` CUDA ops available (the AOT module, else a JIT build), once;
+    False (with the reason in :func:`error`) when that is impossible here."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    try:
+        from .. import _C  # noqa: F401  (built ahead of time)
+
+        _state["ok"] = True
+    except ImportError:
+        try:
+            build()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any build failure means "not available"
+            _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
+    if _state["ok"]:
+        _register_python_side()
+    return bool(_state["ok"])
+
+
+def error() -> str | None:
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _register_python_side() -> None:
+    """Fake kernels and autograd for the C++ ops (once)."""
+    if _state.get("registered"):
+        return
+    import torch
+
+    @torch.library.register_fake("fastortho::ortho_penalty_grouped")
+    def _(weights, bases, squared):
+        return weights[0].new_empty(len(weights), dtype=torch.float32), [torch.empty_like(w) for w in weights]
+
+    @torch.library.register_fake("fastortho::dual_linear")
+    def _(x, dx, w, dw, b, db):
+        out = x.new_empty(x.shape[0], w.shape[0])
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("fastortho::dual_linear_backward")
+    def _(g_y, g_dy, x, dx, w, dw):
+        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(w), g_dy.new_empty(w.shape[0])
+
+    def setup(ctx, inputs, output):
+        x, dx, w, dw, b, db = inputs
+        ctx.save_for_backward(x, dx, w, dw)
+        ctx.flags = (dx is not None, dw is not None, b is not None, db is not None)
+
+    def backward(ctx, g_y, g_dy):
+        x, dx, w, dw = ctx.saved_tensors
+        has_dx, has_dw, has_b, has_db = ctx.flags
+        gx, gdx, gdw, gdb = torch.ops.fastortho.dual_linear_backward(g_y, g_dy.contiguous(), x, dx, w, dw)
+        grad_w = g_y.T @ x + (g_dy.T @ dx if has_dx else 0)  # the primal weight, rarely trained
+        grad_b = g_y.sum(0) if has_b else None
+        return (gx, gdx if has_dx else None, grad_w, gdw if has_dw else None, grad_b, gdb if has_db else None)
+
+    torch.library.register_autograd("fastortho::dual_linear", backward, setup_context=setup)
+    _state["registered"] = True

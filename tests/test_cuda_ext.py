@@ -1,0 +1,107 @@
+"""The CUDA C++ extension (csrc/): compiled and loaded wherever a CUDA toolkit is found (CI
+has one but no GPU: this is what keeps a C++ error from landing); its ops checked against
+reference.py and torch.func.jvp on a GPU."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastortho as fo
+from conftest import TOL, reference_values_and_grads, rel_err, requires_cuda
+from fastortho.ops import cuda_ext
+from fastortho.testing import random_layers
+
+needs_toolkit = pytest.mark.skipif(cuda_ext.cuda_home() is None or torch.version.cuda is None,
+                                   reason="no CUDA toolkit (nvcc) or a CPU-only torch: nothing to compile")
+
+
+@needs_toolkit
+def test_extension_compiles_and_registers_its_ops():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # the lent H100 / H200; one target keeps CI short
+    cuda_ext.build()
+    for name in ("ortho_penalty_grouped", "dual_linear", "dual_linear_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastortho::{name}", "CUDA"), name
+    assert "Tensor[] weights" in str(torch.ops.fastortho.ortho_penalty_grouped.default._schema)
+
+
+def test_cuda_backend_errors_are_clear():
+    model = nn.Linear(4, 3)
+    base = fo.snapshot(model)
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        fo.ortho_loss(model, base, backend="cuda")
+
+
+def test_skip_variable_disables_the_build(monkeypatch):
+    monkeypatch.setenv("FASTORTHO_SKIP_CUDA_BUILD", "1")
+    with pytest.raises(RuntimeError, match="FASTORTHO_SKIP_CUDA_BUILD"):
+        cuda_ext.build()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+AWKWARD = [(33, 17), (1, 37), (65, 130), (33, 17), (17, 33), (130, 65), (37, 1), (257, 1024), (768, 768)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("squared", [True, False])
+def test_cuda_backend_matches_reference(precision, squared):
+    assert cuda_ext.load(), cuda_ext.error()
+    gen = torch.Generator().manual_seed(3)
+    scale_for = (lambda s: (0.5 if precision != "ieee" else 1.0) * max(s) ** -0.5)
+    weights, bases = [], []
+    for s in AWKWARD:
+        w, b = random_layers([s], scale=scale_for(s), generator=gen)
+        weights.append(w[0].cuda().requires_grad_(True))
+        bases.append(b[0].cuda())
+    from fastortho.ops.orthoreg import ortho_penalty
+
+    values = ortho_penalty(weights, bases, squared=squared, precision=precision, backend="cuda")
+    upstream = torch.linspace(-1, 2, len(weights), device="cuda")
+    (values * upstream).sum().backward()
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
+    assert rel_err(values, ref_values) <= TOL[precision]
+    for w, g, u in zip(weights, ref_grads, upstream.tolist()):
+        assert rel_err(w.grad, u * g) <= TOL[precision]
+
+
+@requires_cuda
+def test_cuda_ops_pass_opcheck_and_dual_linear_matches_jvp():
+    assert cuda_ext.load(), cuda_ext.error()
+    w = [torch.randn(33, 17, device="cuda"), torch.randn(17, 33, device="cuda")]
+    b = [torch.randn_like(t) for t in w]
+    torch.library.opcheck(torch.ops.fastortho.ortho_penalty_grouped.default, (w, b, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    x, dx = torch.randn(37, 45, device="cuda"), torch.randn(37, 45, device="cuda", requires_grad=True)
+    w0, dw = torch.randn(29, 45, device="cuda"), torch.randn(29, 45, device="cuda", requires_grad=True)
+    b0, db = torch.randn(29, device="cuda"), torch.randn(29, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.fastortho.dual_linear.default, (x, dx, w0, dw, b0, db))
+    with fo.ops.precision.fp32_matmul("ieee", "cuda"):
+        y, dy = torch.ops.fastortho.dual_linear(x, dx, w0, dw, b0, db)
+        ref_y, ref_dy = torch.func.jvp(F.linear, (x, w0, b0), (dx.detach(), dw.detach(), db.detach()))
+    assert rel_err(y, ref_y) <= TOL["ieee"] and rel_err(dy, ref_dy) <= TOL["ieee"]
+    g = torch.randn_like(dy)
+    dy.backward(g)
+    assert rel_err(dw.grad, g.T @ x) <= TOL["ieee"] and rel_err(dx.grad, g @ w0) <= TOL["ieee"]
+    assert rel_err(db.grad, g.sum(0)) <= TOL["ieee"]
+
+
+@requires_cuda
+def test_auto_backend_measures_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTORTHO_CACHE", str(tmp_path))
+    assert cuda_ext.load(), cuda_ext.error()
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).cuda()
+    base = fo.snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    fo.ortho_loss(model, base, layers="linear").backward()
+    files = list(tmp_path.glob("backend-choice-*.json"))
+    assert len(files) == 1
+    import json
+    choices = json.loads(files[0].read_text())
+    assert len(choices) == 2 and set(choices.values()) <= {"triton", "cuda"}
