@@ -176,3 +176,21 @@ def test_kernels_reduced_precision_on_gpu(dtype, tol):
     o, do, _ = attention_with_tangent(*(t.to(dtype) for t in (q, k, v, dq, dk, dv)))
     ref_o, ref_do, _ = _attention_reference(q, k, v, dq, dk, dv, False)
     assert rel_err(o, ref_o) <= tol and rel_err(do, ref_do) <= tol
+
+
+@requires_cuda
+def test_linearized_step_with_kernels_compiles_on_gpu():
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, width=64, layers=1, heads=1, mlp_ratio=2.0,
+                              output_dim=8).cuda()
+    lin = fo.linearize(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    x = randn(4, 3, 32, 32, seed=3)
+    eager = lin(x)
+    out = torch.compile(lambda inp: lin(inp))(x)
+    out.square().sum().backward()
+    assert rel_err(out, eager) <= 1e-3

@@ -357,3 +357,22 @@ def test_vit_b32_runs_with_default_attention_backend():
     assert not fallbacks
     ref_primal, ref_tangent = ref.jvp_linearized(model, lin.base_values(), lin.task_vector(), x)
     assert rel_err(primal, ref_primal) <= 1e-4 and rel_err(tangent, ref_tangent) <= 1e-3
+
+
+def test_linearized_step_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the dual pass (the Dual subclass's torch-function
+    rules included) and gives eager's values and gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    lin = fo.linearize(model)
+    perturb(model)
+    x = torch.randn(5, 8)
+    eager = lin(x)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(lambda inp: lin(inp), fullgraph=True)(x)
+    compiled.square().sum().backward()
+    assert rel_err(compiled, eager) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, grads[n]) <= 1e-5, n
