@@ -208,11 +208,30 @@ def _div(func, args, kwargs):
     return wrap(out, torch.div(ta, primal_of(b)) if ta is not None else None)
 
 
+def _parameters(fn) -> tuple[tuple[str, ...], dict]:
+    """Parameter names and defaults of ``fn``, read once at import: the rules bind arguments
+    with plain dict operations, which torch.compile can trace (inspect.signature it cannot)."""
+    params = inspect.signature(fn).parameters
+    return tuple(params), {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _bind(spec, args, kwargs) -> dict:
+    names, defaults = spec
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+_PAD = _parameters(F.pad)
+_DROPOUT = _parameters(F.dropout)
+_LAYER_NORM = _parameters(F.layer_norm)
+_BATCH_NORM = _parameters(F.batch_norm)
+
+
 def _pad(func, args, kwargs):
-    sig = inspect.signature(F.pad).bind(*args, **kwargs)
-    x, pad = sig.arguments["input"], sig.arguments["pad"]
-    mode = sig.arguments.get("mode", "constant")
-    value = sig.arguments.get("value", None)
+    g = _bind(_PAD, args, kwargs)
+    x, pad, mode, value = g["input"], g["pad"], g.get("mode", "constant"), g.get("value")
     with torch.no_grad():
         out = F.pad(primal_of(x), pad, mode, value)
     t = tangent_of(x)
@@ -220,9 +239,8 @@ def _pad(func, args, kwargs):
 
 
 def _dropout(func, args, kwargs):
-    sig = inspect.signature(F.dropout).bind(*args, **kwargs)
-    sig.apply_defaults()
-    x, p, training = sig.arguments["input"], sig.arguments["p"], sig.arguments["training"]
+    g = _bind(_DROPOUT, args, kwargs)
+    x, p, training = g["input"], g["p"], g["training"]
     if not training or p == 0:
         return x
     px, tx = split(x)
@@ -246,17 +264,13 @@ def _conv2d(func, args, kwargs):
 
 
 def _layer_norm(func, args, kwargs):
-    a = inspect.signature(F.layer_norm).bind(*args, **kwargs)
-    a.apply_defaults()
-    g = a.arguments
+    g = _bind(_LAYER_NORM, args, kwargs)
     return wrap(*ops.dual_layer_norm(*split(g["input"]), g["normalized_shape"], *split(g["weight"]),
                                      *split(g["bias"]), g["eps"]))
 
 
 def _batch_norm(func, args, kwargs):
-    a = inspect.signature(F.batch_norm).bind(*args, **kwargs)
-    a.apply_defaults()
-    g = a.arguments
+    g = _bind(_BATCH_NORM, args, kwargs)
     if isinstance(g["running_mean"], Dual) or isinstance(g["running_var"], Dual):
         return _jvp_fallback(func, args, kwargs)
     return wrap(*ops.dual_batch_norm(*split(g["input"]), g["running_mean"], g["running_var"], *split(g["weight"]),
@@ -300,13 +314,11 @@ def _sdpa(func, args, kwargs):
                                a.get("scale"), a.get("enable_gqa", False)))
 
 
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MHA = _parameters(F.multi_head_attention_forward)
 
 
 def _mha(func, args, kwargs):
-    b = _MHA_SIGNATURE.bind(*args, **kwargs)
-    b.apply_defaults()
-    g = b.arguments
+    g = _bind(_MHA, args, kwargs)
     training_dropout = g["training"] and g["dropout_p"] > 0
     unsupported = (g["bias_k"] is not None or g["bias_v"] is not None or g["add_zero_attn"] or training_dropout
                    or g["need_weights"] or g["static_k"] is not None or g["static_v"] is not None

@@ -359,14 +359,20 @@ def test_vit_b32_runs_with_default_attention_backend():
     assert rel_err(primal, ref_primal) <= 1e-4 and rel_err(tangent, ref_tangent) <= 1e-3
 
 
-def test_linearized_step_compiles_fullgraph():
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_linearized_step_compiles_fullgraph(kind):
     """torch.compile(fullgraph=True) traces the dual pass (the Dual subclass's torch-function
-    rules included) and gives eager's values and gradients."""
+    rules included, nn.MultiheadAttention too) and gives eager's values and gradients."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
+        x = torch.randn(5, 8)
+    else:
+        model = VisionTransformer(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                                  output_dim=8)
+        x = torch.randn(2, 3, 32, 32)
     lin = fo.linearize(model)
     perturb(model)
-    x = torch.randn(5, 8)
     eager = lin(x)
     eager.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
