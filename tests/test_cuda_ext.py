@@ -105,3 +105,38 @@ def test_auto_backend_measures_and_caches(tmp_path, monkeypatch):
     import json
     choices = json.loads(files[0].read_text())
     assert len(choices) == 2 and set(choices.values()) <= {"triton", "cuda"}
+
+
+def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monkeypatch):
+    """The measured choice (CPU-testable with the timing stubbed): the faster candidate wins
+    only when it agrees with Triton; one that raises or disagrees is never chosen."""
+    import json
+
+    from fastortho.ops import backend_choice as bc
+
+    monkeypatch.setattr(bc, "_cache_file", lambda device: tmp_path / "choice.json")
+    monkeypatch.setattr(bc, "_memory", {})
+    weights = [torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 2)]
+    bases = [torch.zeros_like(w) for w in weights]
+    behaviour = {}
+
+    def fake_time(fn, ws):
+        values = fn(ws)
+        return behaviour["ms"][fn.__defaults__[0]], values, [torch.ones_like(w) for w in ws]
+    monkeypatch.setattr(bc, "_time", fake_time)
+
+    def run(backend, ws, bs):
+        if behaviour.get("raise") == backend:
+            raise RuntimeError("boom")
+        scale = 2.0 if behaviour.get("wrong") == backend else 1.0
+        return torch.stack([w.square().sum() * scale for w in ws])
+
+    behaviour.update(ms={"triton": 2.0, "cuda": 1.0})
+    assert bc.choose(weights, bases, True, "tf32", run) == ["cuda", "cuda", "cuda"]
+    assert len(json.loads((tmp_path / "choice.json").read_text())) == 2  # two shape groups
+    for case in ({"wrong": "cuda"}, {"raise": "cuda"}):
+        monkeypatch.setattr(bc, "_memory", {})
+        (tmp_path / "choice.json").unlink()
+        behaviour.clear()
+        behaviour.update(ms={"triton": 2.0, "cuda": 1.0}, **case)
+        assert bc.choose(weights, bases, True, "tf32", run) == ["triton", "triton", "triton"], case

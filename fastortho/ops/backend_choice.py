@@ -2,16 +2,21 @@
 shape group of layers, by measurement, never by guess. Each ``(shape, count, dtypes,
 precision, squared)`` group is timed once (forward + backward on the caller's own tensors,
 CUDA events, median of 5 after 2 warm-ups) and the choice cached on disk per device and
-library versions: ``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``.
+library versions: ``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``. A candidate
+that raises, or whose values or gradients disagree with Triton's (beyond 2e-2 relative), is
+logged and never chosen.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("fastortho")
 
 CANDIDATES = ("triton", "cuda")
 _memory: dict[str, dict[str, str]] = {}
@@ -39,19 +44,29 @@ def _load(path: Path) -> dict[str, str]:
     return _memory[key]
 
 
-def _time(fn, weights) -> float:
+def _time(fn, weights) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+    """Median ms of forward + backward, and the values and gradients of the last run."""
     leaves = [w.detach().clone().requires_grad_(True) for w in weights]
     for _ in range(2):
         fn(leaves).sum().backward()
     times = []
     for _ in range(5):
+        for leaf in leaves:
+            leaf.grad = None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(leaves).sum().backward()
+        values = fn(leaves)
+        values.sum().backward()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[2]
+    return sorted(times)[2], values.detach(), [leaf.grad for leaf in leaves]
+
+
+def _agree(a, b, tol: float = 2e-2) -> bool:
+    def close(x, y):
+        return bool(torch.isfinite(x).all()) and float((x.float() - y.float()).norm()) <= tol * float(y.float().norm()) + 1e-6
+    return close(a[1], b[1]) and all(close(x, y) for x, y in zip(a[2], b[2]))
 
 
 def choose(weights, bases, squared: bool, precision: str, run) -> list[str]:
@@ -67,8 +82,18 @@ def choose(weights, bases, squared: bool, precision: str, run) -> list[str]:
         key = f"{sig}:x{len(idx)}:{precision}:{'sq' if squared else 'norm'}"
         if key not in table:
             ws, bs = [weights[i] for i in idx], [bases[i] for i in idx]
-            timings = {c: _time(lambda leaves, c=c: run(c, leaves, bs), ws) for c in CANDIDATES}
-            table[key] = min(timings, key=timings.get)
+            results = {}
+            for c in CANDIDATES:
+                try:
+                    results[c] = _time(lambda leaves, c=c: run(c, leaves, bs), ws)
+                except Exception as e:  # noqa: BLE001 - a failing candidate is simply not chosen
+                    log.warning("fastortho: backend %r failed on %s (%s); not used", c, key, e)
+            # A candidate must agree with the first (Triton) before it can be chosen.
+            ref = results.get(CANDIDATES[0])
+            ok = {c: r for c, r in results.items() if ref is None or c == CANDIDATES[0] or _agree(r, ref)}
+            for c in set(results) - set(ok):
+                log.warning("fastortho: backend %r disagrees with %r on %s; not used", c, CANDIDATES[0], key)
+            table[key] = min(ok, key=lambda c: ok[c][0]) if ok else CANDIDATES[0]
             changed = True
         for i in idx:
             assign[i] = table[key]
