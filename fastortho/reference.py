@@ -110,16 +110,21 @@ def released_ortho_loss(model: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
     loss = 0.0
     for name, p in model.named_parameters():
         if p.requires_grad and p.dim() == 2:
-            d = p - base[name]
-            rows, cols = d.shape
-            if rows < cols:
-                g = d @ d.T
-                eye = torch.eye(rows, device=d.device)
-            else:
-                g = d.T @ d
-                eye = torch.eye(cols, device=d.device)
-            loss = loss + torch.norm(g - eye, p="fro")
+            loss = loss + _released_term(p - base[name])
     return loss
+
+
+def _released_term(d: Tensor) -> Tensor:
+    """One layer of the released code: Gram of the smaller side, an explicit identity, the
+    Frobenius norm not squared."""
+    rows, cols = d.shape
+    if rows < cols:
+        g = d @ d.T
+        eye = torch.eye(rows, device=d.device)
+    else:
+        g = d.T @ d
+        eye = torch.eye(cols, device=d.device)
+    return torch.norm(g - eye, p="fro")
 
 
 def lora_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -149,15 +154,7 @@ def released_lora_ortho_loss(adapters: Iterable[tuple[Tensor, Tensor, float]]) -
     adapters' dtype. The speed baseline of the exact low-rank penalty."""
     loss = 0.0
     for a, b, s in adapters:
-        d = s * (b @ a)
-        rows, cols = d.shape
-        if rows < cols:
-            g = d @ d.T
-            eye = torch.eye(rows, device=d.device)
-        else:
-            g = d.T @ d
-            eye = torch.eye(cols, device=d.device)
-        loss = loss + torch.norm(g - eye, p="fro")
+        loss = loss + _released_term(s * (b @ a))
     return loss
 
 
