@@ -109,20 +109,20 @@ def projection_slots(model: nn.Module, letters: str) -> list[Slot]:
                     e = lin.in_features
                     for j, letter in enumerate("qkv"):
                         add(letter, _join(path, rel), lin, "weight", (j * e, (j + 1) * e))
-            for letter, rels in _ATTENTION_LINEARS.items():
-                for rel in rels:
-                    lin = _child(mod, rel)
-                    if isinstance(lin, nn.Linear):
-                        add(letter, _join(path, rel), lin, "weight")
-                        break
+            _add_named_linears(mod, path, _ATTENTION_LINEARS, add)
         elif _is_mlp(path, mod):
-            for letter, rels in _MLP_LINEARS.items():
-                for rel in rels:
-                    lin = _child(mod, rel)
-                    if isinstance(lin, nn.Linear):
-                        add(letter, _join(path, rel), lin, "weight")
-                        break
+            _add_named_linears(mod, path, _MLP_LINEARS, add)
     return list(found.values())
+
+
+def _add_named_linears(mod: nn.Module, path: str, table: dict[str, tuple[str, ...]], add) -> None:
+    """For each letter, the first of its candidate child names that is an nn.Linear."""
+    for letter, rels in table.items():
+        for rel in rels:
+            lin = _child(mod, rel)
+            if isinstance(lin, nn.Linear):
+                add(letter, _join(path, rel), lin, "weight")
+                break
 
 
 # ----------------------------------------------------------------------------- reports
