@@ -72,7 +72,7 @@ def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
     full = finetune(bench, "Textures", cfg, progress=False).task_vector
 
     class Stop(Exception):
-        pass
+        """The simulated crash right after the step-2 checkpoint."""
     import fastortho.finetune as ft
     original = ft._save_checkpoint
     calls = []
