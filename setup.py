@@ -7,6 +7,7 @@ toolkit is found (CUDA_HOME) and FASTORTHO_SKIP_CUDA_BUILD is not 1. Otherwise i
 lazily on first CUDA use (fastortho/ops/cuda_ext.py). TORCH_CUDA_ARCH_LIST picks the
 architectures; MAX_JOBS defaults to half the cores."""
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -27,10 +28,17 @@ def _cuda_extension():
         return None
     os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))
     cpp_extension.CUDA_HOME = home
+    os.environ.setdefault("CUDA_HOME", home)
+    # header paths (pip CUDA wheels) and link flags (cuBLAS: the very library torch loaded) come
+    # from the JIT builder's module, loaded by path: importing the fastortho package here would
+    # import its dependencies
+    spec = importlib.util.spec_from_file_location("_fastortho_cuda_ext", "fastortho/ops/cuda_ext.py")
+    cuda_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_ext)
     ext = cpp_extension.CUDAExtension(
         "fastortho._C", sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
-        library_dirs=[os.path.join(home, "lib64")])
+        include_dirs=cuda_ext.include_dirs(), extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
+        extra_link_args=cuda_ext.link_flags())
     return ext, cpp_extension.BuildExtension
 
 

@@ -23,7 +23,30 @@ def test_extension_compiles_and_registers_its_ops():
     cuda_ext.build()
     for name in ("ortho_penalty_grouped", "dual_linear", "dual_linear_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastortho::{name}", "CUDA"), name
-    assert "Tensor[] weights" in str(torch.ops.fastortho.ortho_penalty_grouped.default._schema)
+    schema = str(torch.ops.fastortho.ortho_penalty_grouped.default._schema)
+    assert "Tensor[] weights" in schema and 'str gram="gemm"' in schema, schema
+    # the extension links the cuBLAS library torch itself loaded (one library, one handle type)
+    assert cuda_ext.cublas_library() in cuda_ext.link_flags()
+
+
+def test_cublas_library_is_the_one_torch_loaded():
+    path = cuda_ext.cublas_library()
+    if torch.version.cuda is None:
+        pytest.skip("CPU-only torch loads no cuBLAS")
+    assert path is not None and os.path.exists(path) and "libcublas.so" in path
+    with open("/proc/self/maps") as maps:
+        assert path in maps.read()
+
+
+def test_cuda_gram_variable_is_checked(monkeypatch):
+    from fastortho.ops.orthoreg import CUDA_CANDIDATES, cuda_candidates
+
+    assert cuda_candidates() == CUDA_CANDIDATES
+    monkeypatch.setenv("FASTORTHO_CUDA_GRAM", "syrk")
+    assert cuda_candidates() == ("cuda:syrk",)
+    monkeypatch.setenv("FASTORTHO_CUDA_GRAM", "herk")
+    with pytest.raises(ValueError, match="FASTORTHO_CUDA_GRAM: expected one of .*'triangle'.*got 'herk'"):
+        cuda_candidates()
 
 
 def test_cuda_backend_errors_are_clear():
@@ -43,13 +66,19 @@ def test_skip_variable_disables_the_build(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU
 
-AWKWARD = [(33, 17), (1, 37), (65, 130), (33, 17), (17, 33), (130, 65), (37, 1), (257, 1024), (768, 768)]
+# (257, 1024) / (768, 768) / (300, 520): Grams of 257, 768 and 300 rows, several block rows in
+# "triangle" mode (blocks of 128 or more), one of them ragged; (1100, 520) and (520, 1100):
+# a tall and a wide layer whose Gram of 520 splits into 128-multiples plus a remainder.
+AWKWARD = [(33, 17), (1, 37), (65, 130), (33, 17), (17, 33), (130, 65), (37, 1), (257, 1024), (768, 768),
+           (300, 520), (1100, 520), (520, 1100), (1100, 520)]
 
 
 @requires_cuda
+@pytest.mark.parametrize("gram", ["gemm", "triangle", "syrk"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("squared", [True, False])
-def test_cuda_backend_matches_reference(precision, squared):
+def test_cuda_backend_matches_reference(precision, squared, gram, monkeypatch):
+    monkeypatch.setenv("FASTORTHO_CUDA_GRAM", gram)
     assert cuda_ext.load(), cuda_ext.error()
     gen = torch.Generator().manual_seed(3)
     scale_for = (lambda s: (0.5 if precision != "ieee" else 1.0) * max(s) ** -0.5)
@@ -74,8 +103,11 @@ def test_cuda_ops_pass_opcheck_and_dual_linear_matches_jvp():
     assert cuda_ext.load(), cuda_ext.error()
     w = [torch.randn(33, 17, device="cuda"), torch.randn(17, 33, device="cuda")]
     b = [torch.randn_like(t) for t in w]
-    torch.library.opcheck(torch.ops.fastortho.ortho_penalty_grouped.default, (w, b, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for gram in ("gemm", "triangle", "syrk"):
+        torch.library.opcheck(torch.ops.fastortho.ortho_penalty_grouped.default, (w, b, True, gram),
+                              test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match='gram: expected "gemm", "triangle" or "syrk"'):
+        torch.ops.fastortho.ortho_penalty_grouped(w, b, True, "herk")
     x, dx = torch.randn(37, 45, device="cuda"), torch.randn(37, 45, device="cuda", requires_grad=True)
     w0, dw = torch.randn(29, 45, device="cuda"), torch.randn(29, 45, device="cuda", requires_grad=True)
     b0, db = torch.randn(29, device="cuda"), torch.randn(29, device="cuda", requires_grad=True)
@@ -104,7 +136,10 @@ def test_auto_backend_measures_and_caches(tmp_path, monkeypatch):
     assert len(files) == 1
     import json
     choices = json.loads(files[0].read_text())
-    assert len(choices) == 2 and set(choices.values()) <= {"triton", "cuda"}
+    from fastortho.ops.orthoreg import CUDA_CANDIDATES
+
+    assert len(choices) == 2 and set(choices.values()) <= {"triton", *CUDA_CANDIDATES}
+    assert all(key.startswith("triton|cuda:gemm|cuda:triangle|cuda:syrk:") for key in choices)
 
 
 def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monkeypatch):
@@ -131,12 +166,20 @@ def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monk
         scale = 2.0 if behaviour.get("wrong") == backend else 1.0
         return torch.stack([w.square().sum() * scale for w in ws])
 
-    behaviour.update(ms={"triton": 2.0, "cuda": 1.0})
-    assert bc.choose(weights, bases, True, "tf32", run) == ["cuda", "cuda", "cuda"]
+    candidates = ("triton", "cuda:gemm", "cuda:triangle")
+    behaviour.update(ms={"triton": 2.0, "cuda:gemm": 1.5, "cuda:triangle": 1.0})
+    assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["cuda:triangle"] * 3
     assert len(json.loads((tmp_path / "choice.json").read_text())) == 2  # two shape groups
-    for case in ({"wrong": "cuda"}, {"raise": "cuda"}):
+    for case in ({"wrong": "cuda:triangle"}, {"raise": "cuda:triangle"}):
         monkeypatch.setattr(bc, "_memory", {})
         (tmp_path / "choice.json").unlink()
         behaviour.clear()
-        behaviour.update(ms={"triton": 2.0, "cuda": 1.0}, **case)
-        assert bc.choose(weights, bases, True, "tf32", run) == ["triton", "triton", "triton"], case
+        behaviour.update(ms={"triton": 2.0, "cuda:gemm": 1.5, "cuda:triangle": 1.0}, **case)
+        assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["cuda:gemm"] * 3, case
+    # only the first candidate is left: it is the fallback
+    monkeypatch.setattr(bc, "_memory", {})
+    (tmp_path / "choice.json").unlink()
+    behaviour.update(ms={"triton": 2.0, "cuda:gemm": 1.0, "cuda:triangle": 1.0})
+    behaviour["wrong"] = "cuda:gemm"
+    behaviour["raise"] = "cuda:triangle"
+    assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["triton"] * 3

@@ -1,10 +1,11 @@
-"""``backend="auto"`` on CUDA: which of the Triton kernels and the CUDA extension runs each
-shape group of layers, by measurement, never by guess. Each ``(shape, count, dtypes,
-precision, squared)`` group is timed once (forward + backward on the caller's own tensors,
-CUDA events, median of 5 after 2 warm-ups) and the choice cached on disk per device and
-library versions: ``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``. A candidate
-that raises, or whose values or gradients disagree with Triton's (beyond 2e-2 relative), is
-logged and never chosen.
+"""``backend="auto"`` / ``"cuda"`` on CUDA: which implementation runs each shape group of
+layers (the Triton kernels, or the CUDA extension with one of its Gram variants), by
+measurement, never by guess. Each ``(candidates, shape, count, dtypes, precision, squared)``
+group is timed once (forward + backward on the caller's own tensors, CUDA events, median of 5
+after 2 warm-ups) and the choice cached on disk per device and library versions:
+``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``. A candidate that raises, or whose
+values or gradients disagree with the first candidate's (beyond 2e-2 relative), is logged and
+never chosen.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 log = logging.getLogger("fastortho")
 
-CANDIDATES = ("triton", "cuda")
+CANDIDATES = ("triton", "cuda:gemm")  # the default; callers pass their own
 _memory: dict[str, dict[str, str]] = {}
 
 
@@ -69,8 +70,9 @@ def _agree(a, b, tol: float = 2e-2) -> bool:
     return close(a[1], b[1]) and all(close(x, y) for x, y in zip(a[2], b[2]))
 
 
-def choose(weights, bases, squared: bool, precision: str, run) -> list[str]:
-    """The backend of each layer; ``run(backend, weights, bases)`` computes the penalties."""
+def choose(weights, bases, squared: bool, precision: str, run, candidates=CANDIDATES) -> list[str]:
+    """The backend of each layer; ``run(candidate, weights, bases)`` computes the penalties.
+    The first candidate is the reference the others must agree with, and the fallback."""
     path = _cache_file(weights[0].device)
     table = _load(path)
     groups: dict[str, list[int]] = {}
@@ -79,21 +81,21 @@ def choose(weights, bases, squared: bool, precision: str, run) -> list[str]:
     assign = [""] * len(weights)
     changed = False
     for sig, idx in groups.items():
-        key = f"{sig}:x{len(idx)}:{precision}:{'sq' if squared else 'norm'}"
+        key = f"{'|'.join(candidates)}:{sig}:x{len(idx)}:{precision}:{'sq' if squared else 'norm'}"
         if key not in table:
             ws, bs = [weights[i] for i in idx], [bases[i] for i in idx]
             results = {}
-            for c in CANDIDATES:
+            for c in candidates:
                 try:
                     results[c] = _time(lambda leaves, c=c: run(c, leaves, bs), ws)
                 except Exception as e:  # noqa: BLE001 - a failing candidate is simply not chosen
                     log.warning("fastortho: backend %r failed on %s (%s); not used", c, key, e)
-            # A candidate must agree with the first (Triton) before it can be chosen.
-            ref = results.get(CANDIDATES[0])
-            ok = {c: r for c, r in results.items() if ref is None or c == CANDIDATES[0] or _agree(r, ref)}
+            # A candidate must agree with the first before it can be chosen.
+            ref = results.get(candidates[0])
+            ok = {c: r for c, r in results.items() if ref is None or c == candidates[0] or _agree(r, ref)}
             for c in set(results) - set(ok):
-                log.warning("fastortho: backend %r disagrees with %r on %s; not used", c, CANDIDATES[0], key)
-            table[key] = min(ok, key=lambda c: ok[c][0]) if ok else CANDIDATES[0]
+                log.warning("fastortho: backend %r disagrees with %r on %s; not used", c, candidates[0], key)
+            table[key] = min(ok, key=lambda c: ok[c][0]) if ok else candidates[0]
             changed = True
         for i in idx:
             assign[i] = table[key]

@@ -49,6 +49,38 @@ def include_dirs() -> list[str]:
     return sorted(set(dirs))
 
 
+def cublas_library() -> str | None:
+    """The cuBLAS shared library to link (the Gram's symmetric rank-k update calls cuBLAS
+    directly): the one this process's torch has loaded, so that both bind to one library and
+    torch's handle is valid in our calls; else the toolkit's or a pip wheel's."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if Path(path).name.startswith("libcublas.so"):
+                    return path
+    except OSError:  # not Linux
+        pass
+    roots = [Path(h) / "lib64" for h in (cuda_home(),) if h]
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        roots += sorted(Path(base).glob("*/lib"))
+    for root in roots:
+        found = sorted(root.glob("libcublas.so*"))
+        if found:
+            return str(found[0])
+    return None
+
+
+def link_flags() -> list[str]:
+    """Linker inputs of the extension: the toolkit's lib64 (cudart) and the cuBLAS library."""
+    flags = [f"-L{Path(cuda_home() or '/usr/local/cuda') / 'lib64'}"]
+    cublas = cublas_library()
+    return flags + ([cublas] if cublas else ["-lcublas"])
+
+
 def build(verbose: bool = False):
     """JIT-build (or reuse the cached build of) the extension and load it; registers the
     ``fastortho::`` CUDA ops. Raises RuntimeError with the reason when it cannot."""
@@ -74,7 +106,7 @@ def build(verbose: bool = False):
                 cpp_extension._get_build_directory("fastortho_cuda", verbose=False))
     return cpp_extension.load(name="fastortho_cuda", sources=srcs, extra_include_paths=include_dirs(),
                               extra_cflags=["-O2"], extra_cuda_cflags=["-O2"], verbose=verbose,
-                              extra_ldflags=[f"-L{Path(os.environ['CUDA_HOME']) / 'lib64'}"],
+                              extra_ldflags=link_flags(),
                               is_python_module=False)
 
 
@@ -109,7 +141,7 @@ def _register_python_side() -> None:
     import torch
 
     @torch.library.register_fake("fastortho::ortho_penalty_grouped")
-    def _(weights, bases, squared):
+    def _(weights, bases, squared, gram="gemm"):
         return weights[0].new_empty(len(weights), dtype=torch.float32), [torch.empty_like(w) for w in weights]
 
     @torch.library.register_fake("fastortho::dual_linear")

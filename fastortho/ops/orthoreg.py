@@ -89,17 +89,32 @@ def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, p
     return by_dtypes(weights, bases, lambda ws, bs: _triton_call(ws, bs, squared, precision))
 
 
-def _cuda_penalty(weights, bases, squared, precision) -> Tensor:
+def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
     from .orthoreg_cuda import cuda_penalty
 
-    return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision))
+    return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision, gram))
+
+
+# The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
+CUDA_CANDIDATES = ("cuda:gemm", "cuda:triangle", "cuda:syrk")
+
+
+def cuda_candidates() -> tuple[str, ...]:
+    """The CUDA candidates to measure: all, or the one ``FASTORTHO_CUDA_GRAM`` forces."""
+    gram = os.environ.get("FASTORTHO_CUDA_GRAM")
+    if not gram:
+        return CUDA_CANDIDATES
+    if f"cuda:{gram}" not in CUDA_CANDIDATES:
+        raise ValueError(f"FASTORTHO_CUDA_GRAM: expected one of {[c[5:] for c in CUDA_CANDIDATES]}, got {gram!r}")
+    return (f"cuda:{gram}",)
 
 
 def _run(backend: str, weights, bases, squared, precision) -> Tensor:
+    """``backend``: "triton", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
     if backend == "triton":
         return _triton_penalty(weights, bases, squared, precision)
-    if backend == "cuda":
-        return _cuda_penalty(weights, bases, squared, precision)
+    if backend.startswith("cuda"):
+        return _cuda_penalty(weights, bases, squared, precision, backend.partition(":")[2] or "gemm")
     if torch.compiler.is_compiling():
         need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         return ortho_gram_torch(weights, bases, squared, precision, need_grad)[0]
@@ -108,15 +123,19 @@ def _run(backend: str, weights, bases, squared, precision) -> Tensor:
     return TorchPenalty.apply(squared, precision, len(weights), *weights, *bases)
 
 
-def _measured(weights, bases, squared, precision) -> Tensor:
-    """backend="auto" on CUDA: per shape group the faster of Triton and the CUDA extension,
-    measured once and cached on disk (fastortho.ops.backend_choice)."""
+def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -> Tensor:
+    """Per shape group the fastest of ``candidates`` (Triton and the CUDA extension's Gram
+    variants for backend="auto", the variants alone for backend="cuda"), measured once and
+    cached on disk (fastortho.ops.backend_choice)."""
     from . import cuda_ext
     from .backend_choice import choose
 
-    if not cuda_ext.load():
+    if candidates[0] == "triton" and not cuda_ext.load():
         return _run("triton", weights, bases, squared, precision)
-    assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision))
+    if len(candidates) == 1:
+        return _run(candidates[0], weights, bases, squared, precision)
+    assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision),
+                    candidates)
     parts = []
     for backend in sorted(set(assign)):
         idx = [i for i, b in enumerate(assign) if b == backend]
@@ -155,7 +174,12 @@ def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, 
         raise ValueError(f"model: the regularized parameters must share one device, got "
                          f"{sorted({str(w.device) for w in weights})}")
     chosen = resolve_backend(backend, device)
-    if backend == "auto" and chosen == "triton" and not torch.compiler.is_compiling() \
-            and os.environ.get("FASTORTHO_AUTOTUNE", "1") != "0":
-        return _measured(weights, bases, squared, precision)
+    tune = not torch.compiler.is_compiling() and os.environ.get("FASTORTHO_AUTOTUNE", "1") != "0"
+    if chosen == "cuda":
+        candidates = cuda_candidates()
+        if tune:
+            return _measured(weights, bases, squared, precision, candidates)
+        return _run(candidates[0], weights, bases, squared, precision)
+    if backend == "auto" and chosen == "triton" and tune:
+        return _measured(weights, bases, squared, precision, ("triton",) + cuda_candidates())
     return _run(chosen, weights, bases, squared, precision)

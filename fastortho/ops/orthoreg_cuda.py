@@ -2,7 +2,11 @@
 C++ extension (``csrc/``), which returns the per-layer penalties and the gradient of their sum
 in one call; backward scales each layer's gradient by its upstream value (one fused
 ``_foreach_mul``). Precision: "ieee" and "tf32" as asked; "bf16" runs as tf32 (the extension's
-products are fp32 cuBLAS GEMMs)."""
+products are fp32 cuBLAS GEMMs).
+
+``gram`` is how the extension forms the symmetric rank-k update ``G = X^T X``: "gemm" (one
+batched GEMM), "triangle" (the upper block triangle, one batched GEMM per block row) or "syrk"
+(cuBLAS SYRK per layer); ``fastortho.ops.orthoreg`` measures which serves each shape group."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +16,10 @@ from .precision import fp32_matmul
 
 class CudaPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, squared: bool, precision: str, n: int, *tensors):
+    def forward(ctx, squared: bool, precision: str, gram: str, n: int, *tensors):
         weights, bases = list(tensors[:n]), list(tensors[n:])
         with fp32_matmul("ieee" if precision == "ieee" else "tf32", "cuda"):
-            values, grads = torch.ops.fastortho.ortho_penalty_grouped(weights, bases, squared)
+            values, grads = torch.ops.fastortho.ortho_penalty_grouped(weights, bases, squared, gram)
         ctx.n = n
         ctx.save_for_backward(*grads)
         return values
@@ -24,10 +28,15 @@ class CudaPenalty(torch.autograd.Function):
     def backward(ctx, grad_values):
         grads = list(ctx.saved_tensors)
         scaled = torch._foreach_mul(grads, list(grad_values.to(grads[0].dtype).unbind()))
-        return (None, None, None, *scaled, *([None] * ctx.n))
+        return (None, None, None, None, *scaled, *([None] * ctx.n))
 
 
-def cuda_penalty(weights, bases, squared: bool, precision: str):
+GRAMS = ("gemm", "triangle", "syrk")
+
+
+def cuda_penalty(weights, bases, squared: bool, precision: str, gram: str = "gemm"):
+    if gram not in GRAMS:
+        raise ValueError(f"gram: expected one of {GRAMS}, got {gram!r}")
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
-    return CudaPenalty.apply(squared, precision, len(weights), *weights, *bases)
+    return CudaPenalty.apply(squared, precision, gram, len(weights), *weights, *bases)
