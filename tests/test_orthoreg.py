@@ -388,3 +388,19 @@ def test_import_is_light():
     code = "import sys, fastortho; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_combine_restores_layer_order_and_caches_the_permutation():
+    from fastortho.ops import orthoreg as ops
+
+    gen = torch.Generator().manual_seed(11)
+    n = 9
+    perm = torch.randperm(n, generator=gen).tolist()
+    parts_idx = [perm[:2], perm[2:7], perm[7:]]
+    truth = torch.randn(n, generator=gen, dtype=torch.float64)
+    parts = [(idx, truth[idx]) for idx in parts_idx]
+    assert torch.equal(ops.combine(parts, n), truth)
+    first = ops._inverse(perm, truth.device)
+    assert ops._inverse(perm, truth.device) is first  # reused: no host-to-device copy per step
+    with pytest.raises(ValueError, match="cover layers 0..8 once each"):
+        ops.combine([(perm[:4], truth[perm[:4]]), (perm[3:], truth[perm[3:]])], n)

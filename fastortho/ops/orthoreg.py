@@ -54,15 +54,35 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_inverse_cache: dict[tuple, Tensor] = {}
+
+
+def _inverse(order: list[int], device: torch.device) -> Tensor:
+    """The permutation that puts values computed in ``order`` back in layer order, on the
+    values' device; cached in eager mode (the split is the same every step), so a training
+    step pays no host-to-device copy for it."""
+    key = (tuple(order), device)
+    cached = None if torch.compiler.is_compiling() else _inverse_cache.get(key)
+    if cached is None:
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        cached = inverse.to(device)
+        if not torch.compiler.is_compiling():
+            if len(_inverse_cache) > 64:  # a handful of layer splits per process; bound it anyway
+                _inverse_cache.clear()
+            _inverse_cache[key] = cached
+    return cached
+
+
 def combine(parts: list[tuple[list[int], Tensor]], n: int) -> Tensor:
     """Per-layer values computed in parts (``(layer indices, values)``) back in layer order."""
     if len(parts) == 1 and parts[0][0] == list(range(n)):
         return parts[0][1]
     order = [i for idx, _ in parts for i in idx]
+    if sorted(order) != list(range(n)):
+        raise ValueError(f"combine: the parts must cover layers 0..{n - 1} once each, got {sorted(order)}")
     values = torch.cat([v for _, v in parts])
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(n)
-    return values[inverse.to(values.device)]
+    return values[_inverse(order, values.device)]
 
 
 def by_dtypes(weights: list[Tensor], bases: list[Tensor], call) -> Tensor:
