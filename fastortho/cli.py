@@ -36,6 +36,8 @@ def _benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", help="root of the datasets in the task-vectors layout (clip8)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=int, default=4,
+                   help="DataLoader processes reading image files (0: the main process; in-memory data ignores it)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +111,7 @@ def finetune_main(argv=None) -> None:
     run_dir = args.out / f"{args.mode}-{args.reg}"
     for task in tasks:
         res = finetune(bench, task, cfg, device=device, checkpoint_dir=run_dir / f"ckpt-{task}",
-                       resume=not args.no_resume, progress=not args.no_progress and not rank)
+                       resume=not args.no_resume, progress=not args.no_progress and not rank, workers=args.workers)
         if not rank:
             res.task_vector.save(run_dir / f"{task}.safetensors")
             print(f"{task}: {res.steps} steps in {res.wall_time_s:.1f} s, final loss {res.final_loss:.4f} -> "
@@ -138,9 +140,9 @@ def _init_distributed():
 # ----------------------------------------------------------------------------- eval
 
 def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,
-                     progress: bool, negation: bool = True) -> dict:
+                     progress: bool, negation: bool = True, workers: int = 0) -> dict:
     """Zero-shot, single-task, task addition (and negation against the control task)."""
-    evaluate = make_evaluator(bench, device=device)
+    evaluate = make_evaluator(bench, device=device, workers=workers)
     pretrained = pretrained_for(bench, mode, device)
     tasks = list(vectors)
     results: dict = {"mode": mode, "zero_shot": {t: evaluate(pretrained, t) for t in tasks}}
@@ -199,12 +201,13 @@ def _run(bench, mode: str, reg: str, args, device: str, run_dir: Path) -> dict:
     vectors, wall, memory, measure = {}, 0.0, 0, ""
     for task in bench.tasks:
         res = finetune(bench, task, cfg, device=device, checkpoint_dir=run_dir / f"ckpt-{task}",
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, workers=args.workers)
         res.task_vector.save(run_dir / f"{task}.safetensors")
         vectors[task] = res.task_vector
         wall += res.wall_time_s
         memory, measure = max(memory, res.memory_bytes), res.memory_measure
-    res = evaluate_vectors(bench, vectors, mode, device=device, out=run_dir, progress=False, negation=False)
+    res = evaluate_vectors(bench, vectors, mode, device=device, out=run_dir, progress=False, negation=False,
+                           workers=args.workers)
     add = res["addition"]
     return {"mode": mode, "reg": reg, "abs": add["avg_top1"], "norm": add["avg_normalized_top1"], "alpha": add["alpha"],
             "single_task": float(np.mean(list(res["single_task"].values()))),

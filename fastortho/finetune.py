@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .clip import ImageClassifier
 from .linearize import LinearizedModel, linearize
@@ -85,13 +85,57 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sample_batch(data: Dataset, size: int, seed: int, step: int):
-    """A batch drawn with replacement, fixed by ``(seed, step)`` (so resuming is exact)."""
+def batch_indices(n: int, size: int, seed: int, step: int) -> torch.Tensor:
+    """The sample indices of batch ``step``: drawn with replacement, fixed by ``(seed, step)``
+    (so a resumed run sees the batches an uninterrupted one would)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    idx = torch.randint(0, len(data), (size,), generator=gen)
+    return torch.randint(0, n, (size,), generator=gen)
+
+
+def sample_batch(data: Dataset, size: int, seed: int, step: int):
+    """Batch ``step`` of ``data`` (see :func:`batch_indices`), read in this process."""
+    idx = batch_indices(len(data), size, seed, step)
     if hasattr(data, "tensors"):
         return tuple(t[idx] for t in data.tensors)
     return default_collate([data[int(i)] for i in idx])
+
+
+class SeededBatches(Sampler):
+    """The index lists of batches ``start .. stop - 1`` (:func:`batch_indices`), as a
+    DataLoader batch sampler: worker processes decode the images, the batches stay exactly
+    those of :func:`sample_batch`."""
+
+    def __init__(self, n: int, size: int, seed: int, start: int, stop: int):
+        self.n, self.size, self.seed, self.start, self.stop = n, size, seed, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.size, self.seed, step).tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def batch_stream(data: Dataset, size: int, seed: int, start: int, stop: int | None = None, *, workers: int = 0,
+                 pin_memory: bool = False):
+    """Batches ``start, start + 1, ...`` (up to ``stop``, or endless) of ``data``. In-memory
+    tensors are indexed directly; other datasets (image files) are read by ``workers``
+    DataLoader processes when ``workers > 0``, prefetching while the GPU trains."""
+    if workers < 0:
+        raise ValueError(f"workers: expected a non-negative integer, got {workers!r}")
+    if hasattr(data, "tensors") or workers == 0:
+        step = start
+        while stop is None or step < stop:
+            yield sample_batch(data, size, seed, step)
+            step += 1
+        return
+    chunk = 10_000  # an endless stream is a chain of finite samplers
+    first = start
+    while stop is None or first < stop:
+        last = first + chunk if stop is None else min(stop, first + chunk)
+        yield from DataLoader(data, batch_sampler=SeededBatches(len(data), size, seed, first, last),
+                              num_workers=workers, pin_memory=pin_memory)
+        first = last
 
 
 def prepare(encoder: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
@@ -142,13 +186,17 @@ def _load_checkpoint(path: Path, net, opt, sched, cfg: FinetuneConfig) -> int:
 
 
 def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpoint_dir=None, resume: bool = True,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, workers: int = 0) -> FinetuneResult:
     """Fine-tune ``benchmark``'s encoder on ``task``; returns its task vector and run costs.
 
     With ``checkpoint_dir``, the trainable state, optimizer and schedule are saved every
     ``cfg.checkpoint_every`` steps and at the end; a later call with ``resume=True`` picks up
     from the last checkpoint (the batches are a function of ``(seed, step)``, so a resumed run
     sees the same data as an uninterrupted one).
+
+    ``workers``: DataLoader processes that read the task's images (datasets of files; the
+    in-memory offline tasks ignore it); each tau-Jp stream of another task gets up to two.
+    The batches do not depend on it.
     """
     cfg.check()
     if task not in benchmark.tasks:
@@ -179,8 +227,8 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
         one_pass = isinstance(plain, LinearizedModel)  # the task batch rides in the same dual pass
         lin = net if one_pass else linearize(encoder)  # (net: the DDP wrapper when distributed)
         others = [t for t in benchmark.tasks if t != task]
-        sources = [_InputStream(benchmark.train_data(t), cfg.taujp_batch, data_seed + 17 * i, device)
-                   for i, t in enumerate(others)]
+        sources = [_InputStream(benchmark.train_data(t), cfg.taujp_batch, data_seed + 17 * i, device,
+                                min(2, workers)) for i, t in enumerate(others)]
         taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam)
 
     params = [p for p in trained.parameters() if p.requires_grad]
@@ -191,7 +239,8 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     if ckpt is not None and resume and (ckpt / "train_state.pt").exists():
         start = _load_checkpoint(ckpt, trained, opt, sched, cfg)
 
-    data = benchmark.train_data(task)
+    batches = batch_stream(benchmark.train_data(task), cfg.batch_size, data_seed, start * cfg.accumulation,
+                           cfg.steps * cfg.accumulation, workers=workers, pin_memory=device.type == "cuda")
     memory, measure = _memory_probe(device)
     t0 = time.perf_counter()
     loss_value = float("nan")
@@ -203,8 +252,8 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     for step in steps:
         opt.zero_grad(set_to_none=True)
         for micro in range(cfg.accumulation):
-            x, y = sample_batch(data, cfg.batch_size, data_seed, step * cfg.accumulation + micro)[:2]
-            x, y = x.to(device), y.to(device)
+            x, y = next(batches)[:2]  # batch step * accumulation + micro
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(cfg, device):
                 if taujp is not None and one_pass:
                     features, penalty = taujp(x)
@@ -250,14 +299,12 @@ def _checkpoint(path, trained, opt, sched, step, cfg, rank, distributed) -> None
 class _InputStream:
     """Endless batches of one task's inputs for the tau-Jp penalty (labels dropped)."""
 
-    def __init__(self, data: Dataset, batch: int, seed: int, device):
-        self.data, self.batch, self.seed, self.device, self.step = data, batch, seed, device, 0
+    def __init__(self, data: Dataset, batch: int, seed: int, device, workers: int = 0):
+        self.data, self.batch, self.seed, self.device, self.workers = data, batch, seed, device, workers
 
     def __iter__(self):
-        while True:
-            x = sample_batch(self.data, self.batch, self.seed, self.step)[0]
-            self.step += 1
-            yield x.to(self.device)
+        for batch in batch_stream(self.data, self.batch, self.seed, 0, workers=self.workers):
+            yield batch[0].to(self.device)
 
 
 def _memory_probe(device: torch.device):
@@ -279,8 +326,9 @@ def _activation_bytes(model, head, x, y, cfg, device) -> int:
     return saved_activation_bytes(loss, statics)
 
 
-def make_evaluator(benchmark, *, device="cpu", batch_size: int = 256):
-    """``evaluate(encoder_or_linearized, split) -> accuracy`` with the split's frozen head."""
+def make_evaluator(benchmark, *, device="cpu", batch_size: int = 256, workers: int = 0):
+    """``evaluate(encoder_or_linearized, split) -> accuracy`` with the split's frozen head;
+    ``workers`` DataLoader processes read datasets of files (in-memory tensors are sliced)."""
     device = torch.device(device)
 
     @torch.no_grad()
@@ -289,12 +337,14 @@ def make_evaluator(benchmark, *, device="cpu", batch_size: int = 256):
         data = benchmark.eval_data(split)
         encoder = encoder.to(device).eval()
         correct = total = 0
-        for i in range(0, len(data), batch_size):
-            if hasattr(data, "tensors"):
-                x, y = (t[i:i + batch_size] for t in data.tensors[:2])
-            else:
-                x, y = default_collate([data[j] for j in range(i, min(len(data), i + batch_size))])[:2]
-            logits = head(encoder(x.to(device)))
+        if hasattr(data, "tensors"):
+            batches = ((t[i:i + batch_size] for t in data.tensors) for i in range(0, len(data), batch_size))
+        else:
+            batches = iter(DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                      pin_memory=device.type == "cuda"))
+        for batch in batches:
+            x, y = list(batch)[:2]
+            logits = head(encoder(x.to(device, non_blocking=True)))
             correct += int((logits.argmax(-1).cpu() == y).sum())
             total += len(y)
         return correct / max(total, 1)

@@ -94,6 +94,62 @@ def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
         assert torch.allclose(full[k], resumed.task_vector[k], atol=1e-5), k
 
 
+class _ItemByItem(torch.utils.data.Dataset):
+    """A dataset served one sample at a time, as image-file datasets are (no ``tensors``)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.data.tensors)
+
+
+class _FileBenchmark:
+    """The offline benchmark with its splits served item by item."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train_data(self, task):
+        return _ItemByItem(self.inner.train_data(task))
+
+    def eval_data(self, split):
+        return _ItemByItem(self.inner.eval_data(split))
+
+
+def test_worker_processes_read_exactly_the_seeded_batches(bench):
+    from fastortho.finetune import batch_stream, sample_batch
+
+    data = _ItemByItem(bench.train_data("Digits"))
+    finite = list(batch_stream(data, 5, 3, 4, 9, workers=2))
+    endless = batch_stream(data, 5, 3, 4, workers=2)
+    assert len(finite) == 5
+    for step, batch in zip(range(4, 9), finite):
+        want = sample_batch(data, 5, 3, step)
+        assert all(torch.equal(a, b) for a, b in zip(batch, want))
+        assert all(torch.equal(a, b) for a, b in zip(next(endless), want))
+    with pytest.raises(ValueError, match="workers: expected a non-negative integer"):
+        next(batch_stream(data, 5, 3, 0, workers=-1))
+
+
+def test_workers_do_not_change_training_or_evaluation(bench):
+    files = _FileBenchmark(bench)
+    cfg = FinetuneConfig(mode="nonlinear", reg="taujp-cyclical", steps=3, batch_size=8, lr=1e-3, warmup=1,
+                         taujp_batch=4, accumulation=2)
+    in_process = finetune(bench, "Shapes", cfg, progress=False).task_vector
+    loaded = finetune(files, "Shapes", cfg, progress=False, workers=2).task_vector
+    for k in in_process:
+        assert torch.allclose(in_process[k], loaded[k], rtol=0, atol=1e-7), k
+    model = in_process.apply_to(bench.encoder())
+    assert make_evaluator(files, batch_size=50, workers=2)(model, "Shapes") == make_evaluator(bench)(model, "Shapes")
+
+
 def test_config_checks_and_schedule():
     with pytest.raises(ValueError, match="mode"):
         FinetuneConfig(mode="full").check()
