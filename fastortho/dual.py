@@ -348,6 +348,13 @@ def _nondifferentiable(func, args, kwargs):
     return _primal_call(func, flat, spec)
 
 
+def _metadata(func, args, kwargs):
+    """Queries of a tensor's metadata (dtype, shape, ...): the Dual's own data is the primal, so
+    the query runs on the arguments as they are (torch functions are disabled here), with no
+    tree flattening: models ask these hundreds of times per pass."""
+    return func(*args, **kwargs)
+
+
 def _jvp_fallback(func, args, kwargs):
     """``torch.func.jvp`` of this one op: correct for any op, at the cost of the primal twice."""
     flat, spec, duals = _flat(args, kwargs)
@@ -400,6 +407,11 @@ _NONDIFF = [
     torch.randn_like, T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor, torch.argmax,
     torch.argmin, T.argmax, T.argmin, T.argsort, torch.argsort,
 ]
+_METADATA = [
+    T.dtype.__get__, T.shape.__get__, T.device.__get__, T.ndim.__get__, T.is_nested.__get__,
+    T.requires_grad.__get__, T.is_cuda.__get__, T.layout.__get__, T.dim, T.size, T.numel, T.__len__,
+    T.is_floating_point, T.is_complex, T.is_contiguous, T.stride, T.element_size, T.data_ptr, T.get_device,
+]
 _INPLACE = [T.add_, T.sub_, T.mul_, T.div_, T.__iadd__, T.__isub__, T.__imul__, T.__itruediv__,
             T.copy_, T.fill_, T.zero_, T.__setitem__, T.masked_fill_, T.clamp_]
 
@@ -410,6 +422,7 @@ RULES.update({f: _sum for f in _SUMS})
 RULES.update({f: _concat for f in _CONCATS})
 RULES.update({f: _nondifferentiable for f in _NONDIFF})
 RULES.update({f: _inplace for f in _INPLACE})
+RULES.update({f: _metadata for f in _METADATA})
 RULES.update({
     F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm, F.gelu: _gelu,
     F.softmax: _softmax, T.softmax: _softmax, torch.softmax: _softmax,

@@ -62,6 +62,25 @@ class LinearizedModel(nn.Module):
         self.model = model
         self._names = tuple(trainable)
         self.th0 = _tree_module({n: p.detach().clone() for n, p in trainable.items()})
+        self._slots_cache: list | None = None
+
+    def _slots(self) -> list[tuple[str, nn.Module, str, nn.Module, str]]:
+        """Per trained parameter ``(name, owner, attribute, th0 owner, th0 attribute)``: the
+        tensors are read from their owners' dicts on every pass (so an assignment or ``.to()``
+        is always seen); only the walk of the module tree, milliseconds per pass for a ViT,
+        is done once."""
+        if self._slots_cache is None:
+            slots = []
+            for n in self._names:
+                owner_path, _, attr = n.rpartition(".")
+                owner = self.model.get_submodule(owner_path)
+                base = self.th0.get_submodule(owner_path)
+                if attr not in owner._parameters or attr not in base._buffers:
+                    raise RuntimeError(f"linearize: the trained parameter {n!r} is no longer where it was "
+                                       f"(was the model's structure changed after linearize?)")
+                slots.append((n, owner, attr, base, attr))
+            self._slots_cache = slots
+        return self._slots_cache
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -78,12 +97,11 @@ class LinearizedModel(nn.Module):
         return {n: (params[n] - self.th0.get_buffer(n)).detach() for n in self._names}
 
     def _dual_params(self, taus: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        params = dict(self.model.named_parameters())
         out = {}
-        for n in self._names:
-            th0 = self.th0.get_buffer(n)
+        for n, owner, attr, base, base_attr in self._slots():
+            th0 = base._buffers[base_attr]
             # th - th0 formed where an op uses it (see Dual), not held through the pass
-            out[n] = Dual(th0, (lambda p=params[n], p0=th0: p - p0) if taus is None else taus[n])
+            out[n] = Dual(th0, (lambda p=owner._parameters[attr], p0=th0: p - p0) if taus is None else taus[n])
         return out
 
     def dual(self, *args, taus: Mapping[str, Tensor] | None = None, **kwargs) -> tuple[Any, Any]:

@@ -272,6 +272,37 @@ def test_names_task_vector_and_optimizer():
     assert all(not t.requires_grad for t in tv.values())
 
 
+def test_pass_reads_moved_and_reassigned_tensors():
+    """The per-parameter slots are looked up once; the tensors in them are read every pass:
+    a ``.double()`` of the whole model, and a parameter assigned anew, are both seen."""
+    model = small_vit()
+    lin = fo.linearize(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lin(x.float())  # the slots now exist
+    lin.double()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.proj.add_(0.01 * torch.randn(model.proj.shape, generator=gen, dtype=torch.float64))
+    model.conv1.weight = nn.Parameter(model.conv1.weight.detach() + 0.01)
+    primal, tangent = lin.dual(x)
+    th0 = lin.base_values()
+    tau = {n: p.detach() - th0[n] for n, p in model.named_parameters()}
+    want_p, want_t = ref.jvp_linearized(model, th0, tau, x)
+    assert primal.dtype == torch.float64
+    assert rel_err(primal, want_p) <= F64_TOL and rel_err(tangent, want_t) <= F64_TOL
+    assert float(tangent.detach().norm()) > 0
+
+
+def test_dual_metadata_is_the_primals():
+    from fastortho.dual import Dual
+
+    primal, tangent = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    d = Dual(primal, tangent)
+    assert (d.dtype, d.shape, d.device, d.ndim, d.dim(), d.size(1), d.numel(), len(d), d.stride()) == \
+        (primal.dtype, primal.shape, primal.device, 3, 3, 4, 60, 3, primal.stride())
+    assert d.is_floating_point() and not d.is_nested and d.is_contiguous()
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = small_vit()
     lin, _ = linearized_pair(model)
