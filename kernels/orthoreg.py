@@ -88,14 +88,16 @@ def _layer(layer_table, layer, NF: tl.constexpr, ALIGNED: tl.constexpr):
     row = layer_table + layer * NF
     w_off = tl.load(row + 0)
     w0_off = tl.load(row + 1)
-    cols = tl.load(row + 2)
-    k = tl.load(row + 3)
-    big = tl.load(row + 4)
+    # Sizes and in-layer element indices are int32 (the host checks every layer has fewer
+    # than 2**31 elements): 64-bit index tensors cost twice the registers in every tile.
+    cols = tl.load(row + 2).to(tl.int32)
+    k = tl.load(row + 3).to(tl.int32)
+    big = tl.load(row + 4).to(tl.int32)
     tall = tl.load(row + 5)
     # G - I is stored with rows padded to kp, a multiple of 16, at 16-aligned offsets, so
     # its tiles load and store vectorized whatever k is.
     g_off = tl.multiple_of(tl.load(row + 6), 16)
-    kp = tl.multiple_of(tl.load(row + 7), 16)
+    kp = tl.multiple_of(tl.load(row + 7).to(tl.int32), 16)
     out_off = tl.load(row + 8)
     if ALIGNED:
         # Host checked: every weight offset and row length is a multiple of 16 elements.
@@ -368,6 +370,9 @@ def _check(weights, bases):
             raise ValueError(f"weights, bases: expected every tensor on {device}")
         if w.dtype != weights[0].dtype or b.dtype != bases[0].dtype:
             raise ValueError("weights, bases: one launch takes one weight dtype and one base dtype")
+        if w.numel() >= 2**31:
+            raise ValueError(f"weights: a layer of {w.numel()} elements (2**31 or more) is beyond the kernels' "
+                             f"32-bit in-layer indexing; use backend='torch' or 'cuda'")
 
 
 def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precision: str, *,

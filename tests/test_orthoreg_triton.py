@@ -200,3 +200,6 @@ def test_launchers_reject_bad_input():
         K.gram_penalty(weights, bases[:1], "ieee")
     with pytest.raises(ValueError, match="one weight dtype"):
         K.gram_penalty([weights[0], weights[1].double()], bases, "ieee")
+    huge = torch.empty(2**16, 2**15, dtype=torch.uint8)  # 2**31 elements, never touched: refused first
+    with pytest.raises(ValueError, match="32-bit in-layer indexing"):
+        K.gram_penalty([huge], [huge], "ieee")
