@@ -74,12 +74,35 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _delta_tile(w_ptr, w0_ptr, rows, cols, offs_r, offs_c, cols_stride):
-    # D[offs_r, offs_c] in fp32, zero outside the matrix.
-    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+def _delta_tile(w_ptr, w0_ptr, rows, cols, offs_r, offs_c, cols_stride, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    # D[offs_r, offs_c] in fp32. A masked axis reads zeros past the matrix (a reduction axis:
+    # those terms must vanish); an unmasked one clamps its index to the last row / column, so
+    # the tile holds copies of real entries there, which only reach outputs that the caller
+    # masks out (rows / columns of G or of the gradient past k or big). Fewer masks, fewer
+    # registers (a mask costs one per element).
+    if MASK_R:
+        r_ok = offs_r < rows
+    else:
+        offs_r = tl.minimum(offs_r, rows - 1)
+    if MASK_C:
+        c_ok = offs_c < cols
+    else:
+        offs_c = tl.minimum(offs_c, cols - 1)
     idx = offs_r[:, None] * cols_stride + offs_c[None, :]
-    w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    w0 = tl.load(w0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if MASK_R:
+        if MASK_C:
+            mask = r_ok[:, None] & c_ok[None, :]
+        else:
+            mask = r_ok[:, None]
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        w0 = tl.load(w0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if MASK_C:
+            w = tl.load(w_ptr + idx, mask=c_ok[None, :], other=0.0).to(tl.float32)
+            w0 = tl.load(w0_ptr + idx, mask=c_ok[None, :], other=0.0).to(tl.float32)
+        else:
+            w = tl.load(w_ptr + idx).to(tl.float32)
+            w0 = tl.load(w0_ptr + idx).to(tl.float32)
     return w - w0
 
 
@@ -117,20 +140,21 @@ def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr, 
     acc = tl.zeros((BT, BT), dtype=tl.float32)
     for b0 in range(0, big, BK):
         offs_b = b0 + tl.arange(0, BK)
+        # Only the reduction axis b is masked: entries of G past k are never stored or summed.
         if TALL:  # X = D: D[b, i], contiguous along i
-            d_i = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols)
+            d_i = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols, True, False)
             if DIAG:
                 d_j = d_i
             else:
-                d_j = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols)
+                d_j = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols, True, False)
             a = tl.trans(d_i)
             b = d_j
         else:  # X = D^T: D[i, b], contiguous along b
-            d_i = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols)
+            d_i = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols, False, True)
             if DIAG:
                 d_j = d_i
             else:
-                d_j = _delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols)
+                d_j = _delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols, False, True)
             a = d_i
             b = tl.trans(d_j)
         acc = _mma(_operand(a, PRECISION, EMULATE_BF16), _operand(b, PRECISION, EMULATE_BF16),
@@ -166,11 +190,12 @@ def gram_penalty_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
             else:
                 acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, False, BT, BK, PRECISION, EMULATE_BF16)
         eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
-        gmi = acc - eye
         valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
-        sq = tl.sum(tl.sum(tl.where(valid, gmi * gmi, 0.0), axis=1), axis=0)
+        # past k the tile holds products of clamped copies (see _delta_tile): zero them
+        gmi = tl.where(valid, acc - eye, 0.0)
+        sq = tl.sum(tl.sum(gmi * gmi, axis=1), axis=0)
         tl.store(partial_ptr + slot, tl.where(ti == tj, sq, 2.0 * sq))
-        # Columns k..kp of a row are padding; this tile's values there are exact zeros, and
+        # Columns k..kp of a row are padding; this tile's values there are zeros (above), and
         # writing them keeps the whole buffer defined.
         g = gmi_ptr + g_off
         tl.store(g + offs_i[:, None] * kp + offs_j[None, :], gmi,
@@ -204,10 +229,11 @@ def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
             # G - I is symmetric: read the tile (i, j) from rows j so that it is contiguous
             # along the reduction axis i (the operand order tf32 tensor-core products want).
             gm = tl.load(g + offs_j[None, :] * kp + offs_i[:, None], mask=gm_mask, other=0.0)
+            # The reduction axis i is masked; the output rows b are clamped (masked at the store).
             if tall != 0:
-                x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols)
+                x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols, False, True)
             else:
-                x = tl.trans(_delta_tile(w, w0, k, big, offs_i, offs_b, cols))
+                x = tl.trans(_delta_tile(w, w0, k, big, offs_i, offs_b, cols, True, False))
             acc = _mma(_operand(x, PRECISION, EMULATE_BF16), _operand(gm, PRECISION, EMULATE_BF16),
                        acc, PRECISION, EMULATE_BF16)
         acc = acc * c
