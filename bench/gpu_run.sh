@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, check on the GPU, tune, time. Writes logs and JSONs to $OUT.
-#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|diag|profile|tests|bench|lora|kernels|linearize ...]
+#   device run, carry [".whl"]:  bash bench/gpu_run.sh [sweep|static|diag|profile|tests|bench|lora|kernels|linearize ...]
 # Each step must fit the device's 10-minute call limit together with the others named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,6 +17,7 @@ export FASTORTHO_COMMIT=${FASTORTHO_COMMIT:-unknown}
 for step in $steps; do
   case $step in
     sweep) timeout 240 python3 bench/sweep_orthoreg.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    static) timeout 120 python3 bench/static_orthoreg.py --json "$OUT/static.json" 2>&1 | tee "$OUT/static.log" ;;
     diag) timeout 120 python3 bench/diagnose_orthoreg.py 2>&1 | tee "$OUT/diag.log"
           timeout 180 ncu --kernel-name regex:"gram_penalty_kernel|penalty_grad_kernel" --launch-count 2 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

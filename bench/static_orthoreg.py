@@ -22,14 +22,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastortho.kernels import orthoreg as K
+from sweep_orthoreg import CONFIGS as SWEEP_CONFIGS
 
-CONFIGS = {
-    "default": K.KernelConfig(),
-    "gram-bk16": K.KernelConfig(128, 16, 128, 128, 32),
-    "grad128x64": K.KernelConfig(128, 32, 128, 64, 32),
-    "gram64-w4": K.KernelConfig(64, 32, 128, 128, 32, num_warps=4),
-    "stages2": K.KernelConfig(num_stages=2),
-}
+# the configurations the GPU sweep times (programs_per_sm does not change the compiled code)
+CONFIGS = {name: cfg or K.KernelConfig() for name, cfg in SWEEP_CONFIGS.items()}
 
 _COMMON = {"w_base": "*fp32", "w0_base": "*fp32", "layer_table": "*i64", "tile_table": "*i32", "num_tiles": "i32"}
 
