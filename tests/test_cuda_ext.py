@@ -38,6 +38,16 @@ def test_cublas_library_is_the_one_torch_loaded():
         assert path in maps.read()
 
 
+def test_headers_come_from_the_toolkit_when_it_has_them(tmp_path, monkeypatch):
+    (tmp_path / "include").mkdir()
+    monkeypatch.setattr(cuda_ext, "cuda_home", lambda: str(tmp_path))
+    wheels = cuda_ext.include_dirs()  # a minimal toolkit: the pip wheels' headers, if any
+    assert all("nvidia" in d for d in wheels)
+    for header in cuda_ext._LIBRARY_HEADERS:
+        (tmp_path / "include" / header).touch()
+    assert cuda_ext.include_dirs() == []
+
+
 def test_cuda_gram_variable_is_checked(monkeypatch):
     from fastortho.ops.orthoreg import CUDA_CANDIDATES, cuda_candidates
 

@@ -37,8 +37,17 @@ def cuda_home() -> str | None:
     return None
 
 
+# Library headers ATen's CUDA context includes; a full toolkit has them, a minimal one (nvcc
+# and the runtime only, as on the CI machines) does not.
+_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
 def include_dirs() -> list[str]:
-    """cuBLAS and runtime headers of the pip CUDA wheels (site-packages/nvidia/cu*/include)."""
+    """Header directories to add: none when the toolkit has the library headers, else those of
+    the pip CUDA wheels (site-packages/nvidia/*/include), which match the torch in use."""
+    home = cuda_home()
+    if home and all((Path(home) / "include" / h).exists() for h in _LIBRARY_HEADERS):
+        return []
     import importlib.util
 
     spec = importlib.util.find_spec("nvidia")
