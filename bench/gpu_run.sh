@@ -17,7 +17,7 @@ export FASTORTHO_COMMIT=${FASTORTHO_COMMIT:-unknown}
 for step in $steps; do
   case $step in
     sweep) timeout 240 python3 bench/sweep_orthoreg.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-    static) timeout 120 python3 bench/static_orthoreg.py --json "$OUT/static.json" 2>&1 | tee "$OUT/static.log" ;;
+    static) timeout 120 python3 bench/static_kernels.py --json "$OUT/static.json" 2>&1 | tee "$OUT/static.log" ;;
     diag) timeout 120 python3 bench/diagnose_orthoreg.py 2>&1 | tee "$OUT/diag.log"
           timeout 180 ncu --kernel-name regex:"gram_penalty_kernel|penalty_grad_kernel" --launch-count 2 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

@@ -19,7 +19,7 @@ CONFIGS = {
     "p2": K.KernelConfig(128, 32, 128, 128, 32, num_warps=8, num_stages=3, programs_per_sm=2),
     "grad128x64": K.KernelConfig(128, 32, 128, 64, 32, num_warps=8, num_stages=3),
     "gram64-w4-p2": K.KernelConfig(64, 32, 128, 128, 32, num_warps=4, num_stages=3, programs_per_sm=2),
-    # spill-free phase 1 at sm_90a since the 32-bit indices (bench/static_orthoreg.py)
+    # spill-free phase 1 at sm_90a since the 32-bit indices (bench/static_kernels.py)
     "gram-bk16": K.KernelConfig(128, 16, 128, 128, 32, num_warps=8, num_stages=3),
     "gram-bk16-s4": K.KernelConfig(128, 16, 128, 128, 32, num_warps=8, num_stages=4),
 }

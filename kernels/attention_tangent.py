@@ -153,8 +153,13 @@ def attention_tangent_bwd_dkdv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, g
 def _config(device: torch.device, head_dim: int) -> dict:
     bd = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
-        return dict(BM=16, BN=16, BD=bd, num_warps=4)
-    return dict(BM=64, BN=64 if bd <= 64 else 32, BD=bd, num_warps=4)
+        return dict(BM=16, BN=16, BD=bd, num_warps=4, num_stages=1)
+    if bd <= 64:
+        return dict(BM=64, BN=64, BD=bd, num_warps=4, num_stages=3)
+    # Head dims 65-128: three stages of fp32 tiles need 256 KiB of shared memory in the forward
+    # kernel, beyond the 227 KiB of an H100 block (the launch would fail); two stages and 8
+    # warps fit (192 KiB) and spill least (tests/test_kernel_resources.py checks the budget).
+    return dict(BM=64, BN=32, BD=bd, num_warps=8, num_stages=2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -182,7 +187,8 @@ def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, caus
     cfg = _config(q.device, D)
     grid = (triton.cdiv(L, cfg["BM"]), BH)
     attention_tangent_fwd[grid](qf, kf, vf, dqf, dkf, dvf, o, do, lse, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"],
-                                BD=cfg["BD"], CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"])
+                                BD=cfg["BD"], CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
     return o.view(shape), do.view(shape), lse
 
 
@@ -198,8 +204,8 @@ def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, caus
     prec = _precision(q.dtype)
     attention_tangent_bwd_dq[(triton.cdiv(L, cfg["BM"]), BH)](
         qf, kf, vf, gf, lse, delta, gdq, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], CAUSAL=causal,
-        PRECISION=prec, num_warps=cfg["num_warps"])
+        PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     attention_tangent_bwd_dkdv[(triton.cdiv(S, cfg["BN"]), BH)](
         qf, kf, vf, gf, lse, delta, gdk, gdv, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], CAUSAL=causal,
-        PRECISION=prec, num_warps=cfg["num_warps"])
+        PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return gdq.view(q.shape), gdk.view(k.shape), gdv.view(v.shape)

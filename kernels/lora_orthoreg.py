@@ -126,6 +126,13 @@ def default_config(device: torch.device) -> LoRAConfig:
     return LoRAConfig(block=64 if device.type == "cuda" else 32)
 
 
+def penalty_warps(cfg: LoRAConfig, rp: int) -> int:
+    """Warps of the penalty kernel: its four ``RP x RP`` fp32 products need 8 warps at
+    ``RP = 64`` to stay in registers (4 spill about 1.2 KB per thread at sm_90a;
+    bench/static_kernels.py)."""
+    return max(cfg.num_warps, 8) if rp >= 64 else cfg.num_warps
+
+
 def rank_padding(max_rank: int) -> int:
     """``RP``: the power of two >= the largest rank, at least 16 (the smallest tl.dot)."""
     return max(16, triton.next_power_of_2(max_rank))
@@ -206,7 +213,7 @@ def lora_penalty(As, Bs, scales, precision: str, *, config: LoRAConfig | None = 
     small = small_out if small_out is not None else torch.empty((n, 2, rp, rp), dtype=torch.float32, device=device)
     lora_penalty_kernel[(n,)](As[0], Bs[0], plan.table, plan.s2, values, small, NF=FIELDS, RP=rp,
                               BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
-                              num_warps=cfg.num_warps)
+                              num_warps=penalty_warps(cfg, rp))
     return values, small
 
 

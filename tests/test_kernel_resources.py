@@ -1,0 +1,37 @@
+"""Every Triton kernel, at the configuration its launcher picks on CUDA, compiles for sm_90a
+(H100 / H200) within the shared memory a block may have: a configuration that could not launch
+on the GPU fails here, on a machine without one (fastortho.kernels.resources). The compiles
+run in one subprocess without TRITON_INTERPRET, which would replace the kernels."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastortho.kernels.resources import SM90_SHARED_LIMIT, gpu_launch_cases  # noqa: E402
+
+NAMES = [case[0] for case in gpu_launch_cases("tf32")]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no CUDA backend to compile for")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fastortho.kernels.resources", "--precision", "tf32"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {row["kernel"]: row for row in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_fits_an_sm90_block(reports, name):
+    report = reports[name]
+    assert report["shared_bytes"] <= SM90_SHARED_LIMIT, report
+    if report["registers"] is not None:
+        assert report["registers"] <= 255, report
