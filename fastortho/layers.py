@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping, Union
 
-import torch
 from torch import Tensor, nn
 
 LayerSpec = Union[str, Callable[[str, Tensor], bool]]
