@@ -4,7 +4,8 @@ as `fastortho.kernels` (package_dir mapping), never as a top-level `kernels` mod
 The CUDA extension (`csrc/`, module `fastortho._C`) is built here only when torch is importable
 in the build environment (`pip install --no-build-isolation ...`), torch has CUDA, a CUDA
 toolkit is found (CUDA_HOME) and FASTORTHO_SKIP_CUDA_BUILD is not 1. Otherwise it is built
-lazily on first CUDA use (fastortho/ops/cuda_ext.py). TORCH_CUDA_ARCH_LIST picks the
+lazily on first CUDA use (fastortho/ops/cuda_ext.py), from the sources shipped as package
+data (fastortho/csrc). TORCH_CUDA_ARCH_LIST picks the
 architectures; MAX_JOBS defaults to half the cores."""
 import glob
 import importlib.util
@@ -47,7 +48,11 @@ if built is not None:
     kwargs = {"ext_modules": [built[0]], "cmdclass": {"build_ext": built[1]}}
 
 setup(
-    packages=["fastortho", "fastortho.ops", "fastortho.kernels"],
-    package_dir={"fastortho": "fastortho", "fastortho.kernels": "kernels"},
+    packages=["fastortho", "fastortho.ops", "fastortho.ops.orthoreg", "fastortho.ops.lora", "fastortho.ops.dual",
+              "fastortho.train", "fastortho.commands", "fastortho.kernels", "fastortho.csrc"],
+    package_dir={"fastortho": "fastortho", "fastortho.kernels": "kernels", "fastortho.csrc": "csrc"},
+    # The extension's sources travel in the wheel (fastortho/csrc), so the lazy JIT build works
+    # from any install, not only from a source tree.
+    package_data={"fastortho.csrc": ["*.cu", "*.cpp", "*.h", "*.md"]},
     **kwargs,
 )

@@ -84,7 +84,7 @@ def _median_time(fn, reps: int) -> float:
 def ceilings():
     """Device ceilings measured in this run: matmul rate per precision (FLOP/s) and copy
     bandwidth (bytes read + written per second). The floors of every case divide by these."""
-    from fastortho.ops.precision import fp32_matmul
+    from fastortho.ops._common import fp32_matmul
 
     n = 8192 if DEVICE == "cuda" else 1024
     a = torch.randn(n, n, device=DEVICE)

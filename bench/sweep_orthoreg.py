@@ -11,7 +11,7 @@ import torch
 import triton.testing
 
 from fastortho.kernels import orthoreg as K
-from fastortho.ops.orthoreg_torch import gram_minus_identity, layer_groups, scaled_grads
+from fastortho.ops.orthoreg.torch_backend import gram_minus_identity, layer_groups, scaled_grads
 from fastortho.testing import random_layers, vit_weight_shapes
 
 CONFIGS = {

@@ -24,7 +24,7 @@ import torch
 import fastortho as fo
 from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
-from fastortho.ops.dual import set_kernels
+from fastortho import set_kernels
 from fastortho.testing import saved_activation_bytes
 
 open_clip = pytest.importorskip("open_clip")

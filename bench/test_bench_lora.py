@@ -16,7 +16,7 @@ import torch
 from conftest import DEVICE, sync
 from fastortho import reference as ref
 from fastortho.ops.lora import lora_ortho_penalty
-from fastortho.ops.precision import fp32_matmul
+from fastortho.ops._common import fp32_matmul
 
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
 WIDTH, BLOCKS = 1024, 24

@@ -14,10 +14,10 @@ from torch import nn
 import fastortho as fo
 from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
-from fastortho.ops.precision import fp32_matmul
+from fastortho.ops._common import fp32_matmul
 from fastortho.testing import random_layers, vit_weight_shapes
 
-# The precision every timed case uses: tf32 on a GPU (the DESIGN targets), fp32 on a CPU.
+# The precision every timed case uses: tf32 on a GPU (the targets of docs/design.md section 6), fp32 on a CPU.
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
 # "cuda" picks its Gram variant per shape group by measurement; "cuda-<gram>" forces one.
 IMPLS = ["released", "released-compiled", "torch", "triton", "cuda", "cuda-gemm", "cuda-triangle", "cuda-syrk",

@@ -1,5 +1,4 @@
-// Grouped OrthoReg penalty and gradient, and the dual (primal + tangent) linear layer, as
-// `fastortho::` ops (TORCH_LIBRARY_FRAGMENT: the Python ops share the namespace).
+// Grouped OrthoReg penalty and gradient as a `fastortho::` op (TORCH_LIBRARY_FRAGMENT: the Python ops share the namespace).
 //
 // ortho_penalty_grouped(weights, bases, squared, gram) -> (values [L] fp32, grads [L])
 //   One C++ call for every layer: layers are grouped by shape; per group one CUDA kernel
@@ -19,9 +18,6 @@
 //     "syrk"     cublasSsyrk per layer (half the FLOPs, but no batched form, and cuBLAS may
 //                not run it on tensor cores).
 //   The last two write one triangle; the identity kernel mirrors it while it reduces.
-//
-// dual_linear(x, dx, w, dw, b, db) -> (y, dy), y = x w^T + b, dy = x dw^T + dx w^T + db
-// dual_linear_backward(g_y, g_dy, x, dx, w, dw) -> (grad x, grad dx, grad dw, grad db)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
@@ -244,50 +240,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ortho_penalty_grouped(
   return {values, grads};
 }
 
-std::tuple<at::Tensor, at::Tensor> dual_linear(at::Tensor x, std::optional<at::Tensor> dx, at::Tensor w,
-                                               std::optional<at::Tensor> dw, std::optional<at::Tensor> b,
-                                               std::optional<at::Tensor> db) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dual_linear: expected x [M, K] and w [N, K]");
-  c10::cuda::CUDAGuard guard(x.device());
-  auto y = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
-  at::Tensor dy;
-  if (dw.has_value()) dy = db.has_value() ? at::addmm(*db, x, dw->t()) : at::mm(x, dw->t());
-  if (dx.has_value()) {
-    if (dy.defined()) {
-      dy.addmm_(*dx, w.t());  // accumulated by the same cuBLAS call (beta = 1)
-    } else {
-      dy = db.has_value() ? at::addmm(*db, *dx, w.t()) : at::mm(*dx, w.t());
-    }
-  }
-  if (!dy.defined()) dy = db.has_value() ? db->expand({x.size(0), w.size(0)}).contiguous() : at::zeros_like(y);
-  return {y, dy};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_linear_backward(
-    std::optional<at::Tensor> g_y, at::Tensor g_dy, at::Tensor x, std::optional<at::Tensor> dx, at::Tensor w,
-    std::optional<at::Tensor> dw) {
-  c10::cuda::CUDAGuard guard(x.device());
-  // y = x w^T: grad x += g_y w;  dy = x dw^T + dx w^T + db
-  at::Tensor grad_x = dw.has_value() ? at::mm(g_dy, *dw) : at::zeros_like(x);
-  if (g_y.has_value()) grad_x.addmm_(*g_y, w);
-  auto grad_dx = at::mm(g_dy, w);
-  auto grad_dw = at::mm(g_dy.t(), x);
-  auto grad_db = g_dy.sum(0);
-  return {grad_x, grad_dx, grad_dw, grad_db};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastortho, m) {
   m.def("ortho_penalty_grouped(Tensor[] weights, Tensor[] bases, bool squared, str gram=\"gemm\") -> "
         "(Tensor, Tensor[])");
-  m.def("dual_linear(Tensor x, Tensor? dx, Tensor w, Tensor? dw, Tensor? b, Tensor? db) -> (Tensor, Tensor)");
-  m.def("dual_linear_backward(Tensor? g_y, Tensor g_dy, Tensor x, Tensor? dx, Tensor w, Tensor? dw) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastortho, CUDA, m) {
   m.impl("ortho_penalty_grouped", &ortho_penalty_grouped);
-  m.impl("dual_linear", &dual_linear);
-  m.impl("dual_linear_backward", &dual_linear_backward);
 }

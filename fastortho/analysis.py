@@ -80,7 +80,7 @@ def disentanglement_error(pretrained, tau1: Mapping[str, Tensor], tau2: Mapping[
                           forward: Callable | None = None, distance="prediction", max_points: int = 2048,
                           seed: int = 0, progress: bool = True) -> np.ndarray:
     """``xi(a1, a2) = sum_t E_{x in X_t} dist(f_t(x; th0 + a_t tau_t), f_t(x; th0 + a1 tau1 + a2 tau2))``
-    on ``grid x grid`` (DESIGN section 1; linear-layers paper Eq. 5, Fig. 4).
+    on ``grid x grid`` (docs/design.md section 1; linear-layers paper Eq. 5, Fig. 4).
 
     Args:
         pretrained: the model at ``th0`` (never modified), or a :class:`LinearizedModel`, for

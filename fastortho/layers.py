@@ -90,11 +90,8 @@ def select_parameters(model: nn.Module, layers: LayerSpec = "trainable-2d") -> l
 
 
 def base_tensors(base: object, model: nn.Module | None = None) -> Mapping[str, Tensor]:
-    """``name -> tensor`` view of a snapshot, a state_dict or a module."""
-    from .snapshot import Snapshot
-
-    if isinstance(base, Snapshot):
-        return base
+    """``name -> tensor`` view of a snapshot, a state_dict or a module (a Snapshot is a
+    Mapping, so this module needs no import of it)."""
     if isinstance(base, nn.Module):
         if base is model:
             raise ValueError("base: got the model itself; pass the pretrained weights "

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .dual import Dual, primal_of, tangent_of
+from .dual import Dual, primal_of
 
 
 def _tree_module(tensors: Mapping[str, Tensor]) -> nn.Module:
@@ -144,7 +144,7 @@ class LinearizedModel(nn.Module):
         safetensors; ``metadata`` (str -> str) is stored beside it."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         seen: set[tuple[int, int]] = set()
         state = {}
@@ -191,8 +191,3 @@ def linearize(model: nn.Module) -> LinearizedModel:
     :class:`LinearizedModel` that trains ``model``'s own parameters (shared, not copied)."""
     return LinearizedModel(model)
 
-
-def tangent_of_output(out) -> Tensor:
-    """The tangent of a single-tensor output of a dual pass (zeros if it has none)."""
-    t = tangent_of(out)
-    return t if t is not None else torch.zeros_like(primal_of(out))

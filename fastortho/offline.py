@@ -24,13 +24,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
+
+from ._config import cache_dir, offline_config_json
 
 TASKS = ("Digits", "Textures", "Shapes", "Gratings")
 CONTROL = "Rotation"
@@ -173,7 +173,7 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
 def config_from_env() -> EncoderConfig:
     """``EncoderConfig`` with the fields of the JSON in ``FASTORTHO_OFFLINE_CONFIG`` (for quick
     runs and tests, e.g. ``{"width": 32, "layers": 1, "pretrain_steps": 10}``)."""
-    raw = os.environ.get("FASTORTHO_OFFLINE_CONFIG")
+    raw = offline_config_json()
     if not raw:
         return EncoderConfig()
     try:
@@ -181,10 +181,6 @@ def config_from_env() -> EncoderConfig:
         return EncoderConfig(**values)
     except (TypeError, ValueError) as e:
         raise ValueError(f"FASTORTHO_OFFLINE_CONFIG: expected a JSON object of EncoderConfig fields, got {raw!r} ({e})") from None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTORTHO_CACHE", Path.home() / ".cache" / "fastortho"))
 
 
 class OfflineBenchmark:

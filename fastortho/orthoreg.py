@@ -1,5 +1,5 @@
 """OrthoReg: ``sum_l ||G_l - I||_F^2`` over the tuned layers, ``G`` the Gram of the smaller side
-of ``D = W - W0`` (DESIGN section 1), with its analytic gradient.
+of ``D = W - W0`` (docs/design.md section 1), with its analytic gradient.
 
 ``ortho_loss`` is the functional form (selects and validates every call); ``OrthoReg`` builds
 its plan once, so the per-step Python cost does not grow with the number of layers.
@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from .layers import LayerSpec, base_tensors, paired_bases, select_parameters
 from .lora import LoRAAdapter, lora_adapters
+from .ops._common import resolve_backend, resolve_precision
 from .ops.lora import lora_ortho_penalty
-from .ops.orthoreg import ortho_penalty, resolve_backend
-from .ops.precision import resolve_precision
+from .ops.orthoreg import ortho_penalty
 
 
 def _lora_plan(model: nn.Module, base, layers) -> list[LoRAAdapter] | None:

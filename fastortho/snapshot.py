@@ -47,9 +47,13 @@ class Snapshot(Mapping[str, Tensor]):
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "Snapshot":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        try:
+            f = safe_open(str(path), framework="pt", device=str(device))
+        except SafetensorError as e:
+            raise ValueError(f"path: {path} is not a safetensors file ({e})") from None
+        with f:
             meta = f.metadata() or {}
             if meta.get("format") != "fastortho.snapshot":
                 raise ValueError(f"path: {path} is not a fastortho snapshot (metadata format="

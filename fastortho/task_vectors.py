@@ -1,6 +1,6 @@
 """Task vectors (``tau_t = th_t - th0``) and task arithmetic: addition with one coefficient
-searched on validation splits, and negation under a control-task constraint (DESIGN
-section 1; Ilharco et al. 2023, Ortiz-Jimenez et al. 2023).
+searched on validation splits, and negation under a control-task constraint
+(docs/design.md section 1; Ilharco et al. 2023, Ortiz-Jimenez et al. 2023).
 
 Everything here is model- and data-agnostic: evaluation is an ``evaluate(model, task) ->
 accuracy`` callable supplied by the caller. Result keys follow the task-vectors code:
@@ -208,7 +208,7 @@ class TaskVector(Mapping[str, Tensor]):
         """Safetensors with the metadata (e.g. base model, method, regularizer, lambda)."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         meta = dict(self.metadata)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})

@@ -1,8 +1,16 @@
-"""Triton kernels of fastortho, installed as ``fastortho.kernels``. Importing this package
-does not import triton; each kernel module does, on first use."""
-import os
+"""Triton kernels of fastortho, installed as ``fastortho.kernels`` (docs/design.md section 3).
 
+- ``_common.py``   the device-side helpers every kernel shares (operand rounding, the
+                   precision-dispatching product) and the lazily probed device description
+- ``layout.py``    flat-buffer layouts shared with the fake (meta) kernels; no triton import
+- ``orthoreg.py``  OrthoReg penalty (phase 1: Gram tiles) and gradient (phase 2)
+- ``lora_orthoreg.py``  exact low-rank penalty of LoRA adapters and its gradients
+- ``dual_linear.py``    fused primal + tangent linear layer (one and many tangents)
+- ``attention_tangent.py``  one-pass attention with its tangent, and the tangent's backward
+- ``resources.py`` what each kernel compiles to for sm_90a, without a GPU
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+Importing this package does not import triton; each kernel module does, on first use.
+"""
+from .._config import interpreting
+
+__all__ = ["interpreting"]

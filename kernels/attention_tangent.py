@@ -1,4 +1,4 @@
-"""One-pass attention with its tangent (DESIGN section 7, Lu & Song 2024 App. F).
+"""One-pass attention with its tangent (docs/design.md section 7, Lu & Song 2024 App. F).
 
 Forward: flash-style online softmax over key blocks producing ``O = softmax(c Q K^T) V`` and
 ``dO = (P * dS) V - rowsum(P * dS) O + P dV``, ``dS = c (dQ K^T + Q dK^T)``, together. Per
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from ._common import device_info, dot_precision
 
 
 @triton.jit
@@ -150,44 +150,48 @@ def attention_tangent_bwd_dkdv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, g
     tl.store(gdv_ptr + idx, gdv.to(gdv_ptr.dtype.element_ty), mask=mask_k)
 
 
-def _config(device: torch.device, head_dim: int) -> dict:
+# Shared memory of the fp32 forward kernel at head dims 65-128 (BM=64, BN=32, BD=128, 8 warps),
+# read off its sm_90a compile (fastortho.kernels.resources): 64 KiB per pipeline stage plus
+# 64 KiB; bf16 needs less. Used to pick the deepest pipeline the device's blocks can hold.
+_WIDE_STAGE_BYTES, _WIDE_FIXED_BYTES = 65536, 65536
+
+
+def launch_config(device, head_dim: int) -> dict:
+    """Blocks, warps and stages on ``device`` (a torch.device or a ``DeviceInfo``)."""
+    info = device_info(device)
     bd = max(16, triton.next_power_of_2(head_dim))
-    if device.type != "cuda":
+    if not info.is_cuda:
         return dict(BM=16, BN=16, BD=bd, num_warps=4, num_stages=1)
     if bd <= 64:
         return dict(BM=64, BN=64, BD=bd, num_warps=4, num_stages=3)
-    # Head dims 65-128: three stages of fp32 tiles need 256 KiB of shared memory in the forward
-    # kernel, beyond the 227 KiB of an H100 block (the launch would fail); two stages and 8
-    # warps fit (192 KiB) and spill least (tests/test_kernel_resources.py checks the budget).
-    return dict(BM=64, BN=32, BD=bd, num_warps=8, num_stages=2)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if interpreting() or dtype != torch.float32:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
+    # Head dims 65-128: three stages need 256 KiB, beyond the 227 KiB of an H100 block (the
+    # launch would fail); two stages and 8 warps fit (192 KiB) and spill least
+    # (tests/test_kernel_resources.py checks the budget at sm_90a).
+    stages = 3
+    while stages > 1 and _WIDE_FIXED_BYTES + stages * _WIDE_STAGE_BYTES > info.shared_per_block:
+        stages -= 1
+    return dict(BM=64, BN=32, BD=bd, num_warps=8, num_stages=stages)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
-def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, causal: bool = False, *,
-                           o_out=None, do_out=None):
+def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, causal: bool = False):
     """``(O, dO, lse)`` for ``[..., L, D]`` queries and ``[..., S, D]`` keys/values (the
-    leading dims flattened into batch x heads). ``o_out`` / ``do_out``: pre-poisoned outputs."""
+    leading dims flattened into batch x heads)."""
     shape = q.shape
     L, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
     qf, kf, vf, dqf, dkf, dvf = (_flat(t) for t in (q, k, v, dq, dk, dv))
     BH = qf.shape[0]
     c = scale if scale is not None else 1.0 / math.sqrt(D)
-    o = o_out if o_out is not None else torch.empty_like(qf)
-    do = do_out if do_out is not None else torch.empty_like(qf)
+    o = torch.empty_like(qf)
+    do = torch.empty_like(qf)
     lse = torch.empty((BH, L), dtype=torch.float32, device=q.device)
-    cfg = _config(q.device, D)
+    cfg = launch_config(q.device, D)
     grid = (triton.cdiv(L, cfg["BM"]), BH)
     attention_tangent_fwd[grid](qf, kf, vf, dqf, dkf, dvf, o, do, lse, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"],
-                                BD=cfg["BD"], CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"],
+                                BD=cfg["BD"], CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
     return o.view(shape), do.view(shape), lse
 
@@ -200,8 +204,8 @@ def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, caus
     c = scale if scale is not None else 1.0 / math.sqrt(D)
     delta = torch.empty((BH, L), dtype=torch.float32, device=q.device)
     gdq, gdk, gdv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    cfg = _config(q.device, D)
-    prec = _precision(q.dtype)
+    cfg = launch_config(q.device, D)
+    prec = dot_precision(q.dtype)
     attention_tangent_bwd_dq[(triton.cdiv(L, cfg["BM"]), BH)](
         qf, kf, vf, gf, lse, delta, gdq, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], CAUSAL=causal,
         PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

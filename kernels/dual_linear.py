@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from ._common import device_info, dot_precision
 
 
 @triton.jit
@@ -56,46 +56,41 @@ def dual_linear_kernel(x_ptr, dx_ptr, w_ptr, dw_ptr, b_ptr, db_ptr, y_ptr, dy_pt
              acc_dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(device: torch.device) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
+def launch_blocks(device) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, num_warps)`` on ``device`` (a torch.device or a ``DeviceInfo``)."""
+    if not device_info(device).is_cuda:
         return 32, 32, 32, 4  # the interpreter: small tiles
     return 128, 128, 32, 8
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if interpreting() or dtype != torch.float32:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 def _strides(t, dims):
     return [0] * dims if t is None else list(t.stride())
 
 
-def dual_linear(x0: torch.Tensor, dx, w0: torch.Tensor, dw, b0=None, db=None, *, y_out=None, dy_out=None):
+def dual_linear(x0: torch.Tensor, dx, w0: torch.Tensor, dw, b0=None, db=None):
     """``(y, dy)`` for 2-D ``x0, dx: M x K``, ``w0, dW: N x K``, ``b0, db: N`` (tangents may be
-    None). ``y_out`` / ``dy_out`` let tests pass pre-poisoned outputs."""
+    None)."""
     M, K = x0.shape
     N = w0.shape[0]
-    y = y_out if y_out is not None else torch.empty((M, N), dtype=x0.dtype, device=x0.device)
-    dy = dy_out if dy_out is not None else torch.empty((M, N), dtype=x0.dtype, device=x0.device)
+    y = torch.empty((M, N), dtype=x0.dtype, device=x0.device)
+    dy = torch.empty((M, N), dtype=x0.dtype, device=x0.device)
     _launch(x0, dx, w0, dw, b0, db, y, dy, M, N, K, tangents=1, write_y=True)
     return y, dy
 
 
-def dual_linear_multi(x0: torch.Tensor, dx, w0: torch.Tensor, dw, db=None, *, dy_out=None):
+def dual_linear_multi(x0: torch.Tensor, dx, w0: torch.Tensor, dw, db=None):
     """``dy[t] = x0 dW[t]^T + dx[t] W0^T + db[t]`` for ``T`` tangents (``dx: T x M x K`` or None,
     ``dW: T x N x K`` or None, ``db: T x N`` or None)."""
     M, K = x0.shape
     N = w0.shape[0]
     T = next(t.shape[0] for t in (dx, dw, db) if t is not None)
-    dy = dy_out if dy_out is not None else torch.empty((T, M, N), dtype=x0.dtype, device=x0.device)
+    dy = torch.empty((T, M, N), dtype=x0.dtype, device=x0.device)
     _launch(x0, dx, w0, dw, None, db, None, dy, M, N, K, tangents=T, write_y=False)
     return dy
 
 
 def _launch(x0, dx, w0, dw, b0, db, y, dy, M, N, K, tangents, write_y):
-    BM, BN, BK, warps = _blocks(x0.device)
+    BM, BN, BK, warps = launch_blocks(x0.device)
     multi = tangents > 1 or (dy.dim() == 3)
     sdx = _strides(dx, 3 if multi else 2)
     sdw = _strides(dw, 3 if multi else 2)
@@ -111,4 +106,4 @@ def _launch(x0, dx, w0, dw, b0, db, y, dy, M, N, K, tangents, write_y):
         x0.stride(0), x0.stride(1), sdx[0], sdx[1], sdx[2], w0.stride(0), w0.stride(1), sdw[0], sdw[1], sdw[2],
         sdb[0], sy[0], sy[1], sy[2], sdy[0], sdy[1], sdy[2],
         HAS_DX=dx is not None, HAS_DW=dw is not None, HAS_B=b0 is not None, HAS_DB=db is not None,
-        WRITE_Y=write_y, BM=BM, BN=BN, BK=BK, PRECISION=_precision(x0.dtype), num_warps=warps)
+        WRITE_Y=write_y, BM=BM, BN=BN, BK=BK, PRECISION=dot_precision(x0.dtype), num_warps=warps)

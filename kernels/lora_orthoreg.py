@@ -2,7 +2,7 @@
 one for the gradients.
 
 For an adapter ``D = s B A`` (``B: out x r``, ``A: r x in``, row-major), ``M = B^T B``,
-``N = A A^T``, ``E = s^2 M N - I_r`` (all ``r x r``; DESIGN section 1):
+``N = A A^T``, ``E = s^2 M N - I_r`` (all ``r x r``; docs/design.md section 1):
 
     ||G - I||_F^2 = sum(E * E^T) + (k - r),   dP/dB = 4 s^2 B (N E),   dP/dA = 4 s^2 (E M) A.
 
@@ -21,15 +21,13 @@ Precision: the two streaming products and the gradient products follow "ieee" / 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from .orthoreg import PRECISIONS, _grid, _mma, _operand, KernelConfig
+from ._common import check_precision, device_info, interpreting, mma, operand, persistent_grid
 
 FIELDS = 8  # a_off, b_off, out, in, r, k, ga_off, gb_off
 
@@ -56,15 +54,15 @@ def lora_penalty_kernel(a_base, b_base, table, s2_ptr, values_ptr, small_ptr, NF
         offs_o = o0 + tl.arange(0, BL)
         blk = tl.load(b + offs_o[:, None] * r + offs_r[None, :],
                       mask=(offs_o[:, None] < out) & in_rank[None, :], other=0.0).to(tl.float32)
-        blk = _operand(blk, PRECISION, EMULATE_BF16)
-        m = _mma(tl.trans(blk), blk, m, PRECISION, EMULATE_BF16)
+        blk = operand(blk, PRECISION, EMULATE_BF16)
+        m = mma(tl.trans(blk), blk, m, PRECISION, EMULATE_BF16)
     n = tl.zeros((RP, RP), dtype=tl.float32)
     for i0 in range(0, inn, BL):
         offs_i = i0 + tl.arange(0, BL)
         blk = tl.load(a + offs_r[:, None] * inn + offs_i[None, :],
                       mask=in_rank[:, None] & (offs_i[None, :] < inn), other=0.0).to(tl.float32)
-        blk = _operand(blk, PRECISION, EMULATE_BF16)
-        n = _mma(blk, tl.trans(blk), n, PRECISION, EMULATE_BF16)
+        blk = operand(blk, PRECISION, EMULATE_BF16)
+        n = mma(blk, tl.trans(blk), n, PRECISION, EMULATE_BF16)
     s2 = tl.load(s2_ptr + pid)
     # Rows and columns past r of M and N are zero; the identity is masked to r so E is too.
     eye = ((offs_r[:, None] == offs_r[None, :]) & in_rank[:, None]).to(tl.float32)
@@ -98,7 +96,7 @@ def lora_grad_kernel(a_base, b_base, table, tiles, num_tiles, small_ptr, coef_pt
             mask_a = in_rank[:, None] & (offs_l[None, :] < inn)
             a_blk = tl.load(a_base + a_off + offs_r[:, None] * inn + offs_l[None, :], mask=mask_a,
                             other=0.0).to(tl.float32)
-            ga = _mma(_operand(em, PRECISION, EMULATE_BF16), _operand(a_blk, PRECISION, EMULATE_BF16),
+            ga = mma(operand(em, PRECISION, EMULATE_BF16), operand(a_blk, PRECISION, EMULATE_BF16),
                       tl.zeros((RP, BL), dtype=tl.float32), PRECISION, EMULATE_BF16)
             tl.store(out_ptr + ga_off + offs_r[:, None] * inn + offs_l[None, :],
                      ga.to(out_ptr.dtype.element_ty), mask=mask_a)
@@ -107,7 +105,7 @@ def lora_grad_kernel(a_base, b_base, table, tiles, num_tiles, small_ptr, coef_pt
             mask_b = (offs_l[:, None] < out) & in_rank[None, :]
             b_blk = tl.load(b_base + b_off + offs_l[:, None] * r + offs_r[None, :], mask=mask_b,
                             other=0.0).to(tl.float32)
-            gb = _mma(_operand(b_blk, PRECISION, EMULATE_BF16), _operand(ne, PRECISION, EMULATE_BF16),
+            gb = mma(operand(b_blk, PRECISION, EMULATE_BF16), operand(ne, PRECISION, EMULATE_BF16),
                       tl.zeros((BL, RP), dtype=tl.float32), PRECISION, EMULATE_BF16)
             tl.store(out_ptr + gb_off + offs_l[:, None] * r + offs_r[None, :],
                      gb.to(out_ptr.dtype.element_ty), mask=mask_b)
@@ -122,8 +120,9 @@ class LoRAConfig:
     programs_per_sm: int = 2
 
 
-def default_config(device: torch.device) -> LoRAConfig:
-    return LoRAConfig(block=64 if device.type == "cuda" else 32)
+def default_config(device) -> LoRAConfig:
+    """The launch configuration on ``device`` (a torch.device or a ``DeviceInfo``)."""
+    return LoRAConfig(block=64 if device_info(device).is_cuda else 32)
 
 
 def penalty_warps(cfg: LoRAConfig, rp: int) -> int:
@@ -199,18 +198,17 @@ def lora_plan(As, Bs, scales, cfg: LoRAConfig) -> LoRAPlan:
     return plan
 
 
-def lora_penalty(As, Bs, scales, precision: str, *, config: LoRAConfig | None = None,
-                 values_out=None, small_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_penalty(As, Bs, scales, precision: str, *,
+                 config: LoRAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-adapter ``||G - I||_F^2`` (fp32 ``[L]``) and the ``[L, 2, RP, RP]`` fp32 buffer of
-    ``4 s^2 N E`` and ``4 s^2 E M``. ``values_out`` / ``small_out`` let tests pre-poison."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    ``4 s^2 N E`` and ``4 s^2 E M``."""
+    check_precision(precision)
     device = As[0].device
     cfg = config or default_config(device)
     plan = lora_plan(As, Bs, scales, cfg)
     n, rp = len(As), plan.rp
-    values = values_out if values_out is not None else torch.empty(n, dtype=torch.float32, device=device)
-    small = small_out if small_out is not None else torch.empty((n, 2, rp, rp), dtype=torch.float32, device=device)
+    values = torch.empty(n, dtype=torch.float32, device=device)
+    small = torch.empty((n, 2, rp, rp), dtype=torch.float32, device=device)
     lora_penalty_kernel[(n,)](As[0], Bs[0], plan.table, plan.s2, values, small, NF=FIELDS, RP=rp,
                               BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
                               num_warps=penalty_warps(cfg, rp))
@@ -218,41 +216,19 @@ def lora_penalty(As, Bs, scales, precision: str, *, config: LoRAConfig | None = 
 
 
 def lora_grad(As, Bs, scales, small: torch.Tensor, coef: torch.Tensor, precision: str, *,
-              config: LoRAConfig | None = None, out=None) -> torch.Tensor:
+              config: LoRAConfig | None = None) -> torch.Tensor:
     """``coef[i] *`` the gradients of every adapter into one flat buffer (all ``A`` then all
-    ``B``, each in its own row-major layout; see :func:`grad_views`)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    ``B``, each in its own row-major layout; see :func:`.layout.lora_grad_views`)."""
+    check_precision(precision)
     device = As[0].device
     cfg = config or default_config(device)
     plan = lora_plan(As, Bs, scales, cfg)
     num_tiles = plan.tiles.shape[0]
-    if out is None:
-        out = torch.empty(plan.numel, dtype=As[0].dtype, device=device)
-    grid = _grid(num_tiles, device, KernelConfig(programs_per_sm=cfg.programs_per_sm))
+    out = torch.empty(plan.numel, dtype=As[0].dtype, device=device)
+    grid = persistent_grid(num_tiles, device, cfg.programs_per_sm)
     lora_grad_kernel[grid](As[0], Bs[0], plan.table, plan.tiles, num_tiles, small,
                            coef.to(torch.float32).contiguous(), out, NF=FIELDS, RP=plan.rp,
                            BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
                            num_warps=cfg.num_warps)
     return out
 
-
-@functools.lru_cache(maxsize=64)
-def grad_offsets(shapes: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """Offsets of each adapter's A and B gradient in the flat buffer, and its length, for
-    ``(out, in, r)`` shapes."""
-    a_offs, b_offs, pos = [], [], 0
-    for out, inn, r in shapes:
-        a_offs.append(pos)
-        pos += r * inn
-    for out, inn, r in shapes:
-        b_offs.append(pos)
-        pos += out * r
-    return tuple(a_offs), tuple(b_offs), pos
-
-
-def grad_views(flat: torch.Tensor, shapes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    a_offs, b_offs, _ = grad_offsets(tuple(shapes))
-    grads_a = [flat[o:o + r * i].view(r, i) for (_, i, r), o in zip(shapes, a_offs)]
-    grads_b = [flat[o:o + out * r].view(out, r) for (out, _, r), o in zip(shapes, b_offs)]
-    return grads_a, grads_b

@@ -1,7 +1,7 @@
 """OrthoReg penalty and gradient for every regularized layer of a model, in two grouped,
 persistent Triton launches.
 
-Notation (DESIGN section 1): a layer's update ``D = W - W0`` (out x in, row-major). ``X`` is
+Notation (docs/design.md section 1): a layer's update ``D = W - W0`` (out x in, row-major). ``X`` is
 ``D`` for tall layers (out >= in) and ``D^T`` for wide ones, so ``G = X^T X`` is always the
 Gram of the smaller side, ``k x k``, and the gradient is ``grad_X = c X (G - I)``.
 
@@ -18,9 +18,8 @@ Layers are described by a table of element offsets relative to the first weight 
 tensor (the launch's pointer arguments), so one launch serves layers of every shape. Programs
 are persistent (about one per SM) and walk a tile table sorted by cost, largest first.
 
-Precision: "ieee" (fp32 products), "tf32" (tensor-core tf32), "bf16" (operands rounded to
-bf16); always fp32 accumulation. Under ``TRITON_INTERPRET=1`` the bf16 rounding is done by
-bit arithmetic on fp32 values, which gives the same products (bf16 x bf16 is exact in fp32).
+Precision: the modes of docs/design.md section 4, through :func:`._common.operand` and
+:func:`._common.mma`; fp32 accumulation always.
 """
 from __future__ import annotations
 
@@ -31,46 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from .orthoreg_layout import gmi_layout, grad_layout, round_up
+from ._common import check_precision, device_info, interpreting, mma, operand, persistent_grid
+from .layout import gmi_layout, grad_layout, layer_views, round_up
 
-PRECISIONS = ("ieee", "tf32", "bf16")
+__all__ = ["KernelConfig", "default_config", "gram_penalty", "penalty_grad", "layer_views", "launch_plan",
+           "gram_penalty_kernel", "penalty_grad_kernel", "LAYER_FIELDS"]
 
 
 # ----------------------------------------------------------------------------- device code
-
-
-@triton.jit
-def _round_to_bf16(x):
-    # Round-to-nearest-even to bf16, kept as fp32 (for the interpreter, which has no bf16).
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _operand(x, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    if PRECISION == "bf16":
-        if EMULATE_BF16:
-            return _round_to_bf16(x)
-        else:
-            return x.to(tl.bfloat16)
-    else:
-        return x
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    if PRECISION == "tf32":
-        return tl.dot(a, b, acc, input_precision="tf32")
-    else:
-        if PRECISION == "bf16":
-            if EMULATE_BF16:  # bf16-valued fp32 operands: exact products, fp32 sums
-                return tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                return tl.dot(a, b, acc)
-        else:
-            return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -157,7 +124,7 @@ def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr, 
                 d_j = _delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols, False, True)
             a = d_i
             b = tl.trans(d_j)
-        acc = _mma(_operand(a, PRECISION, EMULATE_BF16), _operand(b, PRECISION, EMULATE_BF16),
+        acc = mma(operand(a, PRECISION, EMULATE_BF16), operand(b, PRECISION, EMULATE_BF16),
                    acc, PRECISION, EMULATE_BF16)
     return acc
 
@@ -234,7 +201,7 @@ def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
                 x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols, False, True)
             else:
                 x = tl.trans(_delta_tile(w, w0, k, big, offs_i, offs_b, cols, True, False))
-            acc = _mma(_operand(x, PRECISION, EMULATE_BF16), _operand(gm, PRECISION, EMULATE_BF16),
+            acc = mma(operand(x, PRECISION, EMULATE_BF16), operand(gm, PRECISION, EMULATE_BF16),
                        acc, PRECISION, EMULATE_BF16)
         acc = acc * c
         o = out_ptr + out_off
@@ -264,23 +231,12 @@ class KernelConfig:
     programs_per_sm: int = 1
 
 
-def default_config(precision: str, device: torch.device) -> KernelConfig:
-    if device.type != "cuda":
+def default_config(precision: str, device) -> KernelConfig:
+    """The launch configuration on ``device`` (a torch.device or a ``DeviceInfo``)."""
+    if not device_info(device).is_cuda:
         # The interpreter: small tiles keep its numpy products cheap on small layers.
         return KernelConfig(32, 32, 32, 32, 32, num_warps=4, num_stages=1)
     return KernelConfig()
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _grid(num_tiles: int, device: torch.device, cfg: KernelConfig) -> tuple[int]:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return (max(1, min(num_tiles, num_sms(idx) * cfg.programs_per_sm)),)
-    return (max(1, min(num_tiles, 4)),)  # a few programs so the persistent loop is exercised
 
 
 @dataclass(frozen=True)
@@ -374,11 +330,6 @@ def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
     return plan
 
 
-def _check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-
-
 def _check(weights, bases):
     if not weights or len(weights) != len(bases):
         raise ValueError("weights, bases: expected two non-empty lists of equal length")
@@ -402,20 +353,18 @@ def _check(weights, bases):
 
 
 def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precision: str, *,
-                 config: KernelConfig | None = None, gmi_out: torch.Tensor | None = None,
-                 partials_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1. Returns ``(sq, gmi)``: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat
     fp32 buffer of every layer's ``G - I`` (layer ``l`` at ``plan.g_offsets[l]``, ``k`` rows
-    of stride ``round_up(k, 16)``, the padding columns zero).
-    ``gmi_out`` / ``partials_out`` let tests pass pre-poisoned outputs."""
-    _check_precision(precision)
+    of stride ``round_up(k, 16)``, the padding columns zero)."""
+    check_precision(precision)
     device = weights[0].device
     cfg = config or default_config(precision, device)
     plan = launch_plan(weights, bases, cfg)
     num_tiles = plan.gram_tiles.shape[0]
-    gmi = gmi_out if gmi_out is not None else torch.empty(plan.shape.g_numel, dtype=torch.float32, device=device)
-    partials = partials_out if partials_out is not None else torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
-    last_launch["gram"] = gram_penalty_kernel[_grid(num_tiles, device, cfg)](
+    gmi = torch.empty(plan.shape.g_numel, dtype=torch.float32, device=device)
+    partials = torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
+    last_launch["gram"] = gram_penalty_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
         weights[0], bases[0], plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials,
         NF=LAYER_FIELDS, BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision,
         EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
@@ -426,18 +375,17 @@ def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precisi
 
 def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: torch.Tensor,
                  coef: torch.Tensor, precision: str, *, config: KernelConfig | None = None,
-                 out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Phase 2. ``coef[l] * X (G - I)`` for every layer (``coef`` is the whole per-layer
     factor, e.g. ``4 * upstream`` for the squared penalty) into one flat buffer, layer ``l``
     at ``plan.out_offsets[l]`` in its own ``out x in`` layout."""
-    _check_precision(precision)
+    check_precision(precision)
     device = weights[0].device
     cfg = config or default_config(precision, device)
     plan = launch_plan(weights, bases, cfg)
     num_tiles = plan.grad_tiles.shape[0]
-    if out is None:
-        out = torch.empty(plan.shape.out_numel, dtype=out_dtype or weights[0].dtype, device=device)
-    last_launch["grad"] = penalty_grad_kernel[_grid(num_tiles, device, cfg)](
+    out = torch.empty(plan.shape.out_numel, dtype=out_dtype or weights[0].dtype, device=device)
+    last_launch["grad"] = penalty_grad_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
         weights[0], bases[0], plan.layer_table, plan.grad_tiles, num_tiles, gmi,
         coef.to(torch.float32).contiguous(), out,
         NF=LAYER_FIELDS, BM=cfg.grad_m, BN=cfg.grad_n, BK=cfg.grad_k, PRECISION=precision,
@@ -445,7 +393,3 @@ def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: to
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
-
-def layer_views(flat: torch.Tensor, shapes, offsets) -> list[torch.Tensor]:
-    """Per-layer ``out x in`` views into a flat buffer laid out by a plan."""
-    return [flat[o:o + r * c].view(r, c) for (r, c), o in zip(shapes, offsets)]

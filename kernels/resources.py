@@ -16,8 +16,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ._common import H100
+
 # Largest dynamic shared memory of one block on sm_90 (H100 / H200): 227 KiB.
-SM90_SHARED_LIMIT = 232448
+SM90_SHARED_LIMIT = H100.shared_per_block
+
 
 
 def ptxas() -> str | None:
@@ -89,17 +92,15 @@ def orthoreg_cases(configs: dict, precision: str = "tf32"):
 def gpu_launch_cases(precision: str = "tf32"):
     """``(name, kernel, params, constexprs, launch options, aligned ints)`` for every Triton
     kernel of the package at the configuration its launcher picks on CUDA."""
-    import torch
-
     from . import attention_tangent as AT
     from . import dual_linear as DL
     from . import lora_orthoreg as LO
     from . import orthoreg as K
 
-    cuda = torch.device("cuda")  # only read by the config functions; no CUDA call is made
+    cuda = H100  # the device description the launchers read; no CUDA call is made
     yield from orthoreg_cases({"default": K.default_config(precision, cuda)}, precision)
 
-    bm, bn, bk, warps = DL._blocks(cuda)
+    bm, bn, bk, warps = DL.launch_blocks(cuda)
     strides = "sxm sxk sdxt sdxm sdxk swn swk sdwt sdwn sdwk sdbt syt sym syn sdyt sdym sdyn"
     for dtype, prec in (("fp32", precision), ("bf16", "ieee")):
         params = {**_types("x_ptr dx_ptr w_ptr dw_ptr b_ptr db_ptr y_ptr dy_ptr", f"*{dtype}"), **_types("M N K", "i32"),
@@ -112,7 +113,7 @@ def gpu_launch_cases(precision: str = "tf32"):
     sizes = {**_types("L S D", "i32"), "scale": "fp32"}
     flags = _types("BM BN BD CAUSAL PRECISION", "")
     for head_dim in (64, 80, 128):
-        cfg = AT._config(cuda, head_dim)
+        cfg = AT.launch_config(cuda, head_dim)
         run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         aligned = ("D",) if head_dim % 16 == 0 else ()
         for dtype, prec in (("fp32", precision), ("bf16", "ieee")):

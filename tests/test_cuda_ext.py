@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastortho as fo
@@ -21,8 +20,7 @@ needs_toolkit = pytest.mark.skipif(cuda_ext.cuda_home() is None or torch.version
 def test_extension_compiles_and_registers_its_ops():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # the lent H100 / H200; one target keeps CI short
     cuda_ext.build()
-    for name in ("ortho_penalty_grouped", "dual_linear", "dual_linear_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastortho::{name}", "CUDA"), name
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastortho::ortho_penalty_grouped", "CUDA")
     schema = str(torch.ops.fastortho.ortho_penalty_grouped.default._schema)
     assert "Tensor[] weights" in schema and 'str gram="gemm"' in schema, schema
     # the extension links the cuBLAS library torch itself loaded (one library, one handle type)
@@ -41,8 +39,13 @@ def test_cublas_library_is_the_one_torch_loaded():
 def test_headers_come_from_the_toolkit_when_it_has_them(tmp_path, monkeypatch):
     (tmp_path / "include").mkdir()
     monkeypatch.setattr(cuda_ext, "cuda_home", lambda: str(tmp_path))
-    wheels = cuda_ext.include_dirs()  # a minimal toolkit: the pip wheels' headers, if any
-    assert all("nvidia" in d for d in wheels)
+    import importlib.util
+
+    wheels = cuda_ext.include_dirs()  # a minimal toolkit: the pip wheels' headers
+    if importlib.util.find_spec("nvidia") is None:
+        assert wheels == []  # no pip CUDA wheels installed: nothing to add
+    else:
+        assert wheels and all("nvidia" in d for d in wheels), wheels
     for header in cuda_ext._LIBRARY_HEADERS:
         (tmp_path / "include" / header).touch()
     assert cuda_ext.include_dirs() == []
@@ -109,7 +112,7 @@ def test_cuda_backend_matches_reference(precision, squared, gram, monkeypatch):
 
 
 @requires_cuda
-def test_cuda_ops_pass_opcheck_and_dual_linear_matches_jvp():
+def test_cuda_op_passes_opcheck_and_checks_its_gram():
     assert cuda_ext.load(), cuda_ext.error()
     w = [torch.randn(33, 17, device="cuda"), torch.randn(17, 33, device="cuda")]
     b = [torch.randn_like(t) for t in w]
@@ -118,18 +121,6 @@ def test_cuda_ops_pass_opcheck_and_dual_linear_matches_jvp():
                               test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match='gram: expected "gemm", "triangle" or "syrk"'):
         torch.ops.fastortho.ortho_penalty_grouped(w, b, True, "herk")
-    x, dx = torch.randn(37, 45, device="cuda"), torch.randn(37, 45, device="cuda", requires_grad=True)
-    w0, dw = torch.randn(29, 45, device="cuda"), torch.randn(29, 45, device="cuda", requires_grad=True)
-    b0, db = torch.randn(29, device="cuda"), torch.randn(29, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.fastortho.dual_linear.default, (x, dx, w0, dw, b0, db))
-    with fo.ops.precision.fp32_matmul("ieee", "cuda"):
-        y, dy = torch.ops.fastortho.dual_linear(x, dx, w0, dw, b0, db)
-        ref_y, ref_dy = torch.func.jvp(F.linear, (x, w0, b0), (dx.detach(), dw.detach(), db.detach()))
-    assert rel_err(y, ref_y) <= TOL["ieee"] and rel_err(dy, ref_dy) <= TOL["ieee"]
-    g = torch.randn_like(dy)
-    dy.backward(g)
-    assert rel_err(dw.grad, g.T @ x) <= TOL["ieee"] and rel_err(dx.grad, g @ w0) <= TOL["ieee"]
-    assert rel_err(db.grad, g.sum(0)) <= TOL["ieee"]
 
 
 @requires_cuda
@@ -157,7 +148,7 @@ def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monk
     only when it agrees with Triton; one that raises or disagrees is never chosen."""
     import json
 
-    from fastortho.ops import backend_choice as bc
+    from fastortho.ops.orthoreg import autotune as bc
 
     monkeypatch.setattr(bc, "_cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(bc, "_memory", {})

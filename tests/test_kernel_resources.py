@@ -15,6 +15,12 @@ from fastortho.kernels.resources import SM90_SHARED_LIMIT, gpu_launch_cases  # n
 
 NAMES = [case[0] for case in gpu_launch_cases("tf32")]
 
+# Spill-store bytes per thread that ptxas reports at sm_90a today (triton 3.8), where not zero:
+# a kernel may not spill more than this (every other kernel not at all), so a configuration or
+# code change that adds spills fails here. bench/static_kernels.py prints the whole table.
+SPILL_BUDGET = {"orthoreg gram [default]": 48, "attention fwd d64 fp32": 80, "attention bwd dkdv d64 fp32": 64,
+                "attention fwd d80 fp32": 288, "attention fwd d128 fp32": 288}
+
 
 @pytest.fixture(scope="module")
 def reports():
@@ -33,5 +39,9 @@ def reports():
 def test_kernel_fits_an_sm90_block(reports, name):
     report = reports[name]
     assert report["shared_bytes"] <= SM90_SHARED_LIMIT, report
-    if report["registers"] is not None:
-        assert report["registers"] <= 255, report
+    from fastortho.kernels.resources import ptxas
+
+    if ptxas() is None:
+        pytest.skip("no ptxas: registers and spills cannot be read")
+    assert report["spill_store_bytes"] is not None, report  # ptxas ran and was parsed
+    assert report["spill_store_bytes"] <= SPILL_BUDGET.get(name, 0), report

@@ -1,5 +1,5 @@
 """The Triton OrthoReg kernels against reference.py in float64: under TRITON_INTERPRET=1 on a
-CPU (what CI runs), for real on a GPU. Outputs are NaN-poisoned before each launch."""
+CPU (what CI runs), for real on a GPU. Outputs are NaN-poisoned (tests/conftest.py)."""
 import pytest
 import torch
 from torch import nn
@@ -33,16 +33,13 @@ def layers(shapes, dtype=torch.float32, seed=0, precision="ieee"):
 
 
 def launch_poisoned(weights, bases, precision, config, coef):
-    """Both phases with every output NaN-filled first; returns penalties, G - I views, grads."""
+    """Both phases (their outputs NaN-poisoned at allocation); returns penalties, G - I views,
+    grads."""
     shapes = [tuple(w.shape) for w in weights]
     config = config or K.default_config(precision, weights[0].device)
     plan = K.launch_plan(weights, bases, config)
-    nan = float("nan")
-    gmi_out = torch.full((plan.shape.g_numel,), nan, device=DEVICE)
-    partials = torch.full((plan.gram_tiles.shape[0] + 1,), nan, device=DEVICE)
-    sq, gmi = K.gram_penalty(weights, bases, precision, config=config, gmi_out=gmi_out, partials_out=partials)
-    out = torch.full((plan.shape.out_numel,), nan, device=DEVICE, dtype=weights[0].dtype)
-    K.penalty_grad(weights, bases, gmi, coef, precision, config=config, out=out)
+    sq, gmi = K.gram_penalty(weights, bases, precision, config=config)
+    out = K.penalty_grad(weights, bases, gmi, coef, precision, config=config)
     assert torch.isfinite(gmi).all()  # the row padding is written too (zeros)
     gmis = [gmi[o:o + min(s) * ((min(s) + 15) // 16 * 16)].view(min(s), -1)
             for s, o in zip(shapes, plan.shape.g_offsets)]
@@ -127,7 +124,7 @@ def test_model_level_triton_equals_torch_backend():
 
 
 def test_ops_pass_opcheck():
-    from fastortho.ops.orthoreg_triton import ortho_grad_triton, ortho_gram_triton
+    from fastortho.ops.orthoreg.triton_backend import ortho_grad_triton, ortho_gram_triton
 
     weights, bases = layers([(9, 5), (5, 9), (9, 5)], seed=7)
     weights = [w.requires_grad_(True) for w in weights]

@@ -1,4 +1,4 @@
-"""The reference itself: its closed-form gradient, the Gram-side identities of DESIGN section 1,
+"""The reference itself: its closed-form gradient, the Gram-side identities of docs/design.md section 1,
 and the released-code baseline."""
 import pytest
 import torch

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import fastortho as fo
-from fastortho import cli, datasets
-from fastortho.finetune import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
+from fastortho import datasets
+from fastortho.commands import ablate, eval as eval_command, finetune as finetune_command
+from fastortho.train import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
 from fastortho.offline import EncoderConfig, OfflineBenchmark
 
 pytest.importorskip("sklearn")
@@ -73,8 +74,8 @@ def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
 
     class Stop(Exception):
         """The simulated crash right after the step-2 checkpoint."""
-    import fastortho.finetune as ft
-    original = ft._save_checkpoint
+    import fastortho.train.checkpoint as ft
+    original = ft.save_checkpoint
     calls = []
 
     def save_then_stop(*args):
@@ -82,12 +83,12 @@ def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
         calls.append(args[4])
         if args[4] == 2:
             raise Stop
-    ft._save_checkpoint = save_then_stop
+    ft.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Stop):
             finetune(bench, "Textures", cfg, checkpoint_dir=tmp_path, progress=False)
     finally:
-        ft._save_checkpoint = original
+        ft.save_checkpoint = original
     resumed = finetune(bench, "Textures", cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.steps == 2
     for k in full:
@@ -124,7 +125,7 @@ class _FileBenchmark:
 
 
 def test_worker_processes_read_exactly_the_seeded_batches(bench):
-    from fastortho.finetune import batch_stream, sample_batch
+    from fastortho.train import batch_stream, sample_batch
 
     data = _ItemByItem(bench.train_data("Digits"))
     finite = list(batch_stream(data, 5, 3, 4, 9, workers=2))
@@ -165,24 +166,24 @@ def test_config_checks_and_schedule():
 def test_scripts_end_to_end(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTORTHO_OFFLINE_CONFIG", json.dumps(TINY))
     common = ["--steps", "2", "--batch-size", "8", "--no-progress"]
-    cli.finetune_main(["--mode", "lora", "--reg", "orthoreg", "--out", str(tmp_path / "runs"), "--lr", "1e-3",
+    finetune_command.main(["--mode", "lora", "--reg", "orthoreg", "--out", str(tmp_path / "runs"), "--lr", "1e-3",
                        "--warmup", "1", *common])
     assert all((tmp_path / "runs" / "lora-orthoreg" / f"{t}.safetensors").exists() for t in bench.tasks)
-    cli.eval_main(["--vectors", str(tmp_path / "runs" / "lora-orthoreg"), "--out", str(tmp_path / "eval"),
+    eval_command.main(["--vectors", str(tmp_path / "runs" / "lora-orthoreg"), "--out", str(tmp_path / "eval"),
                    "--no-progress"])
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert {"zero_shot", "single_task", "addition", "negation"} <= set(res)
     assert "Digits:normalized_top1" in res["addition"] and "0.95" in res["negation"]["Digits"]
     assert (tmp_path / "eval" / "radar.png").stat().st_size > 1000
     args = ["--demo", "--modes", "nonlinear,linear", "--regs", "none,orthoreg", "--out", str(tmp_path / "abl"), *common]
-    cli.ablate_main(args)
+    ablate.main(args)
     table = (tmp_path / "abl" / "table.md").read_text()
     assert table.count("| Non-lin. FT |") == 2 and table.count("| TTA (linear FT) |") == 2 and "delta abs" in table
     capsys.readouterr()
-    cli.ablate_main(args)  # resumable: every run is found done
+    ablate.main(args)  # resumable: every run is found done
     assert capsys.readouterr().out.count("done before, skipped") == 4
     with pytest.raises(SystemExit):
-        cli.ablate_main(["--modes", "full", "--out", str(tmp_path / "x")])
+        ablate.main(["--modes", "full", "--out", str(tmp_path / "x")])
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -13,13 +13,16 @@ import logging
 import os
 from pathlib import Path
 
+from .._config import cuda_build_disabled
+
 log = logging.getLogger("fastortho")
 
 _state: dict[str, object] = {}
 
 
 def sources() -> list[str]:
-    """The extension's source files: the installed copy (``fastortho/csrc``) or the repository's."""
+    """The extension's source files: the installed copy (``fastortho/csrc``, package data of a
+    wheel) or the repository's (``csrc/`` beside the package, an editable install)."""
     here = Path(__file__).resolve().parents[1]
     for root in (here / "csrc", here.parent / "csrc"):
         files = sorted(str(p) for p in root.glob("*.cu")) + sorted(str(p) for p in root.glob("*.cpp"))
@@ -96,7 +99,7 @@ def build(verbose: bool = False):
     import torch
     from torch.utils import cpp_extension
 
-    if os.environ.get("FASTORTHO_SKIP_CUDA_BUILD") == "1":
+    if cuda_build_disabled():
         raise RuntimeError("the CUDA extension is disabled (FASTORTHO_SKIP_CUDA_BUILD=1)")
     if torch.version.cuda is None:
         raise RuntimeError(f"torch {torch.__version__} is built without CUDA")
@@ -144,7 +147,7 @@ def error() -> str | None:
 
 
 def _register_python_side() -> None:
-    """Fake kernels and autograd for the C++ ops (once)."""
+    """Fake kernels of the C++ ops (once); their autograd is ops/orthoreg/cuda_backend.py."""
     if _state.get("registered"):
         return
     import torch
@@ -153,27 +156,4 @@ def _register_python_side() -> None:
     def _(weights, bases, squared, gram="gemm"):
         return weights[0].new_empty(len(weights), dtype=torch.float32), [torch.empty_like(w) for w in weights]
 
-    @torch.library.register_fake("fastortho::dual_linear")
-    def _(x, dx, w, dw, b, db):
-        out = x.new_empty(x.shape[0], w.shape[0])
-        return out, torch.empty_like(out)
-
-    @torch.library.register_fake("fastortho::dual_linear_backward")
-    def _(g_y, g_dy, x, dx, w, dw):
-        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(w), g_dy.new_empty(w.shape[0])
-
-    def setup(ctx, inputs, output):
-        x, dx, w, dw, b, db = inputs
-        ctx.save_for_backward(x, dx, w, dw)
-        ctx.flags = (dx is not None, dw is not None, b is not None, db is not None)
-
-    def backward(ctx, g_y, g_dy):
-        x, dx, w, dw = ctx.saved_tensors
-        has_dx, has_dw, has_b, has_db = ctx.flags
-        gx, gdx, gdw, gdb = torch.ops.fastortho.dual_linear_backward(g_y, g_dy.contiguous(), x, dx, w, dw)
-        grad_w = g_y.T @ x + (g_dy.T @ dx if has_dx else 0)  # the primal weight, rarely trained
-        grad_b = g_y.sum(0) if has_b else None
-        return (gx, gdx if has_dx else None, grad_w, gdw if has_dw else None, grad_b, gdb if has_db else None)
-
-    torch.library.register_autograd("fastortho::dual_linear", backward, setup_context=setup)
     _state["registered"] = True

@@ -1,7 +1,7 @@
 """The "torch" backend of the exact low-rank OrthoReg penalty of LoRA adapters.
 
 For an adapter ``D = s B A`` (``B: out x r``, ``A: r x in``), with ``M = B^T B`` and
-``N = A A^T`` (``r x r``) and ``E = s^2 M N - I_r`` (DESIGN section 1):
+``N = A A^T`` (``r x r``) and ``E = s^2 M N - I_r`` (docs/design.md section 1):
 
     ||G - I||_F^2 = tr(E E) + (k - r),      k = min(out, in)
 
@@ -23,8 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .orthoreg_torch import _bmm, _group_permutations, shape_groups
-from .precision import fp32_matmul
+from .._common import ListOp, bmm, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
@@ -55,8 +54,8 @@ def lora_penalty_parts(As: list[Tensor], Bs: list[Tensor], scales: tuple[float, 
     sqs, nes, ems = [], [], []
     for ((out, inn, r), idx), s2 in zip(groups, s2s):
         a, b = _stack(As, idx), _stack(Bs, idx)
-        m = _bmm(b.transpose(1, 2), b, precision)  # B^T B
-        n = _bmm(a, a.transpose(1, 2), precision)  # A A^T
+        m = bmm(b.transpose(1, 2), b, precision)  # B^T B
+        n = bmm(a, a.transpose(1, 2), precision)  # A A^T
         # The r x r products are free next to the two above: always true fp32.
         with fp32_matmul("ieee", a.device.type):
             e = s2 * torch.bmm(m, n)
@@ -65,10 +64,7 @@ def lora_penalty_parts(As: list[Tensor], Bs: list[Tensor], scales: tuple[float, 
             if keep:
                 nes.append(torch.bmm(n, e) * (4.0 * s2))
                 ems.append(torch.bmm(e, m) * (4.0 * s2))
-    values = torch.cat(sqs)
-    if len(groups) > 1 and any(len(idx) > 1 for _, idx in groups):
-        values = values[_group_permutations(groups, values.device)[1]]
-    return values, nes, ems
+    return to_layer_order(torch.cat(sqs), groups), nes, ems
 
 
 def lora_scaled_grads(As: list[Tensor], Bs: list[Tensor], nes: list[Tensor], ems: list[Tensor],
@@ -79,20 +75,9 @@ def lora_scaled_grads(As: list[Tensor], Bs: list[Tensor], nes: list[Tensor], ems
     out = []
     for (_, idx), ne, em, c in zip(groups, nes, ems, coefs):
         c = c.view(-1, 1, 1)
-        out.append(_bmm(em * c, _stack(As, idx), precision))
-        out.append(_bmm(_stack(Bs, idx), ne * c, precision))
+        out.append(bmm(em * c, _stack(As, idx), precision))
+        out.append(bmm(_stack(Bs, idx), ne * c, precision))
     return out
-
-
-def _coefs(values: Tensor, grad_values: Tensor, squared: bool, groups) -> list[Tensor]:
-    if squared:
-        coef = grad_values.float()
-    else:
-        # d sqrt(P) = dP / (2 sqrt(P)); P >= k - r > 0 except for full-rank adapters.
-        coef = torch.where(values > 0, 0.5 * grad_values / values, torch.zeros_like(values))
-    if any(len(idx) > 1 for _, idx in groups):
-        coef = coef[_group_permutations(groups, coef.device)[0]]
-    return list(torch.split(coef, [len(idx) for _, idx in groups]))
 
 
 def _unstack(buffers: list[Tensor], groups, As, Bs) -> tuple[list[Tensor], list[Tensor]]:
@@ -107,11 +92,15 @@ def _unstack(buffers: list[Tensor], groups, As, Bs) -> tuple[list[Tensor], list[
     return grad_a, grad_b
 
 
-@torch.library.custom_op("fastortho::lora_ortho_torch", mutates_args=())
-def lora_ortho_torch(As: list[Tensor], Bs: list[Tensor], scales: list[float], squared: bool,
-                     precision: str, need_grad: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def lora_parts(As: list[Tensor], Bs: list[Tensor], scales: list[float], squared: bool, precision: str,
+               need_grad: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Forward: per-adapter penalties and, if ``need_grad``, what backward needs."""
     sq, nes, ems = lora_penalty_parts(As, Bs, tuple(scales), precision, keep=need_grad)
     return (sq if squared else sq.sqrt()), nes, ems
+
+
+lora_ortho_torch = torch.library.custom_op("fastortho::lora_ortho_torch", lora_parts, mutates_args=())
+lora_grad_torch = torch.library.custom_op("fastortho::lora_grad_torch", lora_scaled_grads, mutates_args=())
 
 
 @lora_ortho_torch.register_fake
@@ -122,12 +111,6 @@ def _(As, Bs, scales, squared, precision, need_grad):
     groups = shape_groups(adapter_shapes(As, Bs))
     small = [As[0].new_empty((len(idx), r, r), dtype=torch.float32) for (_, _, r), idx in groups]
     return values, small, [torch.empty_like(t) for t in small]
-
-
-@torch.library.custom_op("fastortho::lora_grad_torch", mutates_args=())
-def lora_grad_torch(As: list[Tensor], Bs: list[Tensor], nes: list[Tensor], ems: list[Tensor],
-                    coefs: list[Tensor], precision: str) -> list[Tensor]:
-    return lora_scaled_grads(As, Bs, nes, ems, coefs, precision)
 
 
 @lora_grad_torch.register_fake
@@ -151,42 +134,16 @@ def _backward(ctx, grad_values, _grad_nes, _grad_ems):
     if not ctx.need_grad:
         return [None] * n, [None] * n, None, None, None, None
     values, *saved = ctx.saved_tensors
-    As, Bs, small = saved[:n], saved[n:2 * n], saved[2 * n:]
+    As, Bs, small = list(saved[:n]), list(saved[n:2 * n]), saved[2 * n:]
     groups = shape_groups(adapter_shapes(As, Bs))
     g = len(groups)
-    coefs = _coefs(values, grad_values, ctx.squared, groups)
-    buffers = lora_grad_torch(list(As), list(Bs), small[:g], small[g:], coefs, ctx.precision)
+    # The kernels fold 4 s^2 into N E and E M already: the coefficient's scale is 1.
+    coefs = to_group_order(upstream_coefficient(values, grad_values, ctx.squared, 1.0), groups)
+    grad_fn = lora_scaled_grads if getattr(ctx, "eager", False) else lora_grad_torch
+    buffers = grad_fn(As, Bs, list(small[:g]), list(small[g:]), coefs, ctx.precision)
     grad_a, grad_b = _unstack(buffers, groups, As, Bs)
     return grad_a, grad_b, None, None, None, None
 
 
-lora_ortho_torch.register_autograd(_backward, setup_context=_setup_context)
-
-
-class LoRATorchPenalty(torch.autograd.Function):
-    """The same computation for eager mode, without the custom-op dispatch cost (which grows
-    with the number of list arguments). Under torch.compile the registered ops are used."""
-
-    @staticmethod
-    def forward(ctx, squared: bool, precision: str, scales: tuple[float, ...], n: int, *tensors: Tensor) -> Tensor:
-        As, Bs = list(tensors[:n]), list(tensors[n:])
-        need_grad = any(ctx.needs_input_grad[4:])
-        sq, nes, ems = lora_penalty_parts(As, Bs, scales, precision, keep=need_grad)
-        values = sq if squared else sq.sqrt()
-        ctx.squared, ctx.precision, ctx.n = squared, precision, n
-        ctx.save_for_backward(values, *As, *Bs, *nes, *ems)
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        n = ctx.n
-        values, *saved = ctx.saved_tensors
-        As, Bs, small = saved[:n], saved[n:2 * n], saved[2 * n:]
-        if not small:
-            return (None,) * (4 + 2 * n)
-        groups = shape_groups(adapter_shapes(As, Bs))
-        g = len(groups)
-        coefs = _coefs(values, grad_values, ctx.squared, groups)
-        buffers = lora_scaled_grads(list(As), list(Bs), small[:g], small[g:], coefs, ctx.precision)
-        grad_a, grad_b = _unstack(buffers, groups, As, Bs)
-        return (None, None, None, None, *grad_a, *grad_b)
+# torch_lora_penalty(As, Bs, scales, squared, precision, need_grad) -> per-adapter values.
+torch_lora_penalty = ListOp(lora_ortho_torch, lora_parts, _setup_context, _backward, num_lists=2)

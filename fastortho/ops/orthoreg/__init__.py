@@ -1,57 +1,43 @@
-"""Backend choice for the OrthoReg penalty. Each backend is a registered op with its own
-autograd formula; this module picks one and calls it."""
-from __future__ import annotations
+"""The OrthoReg penalty op: ``P = sum_l ||G_l - I||_F^2`` with its analytic gradient
+(docs/design.md section 1), on four backends. :func:`ortho_penalty` is the only entry the
+public module (``fastortho/orthoreg.py``) calls; it validates nothing the public module has
+already checked, picks a backend and returns the differentiable per-layer values.
 
-import os
+Which file holds what (read top-down):
+
+- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "cuda" | "torch"``, the
+                        split by dtype and by backend, DTensor routing
+- ``torch_backend.py``  batched PyTorch products by shape group: registered ops
+                        ``fastortho::ortho_gram_torch`` / ``ortho_grad_torch``, fakes, and the
+                        one autograd definition (``_setup_context`` / ``_backward``)
+- ``triton_backend.py`` the registered ops ``fastortho::ortho_gram_triton`` (phase 1) and
+                        ``ortho_grad_triton`` (phase 2), fakes, one autograd definition; the
+                        kernels and launchers are in ``fastortho/kernels/orthoreg.py``
+                        (``gram_penalty_kernel`` / ``gram_penalty``, ``penalty_grad_kernel``
+                        / ``penalty_grad``)
+- ``cuda_backend.py``   the C++ extension's ``fastortho::ortho_penalty_grouped`` (``csrc/``)
+                        with its autograd Function
+- ``autotune.py``       the measured per-shape-group choice among Triton and the CUDA forms,
+                        cached on disk
+- ``sharded.py``        FSDP2 / DTensor weights: partial Grams and one all-reduce
+
+The reference every backend is tested against is ``fastortho/reference.py``
+(``ortho_penalty``, ``layer_penalty_grad``); the tests are ``tests/test_orthoreg.py`` and
+``tests/test_orthoreg_triton.py``; the benchmark ``bench/test_bench_orthoreg.py``. Eager calls
+skip the custom-op dispatch (``fastortho.ops._common.ListOp``); under torch.compile the
+registered ops run.
+"""
+from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..kernels import interpreting
-from .orthoreg_torch import TorchPenalty, ortho_gram_torch
+from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
+from .._common import BACKENDS, contiguous, resolve_backend, triton_available
+from .torch_backend import torch_penalty
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
-
-
-_triton_available: bool | None = None
-
-
-def triton_available() -> bool:
-    """Whether triton imports (probed once, on first use, never at import of fastortho).
-    A module flag rather than functools.lru_cache, which torch.compile warns about."""
-    global _triton_available
-    if _triton_available is None:
-        try:
-            import triton  # noqa: F401
-            _triton_available = True
-        except ImportError:
-            _triton_available = False
-    return _triton_available
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: "auto" is Triton on CUDA (when triton imports), else torch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton': triton is not installed; use backend='torch'")
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors (the weights are on {device}); on "
-                             f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
-                             f"before triton is imported), or use backend='torch'")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors (the weights are on {device}); use "
-                             f"backend='auto' or 'torch'")
-        from . import cuda_ext
-
-        if not cuda_ext.load():
-            raise ValueError(f"backend='cuda': the CUDA extension is not available here ({cuda_ext.error()}); "
-                             f"use backend='triton' or 'torch'")
-    return backend
+__all__ = ["BACKENDS", "CUDA_CANDIDATES", "combine", "cuda_candidates", "ortho_penalty", "resolve_backend",
+           "triton_available"]
 
 
 _inverse_cache: dict[tuple, Tensor] = {}
@@ -95,38 +81,26 @@ def by_dtypes(weights: list[Tensor], bases: list[Tensor], call) -> Tensor:
                    len(weights))
 
 
-def _triton_call(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
-    from .orthoreg_triton import TritonPenalty, ortho_gram_triton
-
-    if torch.compiler.is_compiling():
-        return ortho_gram_triton(weights, bases, squared, precision)[0]
-    return TritonPenalty.apply(squared, precision, len(weights), *weights, *bases)
-
-
 def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
-    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
-    bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
-    return by_dtypes(weights, bases, lambda ws, bs: _triton_call(ws, bs, squared, precision))
+    from .triton_backend import triton_penalty
+
+    return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: triton_penalty(ws, bs, squared, precision))
 
 
 def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
-    from .orthoreg_cuda import cuda_penalty
+    from .cuda_backend import cuda_penalty
 
     return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision, gram))
 
 
 # The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
-CUDA_CANDIDATES = ("cuda:gemm", "cuda:triangle", "cuda:syrk")
+CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)
 
 
 def cuda_candidates() -> tuple[str, ...]:
     """The CUDA candidates to measure: all, or the one ``FASTORTHO_CUDA_GRAM`` forces."""
-    gram = os.environ.get("FASTORTHO_CUDA_GRAM")
-    if not gram:
-        return CUDA_CANDIDATES
-    if f"cuda:{gram}" not in CUDA_CANDIDATES:
-        raise ValueError(f"FASTORTHO_CUDA_GRAM: expected one of {[c[5:] for c in CUDA_CANDIDATES]}, got {gram!r}")
-    return (f"cuda:{gram}",)
+    gram = forced_cuda_gram()
+    return CUDA_CANDIDATES if gram is None else (f"cuda:{gram}",)
 
 
 def _run(backend: str, weights, bases, squared, precision) -> Tensor:
@@ -135,20 +109,16 @@ def _run(backend: str, weights, bases, squared, precision) -> Tensor:
         return _triton_penalty(weights, bases, squared, precision)
     if backend.startswith("cuda"):
         return _cuda_penalty(weights, bases, squared, precision, backend.partition(":")[2] or "gemm")
-    if torch.compiler.is_compiling():
-        need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-        return ortho_gram_torch(weights, bases, squared, precision, need_grad)[0]
-    # Eager: an autograd.Function over the same implementation, without the custom-op
-    # dispatch cost (milliseconds per call for a ViT's 100 list arguments).
-    return TorchPenalty.apply(squared, precision, len(weights), *weights, *bases)
+    need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    return torch_penalty(weights, bases, squared, precision, need_grad)
 
 
 def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -> Tensor:
     """Per shape group the fastest of ``candidates`` (Triton and the CUDA extension's Gram
     variants for backend="auto", the variants alone for backend="cuda"), measured once and
-    cached on disk (fastortho.ops.backend_choice)."""
-    from . import cuda_ext
-    from .backend_choice import choose
+    cached on disk (autotune.py)."""
+    from .. import cuda_ext
+    from .autotune import choose
 
     if candidates[0] == "triton" and not cuda_ext.load():
         return _run("triton", weights, bases, squared, precision)
@@ -165,8 +135,8 @@ def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -
 
 def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
     """Weights that are DTensors (FSDP2 / tensor parallel): sharded ones by partial Grams and
-    one all-reduce (fastortho.distributed), replicated ones as their local full tensors."""
-    from ..distributed import is_dtensor, shard_dim, sharded_ortho_penalty
+    one all-reduce (sharded.py), replicated ones as their local full tensors."""
+    from .sharded import is_dtensor, shard_dim, sharded_ortho_penalty
 
     sharded, plain = [], []
     for i, w in enumerate(weights):
@@ -194,7 +164,7 @@ def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, 
         raise ValueError(f"model: the regularized parameters must share one device, got "
                          f"{sorted({str(w.device) for w in weights})}")
     chosen = resolve_backend(backend, device)
-    tune = not torch.compiler.is_compiling() and os.environ.get("FASTORTHO_AUTOTUNE", "1") != "0"
+    tune = not torch.compiler.is_compiling() and autotune_enabled()
     if chosen == "cuda":
         candidates = cuda_candidates()
         if tune:

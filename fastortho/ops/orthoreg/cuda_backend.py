@@ -6,12 +6,13 @@ products are fp32 cuBLAS GEMMs).
 
 ``gram`` is how the extension forms the symmetric rank-k update ``G = X^T X``: "gemm" (one
 batched GEMM), "triangle" (the upper block triangle, one batched GEMM per block row) or "syrk"
-(cuBLAS SYRK per layer); ``fastortho.ops.orthoreg`` measures which serves each shape group."""
+(cuBLAS SYRK per layer); ``autotune.py`` measures which serves each shape group."""
 from __future__ import annotations
 
 import torch
 
-from .precision import fp32_matmul
+from ..._config import CUDA_GRAMS
+from .._common import contiguous, fp32_matmul
 
 
 class CudaPenalty(torch.autograd.Function):
@@ -31,12 +32,8 @@ class CudaPenalty(torch.autograd.Function):
         return (None, None, None, None, *scaled, *([None] * ctx.n))
 
 
-GRAMS = ("gemm", "triangle", "syrk")
-
-
 def cuda_penalty(weights, bases, squared: bool, precision: str, gram: str = "gemm"):
-    if gram not in GRAMS:
-        raise ValueError(f"gram: expected one of {GRAMS}, got {gram!r}")
-    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
-    bases = [b if b.is_contiguous() else b.contiguous() for b in bases]
+    if gram not in CUDA_GRAMS:
+        raise ValueError(f"gram: expected one of {CUDA_GRAMS}, got {gram!r}")
+    weights, bases = contiguous(weights), contiguous(bases)
     return CudaPenalty.apply(squared, precision, gram, len(weights), *weights, *bases)

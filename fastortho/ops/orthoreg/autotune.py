@@ -3,7 +3,7 @@ layers (the Triton kernels, or the CUDA extension with one of its Gram variants)
 measurement, never by guess. Each ``(candidates, shape, count, dtypes, precision, squared)``
 group is timed once (forward + backward on the caller's own tensors, CUDA events, median of 5
 after 2 warm-ups) and the choice cached on disk per device and library versions:
-``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json``. A candidate that raises, or whose
+``$FASTORTHO_CACHE/backend-choice-<device>-<versions>.json`` (fastortho._config). A candidate that raises, or whose
 values or gradients disagree with the first candidate's (beyond 2e-2 relative), is logged and
 never chosen.
 """
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ..._config import cache_dir
+
 log = logging.getLogger("fastortho")
 
-CANDIDATES = ("triton", "cuda:gemm")  # the default; callers pass their own
 _memory: dict[str, dict[str, str]] = {}
 
 
 def _cache_file(device: torch.device) -> Path:
-    from ..offline import cache_dir
-
     try:
         import triton
         tv = triton.__version__
@@ -70,7 +69,7 @@ def _agree(a, b, tol: float = 2e-2) -> bool:
     return close(a[1], b[1]) and all(close(x, y) for x, y in zip(a[2], b[2]))
 
 
-def choose(weights, bases, squared: bool, precision: str, run, candidates=CANDIDATES) -> list[str]:
+def choose(weights, bases, squared: bool, precision: str, run, candidates: tuple[str, ...]) -> list[str]:
     """The backend of each layer; ``run(candidate, weights, bases)`` computes the penalties.
     The first candidate is the reference the others must agree with, and the fallback."""
     path = _cache_file(weights[0].device)

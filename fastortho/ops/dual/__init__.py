@@ -1,11 +1,23 @@
 """Per-op dual functions: each takes primal inputs and their tangents (``None`` = zero) and
-returns ``(primal output, tangent output)``.
+returns ``(primal output, tangent output)`` (docs/design.md section 1, "linearized model").
 
 The primal is computed without autograd: in a linearized model ``f(x; th0)`` does not depend
 on the trained parameters. The tangent is computed with autograd, as ordinary differentiable
 PyTorch ops that are linear in the tangents, so its backward keeps only primal activations
 (never a second copy of the network's activations, as ``torch.func.jvp`` does). These
 functions are the seams where fused kernels plug in.
+
+Which file holds what:
+
+- ``__init__.py``       the dual rules in PyTorch ops (the reference-exact path everywhere) and
+                        the choice of a kernel per call (``fastortho.set_kernels``)
+- ``triton_backend.py`` autograd Functions (with vmap rules) over the Triton kernels of
+                        ``fastortho/kernels/dual_linear.py`` and ``attention_tangent.py``
+
+The ``Dual`` tensor that routes a module's forward through these rules is
+``fastortho/dual.py``. Reference: ``torch.func.jvp`` (``fastortho/reference.py``
+``jvp_linearized``); tests ``tests/test_linearize.py`` and ``tests/test_dual_kernels.py``;
+benchmarks ``bench/test_bench_linearize.py``, ``bench/test_bench_dual_kernels.py``.
 """
 from __future__ import annotations
 
@@ -15,36 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-KERNEL_POLICIES = ("auto", "triton", "torch")
-_kernels = "auto"
-
-
-def set_kernels(policy: str) -> None:
-    """Which implementation the dual linear and attention functions use: "auto" (the Triton
-    kernels on CUDA when triton imports, PyTorch ops elsewhere), "triton" (the kernels
-    everywhere; on a CPU only under TRITON_INTERPRET=1), "torch" (PyTorch ops everywhere)."""
-    global _kernels
-    if policy not in KERNEL_POLICIES:
-        raise ValueError(f"policy: expected one of {KERNEL_POLICIES}, got {policy!r}")
-    _kernels = policy
-
-
-def get_kernels() -> str:
-    return _kernels
-
+from ..._config import kernel_policy
+from .._common import triton_available
 
 def _kernel_ok(*tensors: Tensor | None) -> bool:
-    """Whether this call goes to a Triton kernel under the current policy."""
-    if _kernels == "torch":
+    """Whether this call goes to a Triton kernel under the current policy (fastortho.set_kernels)."""
+    policy = kernel_policy()
+    if policy == "torch":
         return False
     ts = [t for t in tensors if t is not None]
     if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in ts):
         return False  # float64 (the reference precision) stays on PyTorch ops
-    if _kernels == "triton":
+    if policy == "triton":
         return True
-    from .orthoreg import triton_available
-
     return ts[0].device.type == "cuda" and triton_available()
 
 
@@ -55,7 +50,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fused_linear(x, dx, weight, dweight, bias, dbias):
-    from .dual_kernels import FusedDualLinear
+    from .triton_backend import FusedDualLinear
 
     dtype = _compute_dtype(x)
     k, n = x.shape[-1], weight.shape[0]
@@ -78,7 +73,7 @@ def add_terms(*terms: Tensor | None) -> Tensor | None:
 
 def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | None,
                 bias: Tensor | None = None, dbias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (DESIGN section 1). On CUDA (policy
+    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (docs/design.md section 1). On CUDA (policy
     "auto") one fused Triton kernel computes both, each ``x`` and ``W`` tile loaded once."""
     if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape) \
             and _kernel_ok(x, dx, weight, dweight):
@@ -214,7 +209,7 @@ def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
 
 
 def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
-    """The tangent of ``O = softmax(c Q K^T + mask) V`` (DESIGN section 7):
+    """The tangent of ``O = softmax(c Q K^T + mask) V`` (docs/design.md section 7):
     ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
     Plain differentiable ops (used without autograd, e.g. under vmap); fp32 inside."""
     dtype = q.dtype
@@ -276,7 +271,7 @@ def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=Fals
     has_tangent = not (dq is None and dk is None and dv is None)
     if has_tangent and attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 \
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and _kernel_ok(q, k, v, dq, dk, dv):
-        from .dual_kernels import FusedAttentionTangent
+        from .triton_backend import FusedAttentionTangent
 
         dtype = _compute_dtype(q)
         zeros = torch.zeros((), dtype=dtype, device=q.device)

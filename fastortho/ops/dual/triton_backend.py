@@ -7,10 +7,10 @@ tangent (``kernels/attention_tangent.py``).
 - Each Function has a ``vmap`` rule for tangents batched over a leading axis with an
   unbatched primal (``taujp_matrix``: every task vector's tangent per primal pass): the dual
   linear calls its multi-tangent kernel, the attention launches once per tangent.
-- The dual pass never uses forward-mode AD (tangents are computed explicitly), so DESIGN
-  section 7's forward-AD caveats about custom ops do not arise here.
+- The dual pass never uses forward-mode AD (tangents are computed explicitly), so the
+  forward-AD caveats about custom ops (docs/design.md section 7) do not arise here.
 
-Which path runs is :func:`fastortho.ops.dual.set_kernels`'s policy.
+Which path runs is :func:`fastortho.set_kernels`'s policy.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class FusedDualLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x0, dx, w0, dw, b0, db):
-        from ..kernels.dual_linear import dual_linear
+        from ...kernels.dual_linear import dual_linear
 
         return dual_linear(x0, dx, w0, dw, b0, db)
 
@@ -54,7 +54,7 @@ class FusedDualLinear(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x0, dx, w0, dw, b0, db):
-        from ..kernels.dual_linear import dual_linear_multi
+        from ...kernels.dual_linear import dual_linear_multi
 
         if in_dims[0] is not None or in_dims[2] is not None or in_dims[4] is not None:
             raise NotImplementedError("fused dual linear under vmap: only the tangents may be batched")
@@ -71,7 +71,7 @@ class FusedAttentionTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, dq, dk, dv, scale, causal):
-        from ..kernels.attention_tangent import attention_with_tangent
+        from ...kernels.attention_tangent import attention_with_tangent
 
         return attention_with_tangent(q, k, v, dq, dk, dv, scale, causal)
 
@@ -84,7 +84,7 @@ class FusedAttentionTangent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_o, g, _grad_lse):
-        from ..kernels.attention_tangent import attention_tangent_backward
+        from ...kernels.attention_tangent import attention_tangent_backward
 
         q, k, v, lse = ctx.saved_tensors
         gdq, gdk, gdv = attention_tangent_backward(q, k, v, lse, g.contiguous(), ctx.scale, ctx.causal)
@@ -92,7 +92,7 @@ class FusedAttentionTangent(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, dq, dk, dv, scale, causal):
-        from ..kernels.attention_tangent import attention_with_tangent
+        from ...kernels.attention_tangent import attention_with_tangent
 
         if any(d is not None for d in in_dims[:3]):
             raise NotImplementedError("attention tangent under vmap: only the tangents may be batched")

@@ -1,0 +1,81 @@
+"""What the three commands share: the benchmark and fine-tuning options, the configuration
+they build, the device and the process group under torchrun."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..train import FinetuneConfig
+
+
+def benchmark_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", choices=["offline", "clip8"], default="offline",
+                   help="offline: built-in, no download; clip8: the 8 CLIP tasks from --data-root")
+    g.add_argument("--model", default="ViT-B-32", help="open_clip model name (clip8)")
+    g.add_argument("--weights", help="local file of the pretrained open_clip weights (clip8; never downloaded)")
+    g.add_argument("--data-root", help="root of the datasets in the task-vectors layout (clip8)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=int, default=4,
+                   help="DataLoader processes reading image files (0: the main process; in-memory data ignores it)")
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (paper defaults)")
+    d = FinetuneConfig()
+    g.add_argument("--lam", type=float, default=d.lam, help="regularizer weight lambda")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--accumulation", type=int, default=d.accumulation, help="gradient accumulation steps")
+    g.add_argument("--autocast", choices=["auto", "bf16", "none"], default=d.autocast)
+    g.add_argument("--lora-targets", default=d.lora_targets, help="letters of qkvofp (OrthoReg Table 6)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    g.add_argument("--taujp-batch", type=int, default=d.taujp_batch, help="images per other task per step")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+
+
+def run_config(args, mode: str, reg: str) -> FinetuneConfig:
+    names = {f.name for f in fields(FinetuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update(mode=mode, reg=reg)
+    return FinetuneConfig(**values).check()
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def get_benchmark(args):
+    progress = not args.no_progress
+    if args.benchmark == "offline":
+        from ..offline import OfflineBenchmark
+
+        return OfflineBenchmark(progress=progress)
+    from ..clip import ClipBenchmark
+
+    return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device))
+
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and
+    return this rank; otherwise None."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()

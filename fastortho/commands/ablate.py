@@ -1,0 +1,113 @@
+"""``fastortho-ablate``: the grid of fine-tuning modes x regularizers, each fine-tuned on every
+task and merged; a table in the shape of the OrthoReg paper's Table 1 (``--demo``: offline)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from ..task_vectors import cosine_matrix
+from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
+from ._common import benchmark_args, get_benchmark, resolve_device, run_config, train_args
+from .eval import evaluate_vectors
+
+DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lora_rank=8, lora_alpha=16.0,
+            taujp_batch=8)
+METHOD_NAMES = {"nonlinear": "Non-lin. FT", "linear": "TTA (linear FT)", "attention": "ATT-FT", "lora": "LoRA"}
+
+
+def run_cell(bench, mode: str, reg: str, args, device: str, run_dir: Path) -> dict:
+    cfg = run_config(args, mode, reg)
+    vectors, wall, memory, measure = {}, 0.0, 0, ""
+    for task in bench.tasks:
+        res = finetune(bench, task, cfg, device=device, checkpoint_dir=run_dir / f"ckpt-{task}",
+                       progress=not args.no_progress, workers=args.workers)
+        res.task_vector.save(run_dir / f"{task}.safetensors")
+        vectors[task] = res.task_vector
+        wall += res.wall_time_s
+        memory, measure = max(memory, res.memory_bytes), res.memory_measure
+    res = evaluate_vectors(bench, vectors, mode, device=device, out=run_dir, progress=False, negation=False,
+                           workers=args.workers)
+    add = res["addition"]
+    return {"mode": mode, "reg": reg, "abs": add["avg_top1"], "norm": add["avg_normalized_top1"], "alpha": add["alpha"],
+            "single_task": float(np.mean(list(res["single_task"].values()))),
+            "zero_shot": float(np.mean(list(res["zero_shot"].values()))),
+            "finetune_s": wall, "memory_mb": memory / 1e6, "memory_measure": measure,
+            "cosine_offdiag": float(np.mean(np.abs(cosine_matrix(vectors)[~np.eye(len(vectors), dtype=bool)])))}
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    """Markdown and CSV in the shape of the OrthoReg paper's Table 1: per method, absolute and
+    normalized accuracy of task addition without and with each regularizer, and the delta."""
+    base = {r["mode"]: r for r in rows if r["reg"] == "none"}
+    lines = ["| method | regularizer | abs. acc | norm. acc | delta abs | delta norm | alpha | mean abs cos | "
+             "fine-tune time (s) | memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if rows:
+        lines.append(f"| zero-shot | - | {100 * rows[0]['zero_shot']:.1f} | - | - | - | - | - | - | - |")
+    for r in rows:
+        b = base.get(r["mode"])
+        da = f"{100 * (r['abs'] - b['abs']):+.1f}" if b and r["reg"] != "none" else "-"
+        dn = f"{100 * (r['norm'] - b['norm']):+.1f}" if b and r["reg"] != "none" else "-"
+        lines.append(f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
+                     f"{dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | {r['finetune_s']:.1f} | "
+                     f"{r['memory_mb']:.1f} |")
+    measure = rows[0]["memory_measure"] if rows else ""
+    table = "\n".join(lines) + f"\n\nmemory: {measure}, largest over the tasks of a run\n"
+    (out / "table.md").write_text(table)
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["mode"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="fastortho-ablate",
+                                description="Grid of fine-tuning modes x regularizers; a Table-1-shaped result.")
+    benchmark_args(p)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--regs", default="none,orthoreg,taujp-cyclical")
+    p.add_argument("--out", type=Path, default=Path("ablation"))
+    p.add_argument("--demo", action="store_true",
+                   help="the offline benchmark with short runs (minutes on a CPU): " +
+                        ", ".join(f"{k}={v}" for k, v in DEMO.items()))
+    train_args(p)
+    if p.parse_known_args(argv)[0].demo:  # demo settings as defaults; explicit options still win
+        p.set_defaults(benchmark="offline", **DEMO)
+    args = p.parse_args(argv)
+    modes, regs = args.modes.split(","), args.regs.split(",")
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: {m!r} is not one of {MODES}")
+    for r in regs:
+        if r not in REGULARIZERS:
+            raise SystemExit(f"--regs: {r!r} is not one of {REGULARIZERS}")
+    device = resolve_device(args.device)
+    bench = get_benchmark(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done_file = args.out / "runs.jsonl"
+    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
+    settings = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(FinetuneConfig)}}
+    grid = [(m, r) for m in modes for r in regs]
+    t0 = time.perf_counter()
+    for i, (mode, reg) in enumerate(grid):
+        if any(d["mode"] == mode and d["reg"] == reg and d.get("settings") == settings for d in done):
+            print(f"[{i + 1}/{len(grid)}] {mode} + {reg}: done before, skipped")
+            continue
+        print(f"[{i + 1}/{len(grid)}] {mode} + {reg}")
+        row = run_cell(bench, mode, reg, args, device, args.out / f"{mode}-{reg}")
+        row["settings"] = settings
+        done.append(row)
+        with open(done_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    rows = [{k: v for k, v in d.items() if k != "settings"} for d in done
+            if d.get("settings") == settings and (d["mode"], d["reg"]) in grid]
+    rows.sort(key=lambda r: grid.index((r["mode"], r["reg"])))
+    print(write_table(rows, args.out))
+    print(f"{len(rows)} runs, {time.perf_counter() - t0:.0f} s this call; table.md, table.csv and per-run plots in "
+          f"{args.out}/")

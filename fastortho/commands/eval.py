@@ -1,0 +1,66 @@
+"""``fastortho-eval``: single-task accuracy, task addition (coefficient searched on the
+validation splits) and negation of a folder of task vectors; results.json and plots."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..task_vectors import TaskVector, task_addition, task_negation
+from ..train import make_evaluator, pretrained_for
+from ._common import benchmark_args, get_benchmark, resolve_device
+
+
+def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,
+                     progress: bool, negation: bool = True, workers: int = 0) -> dict:
+    """Zero-shot, single-task, task addition (and negation against the control task)."""
+    evaluate = make_evaluator(bench, device=device, workers=workers)
+    pretrained = pretrained_for(bench, mode, device)
+    tasks = list(vectors)
+    results: dict = {"mode": mode, "zero_shot": {t: evaluate(pretrained, t) for t in tasks}}
+    single = {}
+    for t in tasks:
+        model = vectors[t].apply_to(pretrained)
+        single[t] = evaluate(model, t)
+        single[f"{t}Val"] = evaluate(model, f"{t}Val")
+    results["single_task"] = {t: single[t] for t in tasks}
+    addition = task_addition(pretrained, vectors, evaluate, finetuned_accuracy=single, progress=progress)
+    results["addition"] = {"alpha": addition.alpha, **addition.test, "search": addition.search}
+    if negation and getattr(bench, "control", None):
+        neg = {}
+        for t in tasks:
+            r = task_negation(pretrained, vectors[t], evaluate, t, bench.control, progress=progress)
+            neg[t] = {str(k): v for k, v in r.choices.items()}
+        results["negation"] = neg
+        results["zero_shot_control"] = evaluate(pretrained, bench.control)
+    if out is not None:
+        from .. import analysis
+
+        out.mkdir(parents=True, exist_ok=True)
+        analysis.plot_cosine_matrix(vectors, out / "cosine.png")
+        analysis.plot_accuracy_radar({"zero-shot": results["zero_shot"], "single-task": results["single_task"],
+                                      "merged": {t: addition.test[f"{t}:top1"] for t in tasks}},
+                                     out / "radar.png", title=f"task addition ({mode})")
+        analysis.plot_alpha_sensitivity({mode: addition.search}, out / "alpha_sensitivity.png")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="fastortho-eval", description="Single-task, task addition and negation.")
+    benchmark_args(p)
+    p.add_argument("--vectors", type=Path, required=True, help="directory of {task}.safetensors task vectors")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
+    p.add_argument("--no-negation", action="store_true")
+    args = p.parse_args(argv)
+    bench = get_benchmark(args)
+    files = {t: args.vectors / f"{t}.safetensors" for t in bench.tasks}
+    missing = [str(f) for f in files.values() if not f.exists()]
+    if missing:
+        raise SystemExit(f"--vectors: missing task vectors {missing} (run fastortho-finetune --out first)")
+    vectors = {t: TaskVector.load(f) for t, f in files.items()}
+    mode = next(iter(vectors.values())).metadata.get("mode", "nonlinear")
+    res = evaluate_vectors(bench, vectors, mode, device=resolve_device(args.device), out=args.out,
+                           progress=not args.no_progress, negation=not args.no_negation)
+    print(json.dumps({k: v for k, v in res["addition"].items() if k != "search"}, indent=1))
+    print(f"results and plots in {args.out}/")

@@ -1,0 +1,243 @@
+"""What the op packages share: the precision of library products (docs/design.md section 4),
+the backend resolution, shape grouping, the penalty's upstream coefficient, and the one
+mechanism by which a registered op's autograd definition also serves eager mode."""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .._config import PRECISIONS, interpreting
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+_FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+# ----------------------------------------------------------------------------- precision
+
+def torch_default_precision() -> str:
+    """The mode that ``torch.get_float32_matmul_precision()`` asks for.
+
+    PyTorch >= 2.9 raises from that getter once a program has mixed the legacy
+    (``allow_tf32``) and new (``fp32_precision``) flags; then read the new flag instead.
+    Under torch.compile the value is read once, at trace time (dynamo cannot put a string
+    returned by a torch function in a graph): a compiled step keeps the precision that was
+    set when it was compiled.
+    """
+    try:
+        return _FROM_TORCH[torch.get_float32_matmul_precision()]
+    except RuntimeError:
+        flag = torch.backends.cuda.matmul.fp32_precision
+        return flag if flag in PRECISIONS else "ieee"
+
+
+# What torch.compiler.assume_constant_result sets; applied by hand because that function
+# imports torch._dynamo (and with it triton), about a second at `import fastortho`.
+# tests/test_orthoreg.py compiles with precision=None to keep this honest.
+torch_default_precision._dynamo_marked_constant = True
+
+
+def resolve_precision(precision: str | None) -> str:
+    if precision is None:
+        return torch_default_precision()
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"precision: expected None (follow torch.get_float32_matmul_precision()) or one of "
+            f"{PRECISIONS}, got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def fp32_matmul(precision: str, device_type: str) -> Iterator[None]:
+    """Run fp32 library products (cuBLAS on CUDA, oneDNN on CPU) inside the block as
+    ``precision`` ("tf32" is honoured on CUDA only; everything else is true fp32), restoring
+    the caller's flag after. Needed because ``torch.set_float32_matmul_precision("medium")``
+    lets even CPU fp32 products round to bf16. Uses only the new ``fp32_precision`` flags and
+    puts back their exact previous value (also "none"), so the legacy getters keep working."""
+    flags = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device_type)
+    if flags is None:
+        yield
+        return
+    wanted = "tf32" if (precision == "tf32" and device_type == "cuda") else "ieee"
+    old = flags.fp32_precision
+    if old == wanted:
+        yield
+        return
+    flags.fp32_precision = wanted
+    try:
+        yield
+    finally:
+        flags.fp32_precision = old
+
+
+@functools.lru_cache(maxsize=None)
+def _bmm_has_out_dtype(device_type: str) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for bf16 on this device type
+    (CUDA in recent PyTorch); probed once, lazily."""
+    try:
+        a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device=device_type)
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def bmm(a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """fp32 batched product with the operands treated per ``precision``; fp32 result."""
+    if precision == "bf16":
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        if a.device.type == "cuda" and _bmm_has_out_dtype("cuda"):
+            return torch.bmm(a16, b16, out_dtype=torch.float32)
+        if a.device.type == "cuda":
+            return torch.bmm(a16, b16).float()
+        # Exact emulation elsewhere: bf16-rounded operands, fp32 products and sums.
+        with fp32_matmul("ieee", a.device.type):
+            return torch.bmm(a16.float(), b16.float())
+    with fp32_matmul(precision, a.device.type):
+        return torch.bmm(a, b)
+
+
+# ----------------------------------------------------------------------------- backends
+
+_triton_available: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether triton imports (probed once, on first use, never at import of fastortho).
+    A module flag rather than functools.lru_cache, which torch.compile warns about."""
+    global _triton_available
+    if _triton_available is None:
+        try:
+            import triton  # noqa: F401
+            _triton_available = True
+        except ImportError:
+            _triton_available = False
+    return _triton_available
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: "auto" is Triton on CUDA (when triton imports), else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton': triton is not installed; use backend='torch'")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (the weights are on {device}); on "
+                             f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
+                             f"before triton is imported), or use backend='torch'")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors (the weights are on {device}); use "
+                             f"backend='auto' or 'torch'")
+        from . import cuda_ext
+
+        if not cuda_ext.load():
+            raise ValueError(f"backend='cuda': the CUDA extension is not available here ({cuda_ext.error()}); "
+                             f"use backend='triton' or 'torch'")
+    return backend
+
+
+def contiguous(ts: list[Tensor]) -> list[Tensor]:
+    """Kernel inputs: a gradient from ``.sum().backward()`` may arrive with stride 0."""
+    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+
+
+# ----------------------------------------------------------------------------- grouping
+
+@functools.lru_cache(maxsize=256)
+def shape_groups(shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Layers grouped by shape, in order of first appearance: ((shape, layer indices), ...)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    return tuple((s, tuple(idx)) for s, idx in groups.items())
+
+
+@functools.lru_cache(maxsize=256)
+def group_permutations(groups, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Device index tensors between layer order and group order (layers of group 0, then
+    group 1, ...), made once: indexing with a Python list would copy the index from pageable
+    host memory on every call, which waits for the GPU to drain."""
+    order = [i for _, idx in groups for i in idx]
+    to_groups = torch.tensor(order, dtype=torch.long)
+    to_layers = torch.empty_like(to_groups)
+    to_layers[to_groups] = torch.arange(len(order))
+    return to_groups.to(device), to_layers.to(device)
+
+
+def to_layer_order(values: Tensor, groups) -> Tensor:
+    """Per-layer values computed group by group, back in layer order."""
+    if len(groups) > 1 and any(len(idx) > 1 for _, idx in groups):
+        return values[group_permutations(groups, values.device)[1]]
+    return values
+
+
+def to_group_order(values: Tensor, groups) -> list[Tensor]:
+    """Per-layer values split per group (the inverse of :func:`to_layer_order`)."""
+    if any(len(idx) > 1 for _, idx in groups):
+        values = values[group_permutations(groups, values.device)[0]]
+    return list(torch.split(values, [len(idx) for _, idx in groups]))
+
+
+def upstream_coefficient(values: Tensor, grad_values: Tensor, squared: bool, scale: float) -> Tensor:
+    """The per-layer factor of a penalty's gradient ``scale * dP``: ``scale * g`` for the
+    squared penalty ``P``, and for ``sqrt(P)``, whose gradient is ``dP / (2 sqrt(P))``,
+    ``scale * g / (2 value)`` (zero where the value is zero). ``scale`` is 4 for the dense
+    penalty (``dP = 4 X (G - I)``) and 1 where the kernels fold the 4 in already (LoRA)."""
+    if squared:
+        return scale * grad_values.float()
+    return torch.where(values > 0, (0.5 * scale) * grad_values / values, torch.zeros_like(values))
+
+
+# ----------------------------------------------------------------------------- eager twin
+
+class ListOp:
+    """A registered op whose leading arguments are tensor lists, with its one autograd
+    definition (``setup_context`` / ``backward`` as given to ``register_autograd``).
+
+    :meth:`__call__` runs it. Under torch.compile that is the registered op (opaque to
+    tracing, with its fake); in eager mode it is an ``autograd.Function`` over the same
+    implementation, ``setup_context`` and ``backward``, without the custom-op dispatch, whose
+    Python cost grows with the number of list arguments (milliseconds for a ViT's 100 tensors).
+    ``backward`` reads ``ctx.eager`` to call the plain gradient function instead of its
+    registered op there. The op's first output is the differentiable one.
+    """
+
+    def __init__(self, op, impl: Callable, setup_context: Callable, backward: Callable, num_lists: int):
+        self.op, self.impl, self.num_lists = op, impl, num_lists
+        self.setup_context, self.backward = setup_context, backward
+        op.register_autograd(backward, setup_context=setup_context)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)[0]
+        lists, statics = args[:self.num_lists], args[self.num_lists:]
+        sizes = tuple(len(x) for x in lists)
+        return _EagerListOp.apply(self, sizes, statics, *[t for x in lists for t in x])
+
+
+class _EagerListOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op: ListOp, sizes, statics, *tensors):
+        lists, pos = [], 0
+        for n in sizes:
+            lists.append(list(tensors[pos:pos + n]))
+            pos += n
+        inputs = (*lists, *statics)
+        output = op.impl(*inputs)
+        ctx.eager, ctx.list_op, ctx.sizes, ctx.num_outputs = True, op, sizes, len(output)
+        op.setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = ctx.list_op.backward(ctx, grad, *([None] * (ctx.num_outputs - 1)))
+        flat = []
+        for g, n in zip(grads[:len(ctx.sizes)], ctx.sizes):
+            flat.extend(g if g is not None else [None] * n)
+        return (None, None, None, *flat)

@@ -1,0 +1,149 @@
+"""The fine-tuning loop of one task in any mode with any regularizer, as the papers do
+(OrthoReg Sec. 5 / App. I; tau-Jp App. C): AdamW, cosine schedule with linear warm-up,
+gradient accumulation, bf16 autocast, a frozen classification head, checkpoints and resume,
+DDP under torchrun.
+
+A benchmark is any object with ``tasks``, ``control``, ``encoder()`` (a fresh pretrained
+image encoder), ``head(task)`` (frozen), ``train_data(task)`` and ``eval_data(split)``
+(``split`` = a task name for its test split, ``f"{task}Val"`` for its validation split):
+:class:`fastortho.offline.OfflineBenchmark` and :class:`fastortho.clip.ClipBenchmark`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clip import ImageClassifier
+from ..linearize import LinearizedModel, linearize
+from ..lora import add_lora, attention_only
+from ..orthoreg import OrthoReg
+from ..snapshot import snapshot
+from ..task_vectors import TaskVector
+from ..taujp import TauJpRegularizer
+from . import checkpoint as checkpoints
+from .config import FinetuneConfig, FinetuneResult
+from .data import InputStream, batch_stream
+from .memory import activation_bytes, autocast, memory_probe
+from .schedule import cosine_with_warmup
+
+
+def prepare(encoder: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
+    """``(trained module, the module whose parameters the optimizer sees)`` for a mode."""
+    if cfg.mode == "attention":
+        attention_only(encoder)
+    elif cfg.mode == "lora":
+        add_lora(encoder, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    else:
+        encoder.requires_grad_(True)
+    if cfg.mode == "linear":
+        lin = linearize(encoder)
+        return lin, lin
+    return encoder, encoder
+
+
+def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpoint_dir=None, resume: bool = True,
+             progress: bool = True, workers: int = 0) -> FinetuneResult:
+    """Fine-tune ``benchmark``'s encoder on ``task``; returns its task vector and run costs.
+
+    With ``checkpoint_dir``, the trainable state, optimizer and schedule are saved every
+    ``cfg.checkpoint_every`` steps and at the end; a later call with ``resume=True`` picks up
+    from the last checkpoint (the batches are a function of ``(seed, step)``, so a resumed run
+    sees the same data as an uninterrupted one).
+
+    ``workers``: DataLoader processes that read the task's images (datasets of files; the
+    in-memory offline tasks ignore it); each tau-Jp stream of another task gets up to two.
+    The batches do not depend on it.
+    """
+    cfg.check()
+    if task not in benchmark.tasks:
+        raise ValueError(f"task: expected one of {benchmark.tasks}, got {task!r}")
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    encoder = benchmark.encoder().to(device)
+    pretrained_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    base = snapshot(encoder)  # before any adapter changes names
+    net, trained = prepare(encoder, cfg)
+    head = benchmark.head(task).to(device)
+    # Under torchrun (an initialized process group): DistributedDataParallel, each rank its
+    # own batches (the effective batch is world x batch_size), rank 0 writes the files.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = ImageClassifier(net, head).train()
+    data_seed = cfg.seed + 7919 * rank
+
+    orthoreg = None
+    plain = trained  # the module itself, not its DDP wrapper
+    if cfg.reg == "orthoreg":
+        inner = plain.model if isinstance(plain, LinearizedModel) else plain
+        orthoreg = OrthoReg(inner, None if cfg.mode == "lora" else base, lam=cfg.lam)
+    taujp = None
+    if cfg.reg.startswith("taujp"):
+        one_pass = isinstance(plain, LinearizedModel)  # the task batch rides in the same dual pass
+        lin = net if one_pass else linearize(encoder)  # (net: the DDP wrapper when distributed)
+        others = [t for t in benchmark.tasks if t != task]
+        sources = [InputStream(benchmark.train_data(t), cfg.taujp_batch, data_seed + 17 * i, device,
+                                min(2, workers)) for i, t in enumerate(others)]
+        taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam)
+
+    params = [p for p in trained.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup, cfg.steps))
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and resume and (ckpt / "train_state.pt").exists():
+        start = checkpoints.load_checkpoint(ckpt, trained, opt, sched, cfg)
+
+    batches = batch_stream(benchmark.train_data(task), cfg.batch_size, data_seed, start * cfg.accumulation,
+                           cfg.steps * cfg.accumulation, workers=workers, pin_memory=device.type == "cuda")
+    memory, measure = memory_probe(device)
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    steps = range(start, cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{task} [{cfg.mode}, {cfg.reg}]", initial=start, total=cfg.steps)
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        for micro in range(cfg.accumulation):
+            x, y = next(batches)[:2]  # batch step * accumulation + micro
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(cfg, device):
+                if taujp is not None and one_pass:
+                    features, penalty = taujp(x)
+                    logits = head(features)
+                else:
+                    logits = model(x)
+                    penalty = taujp() if taujp is not None else 0.0
+                loss = F.cross_entropy(logits.float(), y)
+                if orthoreg is not None:
+                    loss = loss + orthoreg()
+                loss = (loss + penalty) / cfg.accumulation
+            loss.backward()
+            loss_value = float(loss.detach()) * cfg.accumulation
+        if memory is None and step == start:
+            memory = activation_bytes(model, head, x, y, cfg, device)
+        opt.step()
+        sched.step()
+        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            checkpoints.checkpoint(ckpt, trained, opt, sched, step + 1, cfg, rank, distributed)
+    wall = time.perf_counter() - t0
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    if ckpt is not None:
+        checkpoints.checkpoint(ckpt, trained, opt, sched, cfg.steps, cfg, rank, distributed)
+    meta = {"task": task, "mode": cfg.mode, "regularizer": cfg.reg, "lambda": cfg.lam, "steps": cfg.steps,
+            "benchmark": getattr(benchmark, "name", "?")}
+    if cfg.mode == "linear":
+        tv = TaskVector.from_linearized(plain, meta)
+    elif cfg.mode == "lora":
+        tv = TaskVector.from_lora(encoder, meta)
+    else:
+        tv = TaskVector.from_models(pretrained_state, encoder, meta)
+    return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, loss_value)

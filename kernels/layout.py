@@ -1,0 +1,58 @@
+"""Flat-buffer layouts shared by the kernels' launchers and the ops' fake (meta) kernels. Pure
+Python, no triton import, so fake kernels and torch.compile tracing never need triton."""
+from __future__ import annotations
+
+import functools
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def gmi_layout(shapes) -> tuple[list[int], int]:
+    """Offsets of each layer's ``G - I`` (``k`` rows padded to a multiple of 16, 16-aligned)
+    in one flat fp32 buffer, and the buffer length."""
+    offsets, total = [], 0
+    for r, c in shapes:
+        k = min(r, c)
+        offsets.append(total)
+        total += k * round_up(k, 16)
+    return offsets, total
+
+
+def grad_layout(shapes) -> tuple[list[int], int]:
+    """Offsets of each layer's ``out x in`` gradient (16-aligned) in one flat buffer, and
+    the buffer length."""
+    offsets, total = [], 0
+    for r, c in shapes:
+        offsets.append(total)
+        total += round_up(r * c, 16)
+    return offsets, total
+
+
+def layer_views(flat, shapes, offsets) -> list:
+    """Per-layer ``rows x cols`` views into a flat buffer at the given element offsets."""
+    return [flat[o:o + r * c].view(r, c) for (r, c), o in zip(shapes, offsets)]
+
+
+@functools.lru_cache(maxsize=64)
+def lora_grad_offsets(shapes: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Offsets of each adapter's A and B gradient in the flat buffer (all ``A`` then all ``B``),
+    and its length, for ``(out, in, r)`` shapes."""
+    a_offs, b_offs, pos = [], [], 0
+    for out, inn, r in shapes:
+        a_offs.append(pos)
+        pos += r * inn
+    for out, inn, r in shapes:
+        b_offs.append(pos)
+        pos += out * r
+    return tuple(a_offs), tuple(b_offs), pos
+
+
+def lora_grad_views(flat, shapes) -> tuple[list, list]:
+    """The per-adapter ``grad A`` (``r x in``) and ``grad B`` (``out x r``) views of the flat
+    gradient buffer of :func:`lora_grad_offsets`."""
+    a_offs, b_offs, _ = lora_grad_offsets(tuple(shapes))
+    grads_a = layer_views(flat, [(r, i) for _, i, r in shapes], a_offs)
+    grads_b = layer_views(flat, [(out, r) for out, _, r in shapes], b_offs)
+    return grads_a, grads_b
