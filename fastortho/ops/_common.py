@@ -196,6 +196,12 @@ def upstream_coefficient(values: Tensor, grad_values: Tensor, squared: bool, sca
 
 # ----------------------------------------------------------------------------- eager twin
 
+def grad_op(ctx, plain: Callable, registered: Callable) -> Callable:
+    """In a backward: the plain gradient function on the eager path (``ListOp``), its
+    registered op under torch.compile (traceable with its fake)."""
+    return plain if getattr(ctx, "eager", False) else registered
+
+
 class ListOp:
     """A registered op whose leading arguments are tensor lists, with its one autograd
     definition (``setup_context`` / ``backward`` as given to ``register_autograd``).

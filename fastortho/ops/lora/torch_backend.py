@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import ListOp, bmm, grad_op, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
@@ -139,8 +139,8 @@ def _backward(ctx, grad_values, _grad_nes, _grad_ems):
     g = len(groups)
     # The kernels fold 4 s^2 into N E and E M already: the coefficient's scale is 1.
     coefs = to_group_order(upstream_coefficient(values, grad_values, ctx.squared, 1.0), groups)
-    grad_fn = lora_scaled_grads if getattr(ctx, "eager", False) else lora_grad_torch
-    buffers = grad_fn(As, Bs, list(small[:g]), list(small[g:]), coefs, ctx.precision)
+    buffers = grad_op(ctx, lora_scaled_grads, lora_grad_torch)(As, Bs, list(small[:g]), list(small[g:]), coefs,
+                                                              ctx.precision)
     grad_a, grad_b = _unstack(buffers, groups, As, Bs)
     return grad_a, grad_b, None, None, None, None
 

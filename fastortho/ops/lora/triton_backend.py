@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.layout import lora_grad_offsets, lora_grad_views
-from .._common import ListOp, upstream_coefficient
+from .._common import ListOp, grad_op, upstream_coefficient
 from .torch_backend import adapter_shapes
 
 
@@ -64,10 +64,8 @@ def _backward(ctx, grad_values, _grad_small):
     values, small, *tensors = ctx.saved_tensors
     As, Bs = list(tensors[:ctx.n]), list(tensors[ctx.n:])
     coef = upstream_coefficient(values, grad_values, ctx.squared, 1.0)
-    grad_fn = grad_buffer if getattr(ctx, "eager", False) else lora_grad_triton
-    flat = grad_fn(As, Bs, ctx.scales, small, coef, ctx.precision)
-    grad_a, grad_b = lora_grad_views(flat, adapter_shapes(As, Bs))
-    return grad_a, grad_b, None, None, None
+    flat = grad_op(ctx, grad_buffer, lora_grad_triton)(As, Bs, ctx.scales, small, coef, ctx.precision)
+    return (*lora_grad_views(flat, adapter_shapes(As, Bs)), None, None, None)
 
 
 # triton_lora_penalty(As, Bs, scales, squared, precision) -> per-adapter values.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import ListOp, bmm, grad_op, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
@@ -142,8 +142,7 @@ def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     values, *saved = ctx.saved_tensors
     k = len(ctx.groups)
     coefs = to_group_order(upstream_coefficient(values, grad_values, ctx.squared, 4.0), ctx.groups)
-    grad_fn = scaled_grads if getattr(ctx, "eager", False) else ortho_grad_torch
-    buffers = grad_fn(list(saved[:k]), list(saved[k:]), coefs, ctx.precision)
+    buffers = grad_op(ctx, scaled_grads, ortho_grad_torch)(list(saved[:k]), list(saved[k:]), coefs, ctx.precision)
     grads: list[Tensor | None] = [None] * n
     for buf, (_, idx) in zip(buffers, ctx.groups):
         for j, i in enumerate(idx):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.layout import gmi_layout, grad_layout, layer_views
-from .._common import ListOp, upstream_coefficient
+from .._common import ListOp, grad_op, upstream_coefficient
 from .torch_backend import weight_shapes
 
 
@@ -58,10 +58,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_values, _grad_gmi):
     values, gmi, *tensors = ctx.saved_tensors
-    weights, bases = list(tensors[:ctx.n]), list(tensors[ctx.n:])
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
-    grad_fn = grad_buffer if getattr(ctx, "eager", False) else ortho_grad_triton
-    flat = grad_fn(weights, bases, gmi, coef, ctx.precision)
+    flat = grad_op(ctx, grad_buffer, ortho_grad_triton)(list(tensors[:ctx.n]), list(tensors[ctx.n:]), gmi, coef,
+                                                        ctx.precision)
     return layer_views(flat, ctx.shapes, grad_layout(ctx.shapes)[0]), [None] * ctx.n, None, None
 
 
