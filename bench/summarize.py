@@ -1,9 +1,17 @@
-"""Print the markdown tables of a pytest-benchmark JSON written by this suite.
+"""Print the markdown tables of a pytest-benchmark JSON written by this suite; or, with
+``--readme``, the README's table from several result files, each row marked with the commit it
+was measured at ("stale" where that is not the current commit).
 
     python bench/summarize.py bench/results/NAME.json
+    python bench/summarize.py --readme bench/results/*.json
+    python bench/summarize.py --name OUT/bench-orthoreg.json    # its canonical results/ file name
 """
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 
 def main(path: str) -> None:
@@ -85,5 +93,54 @@ def main(path: str) -> None:
             print()
 
 
+def _variant(extra: dict) -> str:
+    for key in ("impl", "policy", "kind", "case"):
+        if key in extra:
+            return str(extra[key]) + (f" {extra['precision']}" if "precision" in extra and key == "impl" else "")
+    return "?"
+
+
+def result_name(data: dict) -> str:
+    """``<device>-<YYYYMMDD>-<commit>``: the name of a result file in bench/results/."""
+    device = re.sub(r"[^a-z0-9]+", "-", str(data["machine_info"].get("device", "unknown")).lower()).strip("-")
+    date = str(data.get("datetime", ""))[:10].replace("-", "") or "undated"
+    return f"{device}-{date}-{str(data.get('commit_info', {}).get('id', 'unknown'))[:7]}"
+
+
+def current_commit() -> str:
+    commit = os.environ.get("FASTORTHO_COMMIT")
+    if commit:
+        return commit
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def readme_table(paths) -> str:
+    """One row per benchmark case, newest file last wins; the commit column says where each
+    number comes from, and "stale" marks those not measured at the current commit."""
+    head = current_commit()
+    rows = {}
+    for path in paths:
+        data = json.load(open(path))
+        commit = str(data.get("commit_info", {}).get("id", "unknown"))
+        device = data["machine_info"].get("device", "?")
+        for b in data.get("benchmarks", []):
+            key = (device, b["group"], _variant(b.get("extra_info", {})))
+            rows[key] = (b["stats"]["median"], commit, Path(path).name)
+    lines = ["| device | case | variant | median ms | measured at |", "|---|---|---|---|---|"]
+    for (device, group, variant), (median, commit, name) in sorted(rows.items()):
+        stale = "" if head != "unknown" and head.startswith(commit[:7]) else " (stale)"
+        lines.append(f"| {device} | {group} | {variant} | {median * 1e3:.3f} | {commit[:7]}{stale} ({name}) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1:2] == ["--readme"]:
+        print(readme_table(sys.argv[2:]))
+    elif sys.argv[1:2] == ["--name"]:
+        print(result_name(json.load(open(sys.argv[2]))))
+    else:
+        main(sys.argv[1])

@@ -105,4 +105,7 @@ def restore_matmul_precision():
     torch.set_float32_matmul_precision(old)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def requires_cuda(test):
+    """A test that needs a CUDA device: marked ``gpu`` (bench/gpu_check.py selects these) and
+    skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))

@@ -72,6 +72,8 @@ def test_cuda_backend_errors_are_clear():
 
 
 def test_skip_variable_disables_the_build(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_state", {})  # as in a process that has loaded no copy yet
+    monkeypatch.setattr(cuda_ext, "_aot_module", lambda: None)
     monkeypatch.setenv("FASTORTHO_SKIP_CUDA_BUILD", "1")
     with pytest.raises(RuntimeError, match="FASTORTHO_SKIP_CUDA_BUILD"):
         cuda_ext.build()
@@ -184,3 +186,47 @@ def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monk
     behaviour["wrong"] = "cuda:gemm"
     behaviour["raise"] = "cuda:triangle"
     assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["triton"] * 3
+
+
+@pytest.fixture
+def fresh_extension_state(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_state", {})
+    monkeypatch.setattr(cuda_ext, "_register_python_side", lambda: None)
+
+
+def _forbid_jit(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("a JIT copy of the extension was built beside the ahead-of-time one")
+    monkeypatch.setattr(cpp_extension, "load", no_jit)
+
+
+def test_one_copy_per_process_when_the_aot_module_exists(fresh_extension_state, monkeypatch):
+    """pip install -e . built fastortho._C: every later build() / load() uses it, and nothing
+    JIT-builds a second copy (both would register the ops twice and abort the process)."""
+    imported = []
+    monkeypatch.setattr(cuda_ext, "_aot_module", lambda: object())
+    monkeypatch.setattr(cuda_ext, "_import_aot", lambda: imported.append(1))
+    _forbid_jit(monkeypatch)
+    assert cuda_ext.build() == "aot"
+    assert cuda_ext.load() and cuda_ext.build() == "aot"
+    assert imported == [1]  # imported once
+
+
+def test_one_copy_per_process_after_a_jit_build(fresh_extension_state, monkeypatch):
+    """A JIT copy loaded first: later calls never import the ahead-of-time module as well."""
+    monkeypatch.setattr(cuda_ext, "_state", {"copy": "jit"})
+    monkeypatch.setattr(cuda_ext, "_import_aot", lambda: pytest.fail("the AOT module was imported after a JIT copy"))
+    _forbid_jit(monkeypatch)
+    assert cuda_ext.build() == "jit" and cuda_ext.load()
+
+
+def test_an_aot_module_that_does_not_load_falls_back_to_jit(fresh_extension_state, monkeypatch):
+    def broken():
+        raise ImportError("undefined symbol: built for another torch")
+    monkeypatch.setattr(cuda_ext, "_aot_module", lambda: object())
+    monkeypatch.setattr(cuda_ext, "_import_aot", broken)
+    monkeypatch.setattr(cuda_ext, "cuda_home", lambda: None)  # then the JIT build says why it cannot
+    assert not cuda_ext.load()
+    assert "no CUDA toolkit" in cuda_ext.error() or "without CUDA" in cuda_ext.error()

@@ -93,9 +93,34 @@ def link_flags() -> list[str]:
     return flags + ([cublas] if cublas else ["-lcublas"])
 
 
-def build(verbose: bool = False):
-    """JIT-build (or reuse the cached build of) the extension and load it; registers the
-    ``fastortho::`` CUDA ops. Raises RuntimeError with the reason when it cannot."""
+def _aot_module():
+    """The spec of the ahead-of-time module ``fastortho._C`` when this install has one."""
+    import importlib.util
+
+    return importlib.util.find_spec("fastortho._C")
+
+
+def _import_aot() -> None:
+    from .. import _C  # noqa: F401  (its shared library registers the ops)
+
+
+def build(verbose: bool = False) -> str:
+    """Load the extension's ops, building them first if needed; returns which copy is loaded:
+    "aot" (``fastortho._C``, built at install) or "jit" (ninja build, cached by torch).
+
+    One copy per process, whatever the order of calls: when the install has the ahead-of-time
+    module, that is what is loaded, and nothing is ever JIT-built beside it (two copies register
+    the same ``TORCH_LIBRARY_FRAGMENT`` ops twice, which terminates the process; docs/design.md
+    section 7). Raises RuntimeError with the reason when neither can be had."""
+    if _state.get("copy"):
+        return _state["copy"]
+    if _aot_module() is not None:
+        try:
+            _import_aot()
+            _state["copy"] = "aot"
+            return "aot"
+        except ImportError as e:  # its library did not load (e.g. built for another torch): no op registered
+            log.warning("fastortho: the ahead-of-time CUDA extension does not load (%s); building it instead", e)
     import torch
     from torch.utils import cpp_extension
 
@@ -114,29 +139,27 @@ def build(verbose: bool = False):
     # be a /usr/local/bin symlink): point it at the toolkit so that -lcudart resolves.
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))
-    log.warning("fastortho: building the CUDA extension (first use; cached in %s)",
+    # One line, so that minutes of compiling are never silent (torch's file lock makes a second
+    # process wait for a build in progress, then load its result).
+    log.warning("fastortho: building the CUDA extension (first use, a few minutes; cached in %s)",
                 cpp_extension._get_build_directory("fastortho_cuda", verbose=False))
-    return cpp_extension.load(name="fastortho_cuda", sources=srcs, extra_include_paths=include_dirs(),
-                              extra_cflags=["-O2"], extra_cuda_cflags=["-O2"], verbose=verbose,
-                              extra_ldflags=link_flags(),
-                              is_python_module=False)
+    cpp_extension.load(name="fastortho_cuda", sources=srcs, extra_include_paths=include_dirs(),
+                       extra_cflags=["-O2"], extra_cuda_cflags=["-O2"], verbose=verbose,
+                       extra_ldflags=link_flags(), is_python_module=False)
+    _state["copy"] = "jit"
+    return "jit"
 
 
 def load() -> bool:
-    """Make the ``fastortho::`` CUDA ops available (the AOT module, else a JIT build), once;
-    False (with the reason in :func:`error`) when that is impossible here."""
+    """Make the ``fastortho::`` CUDA ops available (:func:`build`: the AOT module, else a JIT
+    build), once; False (with the reason in :func:`error`) when that is impossible here."""
     if "ok" in _state:
         return bool(_state["ok"])
     try:
-        from .. import _C  # noqa: F401  (built ahead of time)
-
+        build()
         _state["ok"] = True
-    except ImportError:
-        try:
-            build()
-            _state["ok"] = True
-        except Exception as e:  # noqa: BLE001 - any build failure means "not available"
-            _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - any build or import failure means "not available"
+        _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
     if _state["ok"]:
         _register_python_side()
     return bool(_state["ok"])
