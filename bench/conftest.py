@@ -51,6 +51,17 @@ def bench_models() -> list[str]:
     return [m for m in os.environ.get("FASTORTHO_BENCH_MODELS", default).split(",") if m]
 
 
+def gpu_busy_seconds(fn) -> float:
+    """Seconds the GPU spends in kernels during one call of ``fn`` (torch.profiler, summed
+    device self time): against the wall time, how host-bound a step is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()

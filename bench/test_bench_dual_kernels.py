@@ -53,6 +53,29 @@ def test_dual_linear(benchmark, case, dtype, policy, ceilings):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(ATTENTION))
+def test_sdpa_primal_reference(benchmark, case, dtype, ceilings):
+    """The ordinary attention the tangent rides on: F.scaled_dot_product_attention forward and
+    backward at the same shapes (PyTorch's fastest backend), the yardstick for the rows below."""
+    B, H, L, D = ATTENTION[case]
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        F.scaled_dot_product_attention(q, k, v).backward(torch.ones(B, H, L, D, device=DEVICE, dtype=dtype))
+        sync()
+    flop = 2 * B * H * L * L * D * (2 + 5)  # forward: 2 products; backward: 5 with recomputation
+    nbytes = q.element_size() * B * H * L * D * (4 + 7)
+    peak = ceilings["bf16" if dtype == torch.bfloat16 else "tf32"]
+    benchmark.group = f"attention-tangent-{case}-{str(dtype).split('.')[-1]}"
+    benchmark.extra_info.update(case=case, policy="sdpa-primal", flop=flop, bytes=nbytes,
+                                floor_s=max(flop / peak, nbytes / ceilings["bandwidth"]))
+    step()
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(ATTENTION))
 def test_attention_tangent(benchmark, case, dtype, policy, ceilings):
     B, H, L, D = ATTENTION[case]
     q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=dtype) for _ in range(3))

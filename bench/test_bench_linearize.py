@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastortho as fo
-from conftest import DEVICE, bench_models, sync
+from conftest import DEVICE, bench_models, gpu_busy_seconds, sync
 from fastortho import reference as ref
 from fastortho import set_kernels
 from fastortho.testing import saved_activation_bytes
@@ -108,6 +108,7 @@ def test_linearized_step(benchmark, vit, kind, precision):
         step()
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         info["memory_measure"] = "torch.cuda.max_memory_allocated"
+        info["gpu_busy_s"] = gpu_busy_seconds(step)  # vs the wall-time median: the host-bound share
     else:
         with autocast(precision):
             info["peak_memory_bytes"] = saved_activation_bytes(loss, statics)
