@@ -6,6 +6,8 @@ its plan once, so the per-step Python cost does not grow with the number of laye
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -38,13 +40,10 @@ def _lora_plan(model: nn.Module, base, layers) -> list[LoRAAdapter] | None:
     return None
 
 
-def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases: list[Tensor],
-                  lora: bool = False) -> None:
-    """Raise a ValueError naming the layer whose penalty is not finite (one host sync).
+def _describe_non_finite(bad: list[int], names: list[str], weights: list[Tensor], bases: list[Tensor],
+                         lora: bool) -> str:
+    """Which tensor of each bad layer is to blame (reads the tensors: only on the error path).
     For LoRA models ``weights`` / ``bases`` are the adapters' A / B."""
-    if torch.compiler.is_compiling() or bool(torch.isfinite(values).all()):
-        return
-    bad = torch.nonzero(~torch.isfinite(values.detach())).flatten().tolist()
     problems = []
     for i in bad[:5]:
         if not bool(torch.isfinite(weights[i]).all()):
@@ -56,7 +55,86 @@ def _check_finite(values: Tensor, names: list[str], weights: list[Tensor], bases
         else:
             problems.append(f"the penalty of {names[i]!r} overflows float32 (|W - W0| is too large)")
     more = f" (and {len(bad) - 5} more layers)" if len(bad) > 5 else ""
-    raise ValueError("ortho_loss: " + "; ".join(problems) + more)
+    return "; ".join(problems) + more
+
+
+class FiniteMonitor:
+    """The non-finite check of the per-layer penalties without a host synchronization
+    (docs/design.md section 6).
+
+    On a GPU each call's flags are copied asynchronously into pinned host memory behind an
+    event; they are read at a later call, once the event has completed, so the error names the
+    layer and the call it came from at most a step late (:meth:`check` waits for the last
+    one). On a CPU the flags are read at once (there is no device to stall), unless ``defer``.
+    """
+
+    def __init__(self, defer: bool = False):
+        self.defer = defer
+        self.calls = 0
+        self._pending: list[tuple] = []  # (host flags, event or None, call number, context)
+        self._spare: list[Tensor] = []  # pinned buffers to reuse
+
+    def submit(self, values: Tensor, names, weights, bases, lora: bool = False) -> None:
+        self.calls += 1
+        if torch.compiler.is_compiling():
+            return
+        self._consume(wait=len(self._pending) >= 2)  # at most two calls in flight
+        bad = ~torch.isfinite(values.detach())
+        context = (names, weights, bases, lora)
+        if bad.device.type != "cuda":
+            if not self.defer:
+                self._report(bad.numpy(), self.calls, context)
+                return
+            self._pending.append((bad.clone(), None, self.calls, context))
+            return
+        host = next((t for t in self._spare if t.shape == bad.shape), None)
+        if host is None:
+            host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+        else:
+            self._spare.remove(host)
+        host.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event, self.calls, context))
+
+    def check(self) -> None:
+        """Wait for every pending check and raise for the first non-finite one."""
+        self._consume(wait=True, everything=True)
+
+    def _consume(self, wait: bool, everything: bool = False) -> None:
+        while self._pending:
+            host, event, call, context = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            flags = host.numpy().copy()
+            if event is not None:
+                self._spare.append(host)
+            self._report(flags, call, context)
+            if not everything:
+                wait = False
+
+    def _report(self, flags, call: int, context) -> None:
+        if not flags.any():
+            return
+        self._pending.clear()
+        names, weights, bases, lora = context
+        bad = [int(i) for i in flags.nonzero()[0]]
+        when = "" if call == self.calls else f" (in call {call}, {self.calls - call} call(s) ago)"
+        raise ValueError(f"ortho_loss{when}: " + _describe_non_finite(bad, names, weights, bases, lora))
+
+
+# The monitors of the functional ortho_loss, one per model (a call per step is the use).
+_MONITORS: "weakref.WeakKeyDictionary[nn.Module, FiniteMonitor]" = weakref.WeakKeyDictionary()
+
+
+def _monitor(model: nn.Module) -> FiniteMonitor:
+    monitor = _MONITORS.get(model)
+    if monitor is None:
+        monitor = _MONITORS[model] = FiniteMonitor()
+    return monitor
 
 
 class OrthoReg(nn.Module):
@@ -90,6 +168,7 @@ class OrthoReg(nn.Module):
         resolve_backend(backend, self._device)
         self.backend = backend
         self.check_finite = bool(check_finite)
+        self.monitor = FiniteMonitor()
 
     @property
     def names(self) -> list[str]:
@@ -100,7 +179,7 @@ class OrthoReg(nn.Module):
         if self._weights[0].device != self._device:
             raise ValueError(f"model: its parameters moved to {self._weights[0].device} after "
                              f"OrthoReg was built on {self._device}; build a new OrthoReg")
-        precision = resolve_precision(self.precision)
+        precision = resolve_precision(self.precision, self._device.type)
         if self._adapters is not None:
             values = lora_ortho_penalty(self._weights, self._bases, [a.scale for a in self._adapters],
                                         squared=self.squared, precision=precision, backend=self.backend)
@@ -108,7 +187,7 @@ class OrthoReg(nn.Module):
             values = ortho_penalty(self._weights, self._bases, squared=self.squared, precision=precision,
                                    backend=self.backend)
         if self.check_finite:
-            _check_finite(values, self._names, self._weights, self._bases, lora=self._adapters is not None)
+            self.monitor.submit(values, self._names, self._weights, self._bases, lora=self._adapters is not None)
         return values
 
     def forward(self) -> Tensor:
@@ -132,12 +211,14 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
         squared: True is the paper's ``||G - I||_F^2``; False the released code's ``||G - I||_F``.
         layers: "trainable-2d" (default, released-code rule), "linear", "attention", or a
             predicate ``(name, param) -> bool``.
-        precision: None follows ``torch.get_float32_matmul_precision()`` ("highest" -> "ieee",
-            "high" -> "tf32", "medium" -> "bf16"); or one of "ieee", "tf32", "bf16".
-            Accumulation is fp32 in every mode.
+        precision: None follows an enabled ``torch.autocast`` (bf16 -> "bf16", fp16 -> "tf32"),
+            else ``torch.get_float32_matmul_precision()`` ("highest" -> "ieee", "high" -> "tf32",
+            "medium" -> "bf16"); or one of "ieee", "tf32", "bf16", which always wins.
+            Accumulation is fp32 in every mode, and no backend's products are recast by autocast.
         backend: "auto", "torch" (any device), "triton", "cuda".
         check_finite: raise a ValueError naming the layer when the penalty is not finite (NaN
-            or inf weights). Costs one host sync per call; skipped under torch.compile.
+            or inf weights). No host synchronization: on a GPU the check is read at a later
+            call, so it reports at most a step late (naming the call); skipped under torch.compile.
 
     Backward writes the analytic gradient ``4 D (G - I)`` (or ``4 (G - I) D`` for wide layers;
     divided by ``2 ||G - I||`` when not squared) into the parameters' ``.grad``.
@@ -146,15 +227,15 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
     if adapters is not None:
         As, Bs = [a.A for a in adapters], [a.B for a in adapters]
         values = lora_ortho_penalty(As, Bs, [a.scale for a in adapters], squared=squared,
-                                    precision=resolve_precision(precision), backend=backend)
+                                    precision=resolve_precision(precision, As[0].device.type), backend=backend)
         if check_finite:
-            _check_finite(values, [a.name for a in adapters], As, Bs, lora=True)
+            _monitor(model).submit(values, [a.name for a in adapters], As, Bs, lora=True)
         return values.sum()
     selected = select_parameters(model, layers)
     bases = paired_bases(selected, base_tensors(base, model))
     weights = [p for _, p in selected]
-    values = ortho_penalty(weights, bases, squared=squared, precision=resolve_precision(precision),
+    values = ortho_penalty(weights, bases, squared=squared, precision=resolve_precision(precision, weights[0].device.type),
                            backend=backend)
     if check_finite:
-        _check_finite(values, [n for n, _ in selected], weights, bases)
+        _monitor(model).submit(values, [n for n, _ in selected], weights, bases)
     return values.sum()

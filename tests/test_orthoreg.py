@@ -404,3 +404,114 @@ def test_combine_restores_layer_order_and_caches_the_permutation():
     assert ops._inverse(perm, truth.device) is first  # reused: no host-to-device copy per step
     with pytest.raises(ValueError, match="cover layers 0..8 once each"):
         ops.combine([(perm[:4], truth[perm[:4]]), (perm[3:], truth[perm[3:]])], n)
+
+
+# ----------------------------------------------------------------- no host synchronization
+
+
+@pytest.fixture
+def host_reads_forbidden(monkeypatch):
+    """Inside the block, the Tensor methods that read a device value on the host (and so wait
+    for the GPU) raise."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def forbid():
+        def no_sync(self, *args, **kwargs):
+            raise AssertionError("a host synchronization in a steady-state call")
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "tolist", "cpu"):
+                m.setattr(torch.Tensor, name, no_sync)
+            yield
+    return forbid
+
+
+@pytest.mark.parametrize("kind", ["dense", "lora"])
+def test_steady_state_step_reads_nothing_on_the_host(kind, host_reads_forbidden):
+    """OrthoReg forward + backward with check_finite on (the default) after a first call."""
+    model = TinyBlock()
+    if kind == "lora":
+        fo.add_lora(model, "qkvo", rank=4)
+        reg = fo.OrthoReg(model, lam=0.5)
+    else:
+        base = fo.snapshot(model)
+        perturbed(model)
+        reg = fo.OrthoReg(model, base, lam=0.5, backend="torch")
+    reg().backward()  # plans, caches
+    with host_reads_forbidden():
+        for _ in range(2):
+            reg().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_deferred_finite_check_names_the_layer_and_the_call():
+    """The GPU way (a flag copied asynchronously, read at a later call), forced on a CPU."""
+    model = TinyBlock()
+    base = fo.snapshot(model)
+    perturbed(model)
+    reg = fo.OrthoReg(model, base, backend="torch")
+    reg.monitor.defer = True
+    reg()  # call 1: fine
+    with torch.no_grad():
+        model.fc2.weight[1, 2] = math.nan
+    reg()  # call 2: bad, not reported yet
+    with torch.no_grad():
+        model.fc2.weight[1, 2] = 0.0
+    with pytest.raises(ValueError, match=r"in call 2, 1 call\(s\) ago"):
+        reg()  # call 3 reads call 2's flags
+    reg()
+    reg.monitor.check()  # nothing pending is bad
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = math.inf
+    reg()
+    with pytest.raises(ValueError, match="model parameter 'fc1.weight' has non-finite values"):
+        reg.monitor.check()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_precision_follows_autocast_and_nothing_is_recast(backend):
+    """Under bf16 autocast precision=None is "bf16"; an explicit precision wins, and no
+    backend's products are recast by autocast (ieee stays ieee accurate), values and gradients,
+    with backward also run inside the autocast block."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(31)
+    weights, bases = random_layers([(40, 24), (17, 33)], scale=0.1, generator=gen)
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared=True)
+
+    def run(precision):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            leaves = [w.clone().requires_grad_(True) for w in weights]
+            from fastortho.ops._common import resolve_precision
+
+            mode = resolve_precision(precision, "cpu")
+            values = ortho_penalty(leaves, bases, squared=True, precision=mode, backend=backend)
+            values.sum().backward()
+        return mode, values, [w.grad for w in leaves]
+
+    mode, values, grads = run(None)
+    assert mode == "bf16"
+    explicit = ortho_penalty([w.clone() for w in weights], bases, squared=True, precision="bf16", backend=backend)
+    assert torch.allclose(values, explicit, rtol=1e-6)
+    assert rel_err(values, ref_values) <= TOL["bf16"]
+    mode, values, grads = run("ieee")
+    assert mode == "ieee"
+    assert rel_err(values, ref_values) <= TOL["ieee"]
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= TOL["ieee"]
+
+
+def test_lora_precision_follows_autocast_and_nothing_is_recast():
+    from fastortho.ops.lora import lora_ortho_penalty
+
+    gen = torch.Generator().manual_seed(32)
+    As = [torch.randn(4, 40, generator=gen) * 0.1, torch.randn(8, 24, generator=gen) * 0.1]
+    Bs = [torch.randn(33, 4, generator=gen) * 0.1, torch.randn(20, 8, generator=gen) * 0.1]
+    expected = torch.stack([ref.lora_layer_penalty(a.double(), b.double(), 2.0) for a, b in zip(As, Bs)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        leaves = [a.clone().requires_grad_(True) for a in As]
+        values = lora_ortho_penalty(leaves, Bs, [2.0, 2.0], squared=True, precision="ieee", backend="torch")
+        values.sum().backward()
+    assert rel_err(values, expected) <= TOL["ieee"]
+    for a, leaf, b in zip(As, leaves, Bs):
+        assert rel_err(leaf.grad, ref.lora_layer_penalty_grads(a.double(), b.double(), 2.0)[0]) <= TOL["ieee"]

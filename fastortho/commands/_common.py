@@ -36,6 +36,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, default=d.lora_rank)
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     g.add_argument("--taujp-batch", type=int, default=d.taujp_batch, help="images per other task per step")
+    g.add_argument("--ortho-precision", choices=["auto", "ieee", "tf32", "bf16"], default=d.ortho_precision,
+                   help="matmul mode of the OrthoReg penalty: auto follows the step's autocast (bf16 under "
+                        "--autocast bf16), else torch's float32 matmul precision (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
 

@@ -40,14 +40,47 @@ def torch_default_precision() -> str:
 torch_default_precision._dynamo_marked_constant = True
 
 
-def resolve_precision(precision: str | None) -> str:
+# Inside torch.autocast the autocast dtype decides: bf16 -> "bf16"; fp16, whose significand
+# is tf32's, -> "tf32" (docs/design.md section 4).
+_FROM_AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "tf32"}
+
+
+def autocast_precision(device_type: str) -> str | None:
+    """The mode an enabled ``torch.autocast`` on ``device_type`` asks for, else None."""
+    if torch.is_autocast_enabled(device_type):
+        return _FROM_AUTOCAST.get(torch.get_autocast_dtype(device_type))
+    return None
+
+
+def resolve_precision(precision: str | None, device_type: str | None = None) -> str:
+    """An explicit ``precision`` wins; None follows an enabled autocast on ``device_type``,
+    else ``torch.get_float32_matmul_precision()``."""
     if precision is None:
-        return torch_default_precision()
+        from_autocast = autocast_precision(device_type) if device_type is not None else None
+        return from_autocast or torch_default_precision()
     if precision not in PRECISIONS:
         raise ValueError(
-            f"precision: expected None (follow torch.get_float32_matmul_precision()) or one of "
-            f"{PRECISIONS}, got {precision!r}")
+            f"precision: expected None (follow torch.autocast, else torch.get_float32_matmul_precision()) "
+            f"or one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """No autocast inside: a backend runs its products in the operand format its precision
+    mode chose, never recast behind its back (autocast would turn an fp32 ``bmm`` into bf16)."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` run under :func:`autocast_off` (a backward runs in the caller's thread on a CPU,
+    where the caller's autocast would apply)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with autocast_off():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -47,7 +47,9 @@ def batch_stream(data: Dataset, size: int, seed: int, start: int, stop: int | No
     if hasattr(data, "tensors") or workers == 0:
         step = start
         while stop is None or step < stop:
-            yield sample_batch(data, size, seed, step)
+            batch = sample_batch(data, size, seed, step)
+            # pinned, so that the host-to-GPU copy is asynchronous (pageable memory waits)
+            yield tuple(t.pin_memory() for t in batch) if pin_memory else batch
             step += 1
         return
     chunk = 10_000  # an endless stream is a chain of finite samplers
@@ -66,5 +68,6 @@ class InputStream:
         self.data, self.batch, self.seed, self.device, self.workers = data, batch, seed, device, workers
 
     def __iter__(self):
-        for batch in batch_stream(self.data, self.batch, self.seed, 0, workers=self.workers):
-            yield batch[0].to(self.device)
+        cuda = torch.device(self.device).type == "cuda"
+        for batch in batch_stream(self.data, self.batch, self.seed, 0, workers=self.workers, pin_memory=cuda):
+            yield batch[0].to(self.device, non_blocking=True)

@@ -81,7 +81,9 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     plain = trained  # the module itself, not its DDP wrapper
     if cfg.reg == "orthoreg":
         inner = plain.model if isinstance(plain, LinearizedModel) else plain
-        orthoreg = OrthoReg(inner, None if cfg.mode == "lora" else base, lam=cfg.lam)
+        # precision None: bf16 under the bf16 autocast of the step, unless --ortho-precision says
+        orthoreg = OrthoReg(inner, None if cfg.mode == "lora" else base, lam=cfg.lam,
+                            precision=None if cfg.ortho_precision == "auto" else cfg.ortho_precision)
     taujp = None
     if cfg.reg.startswith("taujp"):
         one_pass = isinstance(plain, LinearizedModel)  # the task batch rides in the same dual pass
@@ -103,7 +105,7 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
                            cfg.steps * cfg.accumulation, workers=workers, pin_memory=device.type == "cuda")
     memory, measure = memory_probe(device)
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    last_loss = None  # a device tensor: read once, after the last step (no sync per step)
     steps = range(start, cfg.steps)
     if progress:
         from tqdm.auto import tqdm
@@ -126,7 +128,7 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
                     loss = loss + orthoreg()
                 loss = (loss + penalty) / cfg.accumulation
             loss.backward()
-            loss_value = float(loss.detach()) * cfg.accumulation
+            last_loss = loss.detach()
         if memory is None and step == start:
             memory = activation_bytes(model, head, x, y, cfg, device)
         opt.step()
@@ -146,4 +148,5 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
         tv = TaskVector.from_lora(encoder, meta)
     else:
         tv = TaskVector.from_models(pretrained_state, encoder, meta)
-    return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, loss_value)
+    final_loss = float(last_loss) * cfg.accumulation if last_loss is not None else float("nan")
+    return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, final_loss)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import contiguous, resolve_backend
+from .._common import autocast_off, contiguous, resolve_backend
 from .torch_backend import torch_lora_penalty
 
 __all__ = ["lora_ortho_penalty"]
@@ -30,7 +30,13 @@ __all__ = ["lora_ortho_penalty"]
 def lora_ortho_penalty(As: list[Tensor], Bs: list[Tensor], scales: list[float], *, squared: bool,
                        precision: str, backend: str) -> Tensor:
     """Per-adapter penalties of ``D_i = scales[i] * Bs[i] @ As[i]`` (fp32 ``[L]``),
-    differentiable w.r.t. ``As`` and ``Bs``; ``D`` is never formed."""
+    differentiable w.r.t. ``As`` and ``Bs``; ``D`` is never formed. Autocast is off inside
+    (``precision`` says the operand format)."""
+    with autocast_off():
+        return _lora_ortho_penalty(As, Bs, scales, squared, precision, backend)
+
+
+def _lora_ortho_penalty(As, Bs, scales, squared, precision, backend) -> Tensor:
     device = As[0].device
     if any(t.device != device for t in (*As, *Bs)):
         raise ValueError(f"model: the LoRA adapters must share one device, got "

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, grad_op, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import ListOp, bmm, grad_op, without_autocast, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
@@ -129,6 +129,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, *As, *Bs, *nes, *ems)
 
 
+@without_autocast
 def _backward(ctx, grad_values, _grad_nes, _grad_ems):
     n = ctx.n
     if not ctx.need_grad:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.layout import lora_grad_offsets, lora_grad_views
-from .._common import ListOp, grad_op, upstream_coefficient
+from .._common import ListOp, grad_op, upstream_coefficient, without_autocast
 from .torch_backend import adapter_shapes
 
 
@@ -60,6 +60,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, small, *As, *Bs)
 
 
+@without_autocast
 def _backward(ctx, grad_values, _grad_small):
     values, small, *tensors = ctx.saved_tensors
     As, Bs = list(tensors[:ctx.n]), list(tensors[ctx.n:])

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
-from .._common import BACKENDS, contiguous, resolve_backend, triton_available
+from .._common import BACKENDS, autocast_off, contiguous, resolve_backend, triton_available
 from .torch_backend import torch_penalty
 
 __all__ = ["BACKENDS", "CUDA_CANDIDATES", "combine", "cuda_candidates", "ortho_penalty", "resolve_backend",
@@ -156,9 +156,15 @@ def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
 
 def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, precision: str,
                   backend: str) -> Tensor:
-    """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``."""
+    """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``, computed with
+    autocast off (``precision`` says the operand format)."""
     if any(type(w).__name__ == "DTensor" for w in weights):
         return _with_dtensors(weights, bases, squared, precision, backend)
+    with autocast_off():
+        return _ortho_penalty(weights, bases, squared, precision, backend)
+
+
+def _ortho_penalty(weights, bases, squared, precision, backend) -> Tensor:
     device = weights[0].device
     if any(w.device != device for w in weights):
         raise ValueError(f"model: the regularized parameters must share one device, got "

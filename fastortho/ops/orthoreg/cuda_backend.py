@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..._config import CUDA_GRAMS
-from .._common import contiguous, fp32_matmul
+from .._common import contiguous, fp32_matmul, without_autocast
 
 
 class CudaPenalty(torch.autograd.Function):
@@ -26,6 +26,7 @@ class CudaPenalty(torch.autograd.Function):
         return values
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_values):
         grads = list(ctx.saved_tensors)
         scaled = torch._foreach_mul(grads, list(grad_values.to(grads[0].dtype).unbind()))

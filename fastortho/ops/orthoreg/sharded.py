@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..._config import EXCHANGES, exchange_policy, set_exchange
-from .._common import bmm, upstream_coefficient
+from .._common import bmm, upstream_coefficient, without_autocast
 
 # All-reduce bucket size (bytes): large enough to amortize a collective's latency over many
 # layers, small enough not to hold a second copy of every Gram at once.
@@ -167,6 +167,7 @@ class ShardedPenalty(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_values):
         out, *saved = ctx.saved_tensors
         n = ctx.n

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, grad_op, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import ListOp, bmm, grad_op, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
@@ -135,6 +135,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, *deltas, *gmis)
 
 
+@without_autocast
 def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     n = len(ctx.dtypes)
     if not ctx.need_grad:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.layout import gmi_layout, grad_layout, layer_views
-from .._common import ListOp, grad_op, upstream_coefficient
+from .._common import ListOp, grad_op, upstream_coefficient, without_autocast
 from .torch_backend import weight_shapes
 
 
@@ -56,6 +56,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, gmi, *weights, *bases)
 
 
+@without_autocast
 def _backward(ctx, grad_values, _grad_gmi):
     values, gmi, *tensors = ctx.saved_tensors
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
