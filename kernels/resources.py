@@ -89,6 +89,30 @@ def orthoreg_cases(configs: dict, precision: str = "tf32"):
                {**base, "BM": cfg.grad_m, "BN": cfg.grad_n, "BK": cfg.grad_k}, run, ())
 
 
+def scratch_cases(precision: str = "tf32"):
+    """The scratch OrthoReg passes: the delta pass (fp32 and bf16 scratch) and the Gram in the
+    mode's operand format (``precision``) and in bf16."""
+    from . import orthoreg_scratch as S
+    from ._common import H100
+
+    common = {"layer_table": "*i64", "tile_table": "*i32", "num_tiles": "i32"}
+    for out, to_bf16 in (("fp32", False), ("bf16", True)):
+        cfg = S.default_config("bf16" if to_bf16 else precision, H100)
+        params = {**_types("w_base w0_base", "*fp32"), "x_ptr": f"*{out}", **common,
+                  **_types("NF BR BC TO_BF16 EMULATE_BF16", "")}
+        consts = {"NF": S.LAYER_FIELDS, "BR": cfg.delta_rows, "BC": cfg.delta_cols, "TO_BF16": to_bf16,
+                  "EMULATE_BF16": False}
+        yield f"orthoreg scratch delta {out}", S.delta_kernel, params, consts, dict(num_warps=cfg.delta_warps,
+                                                                                     num_stages=1), ()
+    for mode in dict.fromkeys((precision, "bf16")):
+        cfg = S.default_config(mode, H100)
+        params = {"x_ptr": "*bf16" if mode == "bf16" else "*fp32", **common, **_types("gmi_ptr partial_ptr", "*fp32"),
+                  **_types("NF BT BK PRECISION EMULATE_BF16", "")}
+        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.gram_block, "BK": cfg.gram_k, "PRECISION": mode, "EMULATE_BF16": False}
+        yield (f"orthoreg scratch gram {mode}", S.scratch_gram_kernel, params, consts,
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
+
+
 def gpu_launch_cases(precision: str = "tf32"):
     """``(name, kernel, params, constexprs, launch options, aligned ints)`` for every Triton
     kernel of the package at the configuration its launcher picks on CUDA."""
@@ -99,6 +123,8 @@ def gpu_launch_cases(precision: str = "tf32"):
 
     cuda = H100  # the device description the launchers read; no CUDA call is made
     yield from orthoreg_cases({"default": K.default_config(precision, cuda)}, precision)
+
+    yield from scratch_cases(precision)
 
     bm, bn, bk, warps = DL.launch_blocks(cuda)
     strides = "sxm sxk sdxt sdxm sdxk swn swk sdwt sdwn sdwk sdbt syt sym syn sdyt sdym sdyn"

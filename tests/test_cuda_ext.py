@@ -142,7 +142,7 @@ def test_auto_backend_measures_and_caches(tmp_path, monkeypatch):
     from fastortho.ops.orthoreg import CUDA_CANDIDATES
 
     assert len(choices) == 2 and set(choices.values()) <= {"triton", *CUDA_CANDIDATES}
-    assert all(key.startswith("triton|cuda:gemm|cuda:triangle|cuda:syrk:") for key in choices)
+    assert all(key.startswith("triton|triton-scratch|cuda:gemm|cuda:triangle|cuda:syrk:") for key in choices)
 
 
 def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._config import PRECISIONS, interpreting
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "triton-scratch", "cuda", "torch")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
@@ -156,11 +156,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
+    if backend.startswith("triton"):
         if not triton_available():
-            raise ValueError("backend='triton': triton is not installed; use backend='torch'")
+            raise ValueError(f"backend={backend!r}: triton is not installed; use backend='torch'")
         if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors (the weights are on {device}); on "
+            raise ValueError(f"backend={backend!r} needs CUDA tensors (the weights are on {device}); on "
                              f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
                              f"before triton is imported), or use backend='torch'")
     if backend == "cuda":

@@ -43,8 +43,9 @@ def _lora_ortho_penalty(As, Bs, scales, squared, precision, backend) -> Tensor:
                          f"{sorted({str(t.device) for t in (*As, *Bs)})}")
     scales = [float(s) for s in scales]
     chosen = resolve_backend(backend, device)
-    if chosen == "cuda":
-        raise ValueError("backend='cuda': the CUDA extension has no LoRA op; use backend='auto', 'triton' or 'torch'")
+    if chosen in ("cuda", "triton-scratch"):
+        raise ValueError(f"backend={chosen!r} has no LoRA op (a LoRA update is never formed); use backend='auto', "
+                         f"'triton' or 'torch'")
     if chosen == "triton":
         from .triton_backend import triton_lora_penalty
 

@@ -5,8 +5,8 @@ already checked, picks a backend and returns the differentiable per-layer values
 
 Which file holds what (read top-down):
 
-- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "cuda" | "torch"``, the
-                        split by dtype and by backend, DTensor routing
+- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "triton-scratch" | "cuda" |
+                        "torch"``, the split by dtype and by backend, DTensor routing
 - ``torch_backend.py``  batched PyTorch products by shape group: registered ops
                         ``fastortho::ortho_gram_torch`` / ``ortho_grad_torch``, fakes, and the
                         one autograd definition (``_setup_context`` / ``_backward``)
@@ -15,6 +15,10 @@ Which file holds what (read top-down):
                         kernels and launchers are in ``fastortho/kernels/orthoreg.py``
                         (``gram_penalty_kernel`` / ``gram_penalty``, ``penalty_grad_kernel``
                         / ``penalty_grad``)
+- ``scratch_backend.py`` ``D`` written once per step into a 16-bit (bf16) or fp32 scratch, the
+                        pipelined upper-triangle Gram (``fastortho/kernels/orthoreg_scratch.py``)
+                        and the gradient on cuBLAS: ``fastortho::ortho_scratch_gram`` /
+                        ``ortho_scratch_grad``, fakes, one autograd definition
 - ``cuda_backend.py``   the C++ extension's ``fastortho::ortho_penalty_grouped`` (``csrc/``)
                         with its autograd Function
 - ``autotune.py``       the measured per-shape-group choice among Triton and the CUDA forms,
@@ -87,12 +91,20 @@ def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, p
     return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: triton_penalty(ws, bs, squared, precision))
 
 
+def _scratch_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
+    from .scratch_backend import scratch_penalty
+
+    return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: scratch_penalty(ws, bs, squared, precision))
+
+
 def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
     from .cuda_backend import cuda_penalty
 
     return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision, gram))
 
 
+# Triton candidates of backend="auto": the first is the reference every candidate must agree with.
+TRITON_CANDIDATES = ("triton", "triton-scratch")
 # The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
 CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)
 
@@ -104,9 +116,11 @@ def cuda_candidates() -> tuple[str, ...]:
 
 
 def _run(backend: str, weights, bases, squared, precision) -> Tensor:
-    """``backend``: "triton", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
+    """``backend``: "triton", "triton-scratch", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
     if backend == "triton":
         return _triton_penalty(weights, bases, squared, precision)
+    if backend == "triton-scratch":
+        return _scratch_penalty(weights, bases, squared, precision)
     if backend.startswith("cuda"):
         return _cuda_penalty(weights, bases, squared, precision, backend.partition(":")[2] or "gemm")
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
@@ -120,8 +134,8 @@ def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -
     from .. import cuda_ext
     from .autotune import choose
 
-    if candidates[0] == "triton" and not cuda_ext.load():
-        return _run("triton", weights, bases, squared, precision)
+    if any(c.startswith("cuda") for c in candidates) and not cuda_ext.load():
+        candidates = tuple(c for c in candidates if not c.startswith("cuda")) or ("triton",)
     if len(candidates) == 1:
         return _run(candidates[0], weights, bases, squared, precision)
     assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision),
@@ -177,5 +191,5 @@ def _ortho_penalty(weights, bases, squared, precision, backend) -> Tensor:
             return _measured(weights, bases, squared, precision, candidates)
         return _run(candidates[0], weights, bases, squared, precision)
     if backend == "auto" and chosen == "triton" and tune:
-        return _measured(weights, bases, squared, precision, ("triton",) + cuda_candidates())
+        return _measured(weights, bases, squared, precision, TRITON_CANDIDATES + cuda_candidates())
     return _run(chosen, weights, bases, squared, precision)

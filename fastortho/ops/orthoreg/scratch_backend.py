@@ -1,0 +1,97 @@
+"""The "triton-scratch" backend of the OrthoReg penalty (docs/design.md section 6): ``D`` is
+written once per step, as ``X^T`` in the mode's operand format, into a one-step scratch buffer
+(``fastortho/kernels/orthoreg_scratch.py``: one delta launch, one pipelined upper-triangle Gram
+launch); the gradient ``c X (G - I)`` is one cuBLAS batched product per shape group on views of
+that scratch, the factor ``c`` folded into the small ``k x k`` matrix first.
+
+- ``fastortho::ortho_scratch_gram``: per-layer values, the scratch and ``G - I``;
+- ``fastortho::ortho_scratch_grad``: per shape group the stacked gradients.
+
+Between the passes the scratch (2 B per element in bf16, 4 B in fp32) and ``G - I`` are held.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._common import ListOp, bmm, grad_op, to_group_order, upstream_coefficient, without_autocast
+from .torch_backend import weight_shapes
+
+
+def _layout(shapes):
+    """The scratch layout of ``shapes``: ``(rows, cols)`` pairs, or their flat list ``[r0, c0, ...]``
+    (what the registered op takes)."""
+    from ...kernels.orthoreg_scratch import scratch_layout
+
+    if shapes and isinstance(shapes[0], int):
+        shapes = list(zip(shapes[0::2], shapes[1::2]))
+    return scratch_layout(tuple((int(r), int(c)) for r, c in shapes))
+
+
+def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward: per-layer penalties, the scratch of ``X^T`` and the buffer of ``G - I``."""
+    from ...kernels.orthoreg_scratch import scratch_gram, write_deltas
+
+    x = write_deltas(weights, bases, precision)
+    sq, gmi = scratch_gram(weights, bases, x, precision)
+    return (sq if squared else sq.sqrt()), x, gmi
+
+
+def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
+    """Per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G - I))`` for tall
+    layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS reads the
+    transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
+    layout = _layout(shapes)
+    coefs = to_group_order(coef, layout.groups)
+    out = []
+    for ((r, c), idx), x0, g0, cg in zip(layout.groups, layout.group_x, layout.group_g, coefs):
+        k, big, n = min(r, c), max(r, c), len(idx)
+        stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg_scratch.py)
+        xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
+        m = gmi[g0:g0 + n * k * k].view(n, k, k) * cg.view(-1, 1, 1)
+        out.append(bmm(xt.transpose(1, 2), m, precision) if r >= c else bmm(m, xt, precision))
+    return out
+
+
+ortho_scratch_gram = torch.library.custom_op("fastortho::ortho_scratch_gram", gram_parts, mutates_args=())
+ortho_scratch_grad = torch.library.custom_op("fastortho::ortho_scratch_grad", group_grads, mutates_args=())
+
+
+@ortho_scratch_gram.register_fake
+def _(weights, bases, squared, precision):
+    layout = _layout(weight_shapes(weights))
+    dtype = torch.bfloat16 if precision == "bf16" and weights[0].device.type == "cuda" else torch.float32
+    return (weights[0].new_empty(len(weights), dtype=torch.float32), weights[0].new_empty(layout.x_numel, dtype=dtype),
+            weights[0].new_empty(layout.g_numel, dtype=torch.float32))
+
+
+@ortho_scratch_grad.register_fake
+def _(x, gmi, coef, shapes, precision):
+    layout = _layout(shapes)
+    return [x.new_empty((len(idx), r, c), dtype=torch.float32) for (r, c), idx in layout.groups]
+
+
+def _setup_context(ctx, inputs, output):
+    weights, _, squared, precision = inputs
+    values, x, gmi = output
+    ctx.shapes = [int(v) for s in weight_shapes(weights) for v in s]
+    ctx.dtypes = [w.dtype for w in weights]
+    ctx.squared, ctx.precision = squared, precision
+    ctx.save_for_backward(values, x, gmi)
+
+
+@without_autocast
+def _backward(ctx, grad_values, _grad_x, _grad_gmi):
+    values, x, gmi = ctx.saved_tensors
+    coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
+    buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
+    layout = _layout(ctx.shapes)
+    grads: list[Tensor | None] = [None] * len(ctx.dtypes)
+    for buf, (_, idx) in zip(buffers, layout.groups):
+        for j, i in enumerate(idx):
+            grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
+    return grads, [None] * len(grads), None, None
+
+
+# scratch_penalty(weights, bases, squared, precision) -> per-layer values.
+scratch_penalty = ListOp(ortho_scratch_gram, gram_parts, _setup_context, _backward, num_lists=2)

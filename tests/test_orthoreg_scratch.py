@@ -1,0 +1,137 @@
+"""The "triton-scratch" OrthoReg backend (D written once per step into a one-step scratch,
+pipelined upper-triangle Gram, gradient on cuBLAS) against reference.py in float64: under
+TRITON_INTERPRET=1 on a CPU, for real on a GPU; every output NaN-poisoned (tests/conftest.py)."""
+import pytest
+import torch
+from torch import nn
+
+import fastortho as fo
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
+from fastortho import reference as ref
+from test_orthoreg_triton import AWKWARD, DEVICE, MIXED, layers
+
+pytest.importorskip("triton")
+from fastortho.kernels import orthoreg_scratch as S  # noqa: E402
+
+# Small tiles: the awkward shapes span several Gram tiles (mirrored off-diagonal tiles, partial
+# edge tiles, clamped rows), several delta tiles, and more tiles than programs.
+SMALL = S.ScratchConfig(gram_block=16, gram_k=16, delta_rows=16, delta_cols=16, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("config", [SMALL, None], ids=["small-tiles", "default-tiles"])
+def test_kernels_match_reference(precision, config):
+    weights, bases = layers(MIXED, seed=1, precision=precision)
+    x = S.write_deltas(weights, bases, precision, config=config)
+    sq, gmi = S.scratch_gram(weights, bases, x, precision, config=config)
+    layout = S.scratch_layout(tuple(tuple(w.shape) for w in weights))
+    ref_sq, _ = reference_values_and_grads(weights, bases, squared=True)
+    assert rel_err(sq, ref_sq) <= TOL[precision]
+    for i, (w, b) in enumerate(zip(weights, bases)):
+        d = (w - b).double()
+        k, big = min(w.shape), max(w.shape)
+        stride = -(-big // 16) * 16
+        rows = x[layout.x_offsets[i]:layout.x_offsets[i] + k * stride].view(k, stride)
+        assert torch.all(rows[:, big:] == 0)  # the row padding is written, as zeros
+        xt = rows[:, :big]
+        expected_xt = d if w.shape[0] < w.shape[1] else d.T
+        assert rel_err(xt, expected_xt) <= TOL[precision], i
+        g = gmi[layout.g_offsets[i]:layout.g_offsets[i] + k * k].view(k, k)
+        assert rel_err(g, ref.gram(d) - torch.eye(k, dtype=d.dtype, device=d.device)) <= TOL[precision], i
+
+
+def test_bf16_scratch_holds_bf16_values():
+    weights, bases = layers([(33, 17)], seed=8, precision="bf16")
+    x = S.write_deltas(weights, bases, "bf16")
+    d = (weights[0] - bases[0]).T.contiguous()  # 17 x 33, rows padded to 48
+    assert torch.equal(x[:17 * 48].view(17, 48)[:, :33].float(), d.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("shape", AWKWARD)
+@pytest.mark.parametrize("squared", [True, False])
+def test_backend_values_and_gradients(shape, squared):
+    weights, bases = layers([shape], seed=2)
+    values, grads = fast_values_and_grads(weights, bases, squared, "ieee", backend="triton-scratch")
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
+    assert rel_err(values, ref_values) <= TOL["ieee"]
+    assert rel_err(grads[0], ref_grads[0]) <= TOL["ieee"]
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("squared", [True, False])
+def test_backend_mixed_shapes_with_upstream_gradient(precision, squared):
+    shapes = [s for s in MIXED if min(s) > 1] if precision == "tf32" else MIXED  # see test_orthoreg_triton.py
+    weights, bases = layers(shapes, seed=3, precision=precision)
+    upstream = torch.linspace(0.5, -1.5, len(shapes), device=DEVICE)
+    values, grads = fast_values_and_grads(weights, bases, squared, precision, upstream=upstream,
+                                          backend="triton-scratch")
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
+    assert rel_err(values, ref_values) <= TOL[precision]
+    for u, g, rg in zip(upstream, grads, ref_grads):
+        assert rel_err(g, u.double() * rg) <= TOL[precision]
+
+
+# ViT-sized layers on a GPU; under the interpreter (a numpy product per tile step) smaller ones
+# that still span many default-size tiles.
+LARGE = [(257, 1024), (768, 3072), (3072, 768)] if DEVICE == "cuda" else [(257, 130), (130, 300)]
+
+
+def test_large_layers():
+    weights, bases = layers(LARGE, seed=9)
+    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton-scratch")
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
+    assert rel_err(values, ref_values) <= TOL["ieee"]
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= TOL["ieee"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_and_mixed_dtypes(dtype):
+    weights, bases = layers([(33, 17), (17, 65)], dtype=dtype, seed=4)
+    more_w, more_b = layers([(20, 12)], seed=5)
+    weights, bases = weights + more_w, bases + more_b
+    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton-scratch")
+    ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
+    assert rel_err(values, ref_values) <= TOL["ieee"]
+    for w, g, rg in zip(weights, grads, ref_grads):
+        assert g.dtype == w.dtype
+        assert rel_err(g, rg) <= (TOL["ieee"] if w.dtype == torch.float32 else TOL["bf16"])
+
+
+def test_model_level_equals_torch_backend_and_compiles():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 9), nn.Linear(9, 9)).to(DEVICE)
+    base = fo.snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    out = {}
+    for backend in ("torch", "triton-scratch"):
+        model.zero_grad(set_to_none=True)
+        loss = fo.ortho_loss(model, base, squared=False, precision="ieee", backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert rel_err(out["triton-scratch"][0], out["torch"][0]) <= TOL["ieee"]
+    for a, b in zip(out["triton-scratch"][1], out["torch"][1]):
+        assert rel_err(a, b) <= TOL["ieee"]
+
+
+def test_ops_pass_opcheck():
+    from fastortho.ops.orthoreg.scratch_backend import ortho_scratch_grad, ortho_scratch_gram
+
+    weights, bases = layers([(9, 5), (5, 9), (9, 5)], seed=7)
+    grad_weights = [w.clone().requires_grad_(True) for w in weights]
+    for squared in (True, False):
+        torch.library.opcheck(ortho_scratch_gram, (grad_weights, bases, squared, "ieee"),
+                              test_utils=("test_schema", "test_faketensor"))
+    _, x, gmi = ortho_scratch_gram(weights, bases, True, "ieee")
+    coef = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
+    torch.library.opcheck(ortho_scratch_grad, (x, gmi, coef, [9, 5, 5, 9, 9, 5], "ieee"))
+
+
+def test_lora_has_no_scratch_backend():
+    from fastortho.ops.lora import lora_ortho_penalty
+
+    with pytest.raises(ValueError, match="has no LoRA op"):
+        lora_ortho_penalty([torch.ones(2, 8)], [torch.ones(8, 2)], [1.0], squared=True, precision="ieee",
+                           backend="triton-scratch")
