@@ -58,6 +58,9 @@ BENCHES = [  # (step, suite, what the dry run keeps: a -k expression for the sma
 ]
 
 
+PER_MODEL = ("bench-orthoreg", "bench-train-step", "bench-linearize")
+
+
 @dataclass
 class Step:
     name: str
@@ -95,10 +98,14 @@ def plan(dry: bool, out: Path) -> list[Step]:
     for name, suite, smallest in BENCHES:
         args = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", suite]
         if dry:
-            args += ["-k", smallest, "--benchmark-disable"]
+            commands = [["env", "FASTORTHO_BENCH_MODELS=ViT-B-32", *args, "-k", smallest, "--benchmark-disable"]]
         else:
-            args += ["--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
-        steps.append(Step(name, budgets[name], [args]))
+            # one run per model, each writing its JSON: a run cut by the step's limit loses only its own rows
+            models = ["ViT-B-32", "ViT-L-14"] if name in PER_MODEL else [None]
+            commands = [(["env", f"FASTORTHO_BENCH_MODELS={m}"] if m else []) + args +
+                        ["--benchmark-only", f"--benchmark-json={out / (name + (f'-{m}' if m else '') + '.json')}"]
+                        for m in models]
+        steps.append(Step(name, budgets[name], commands))
     steps.append(Step("summary", 10))
     return steps
 
