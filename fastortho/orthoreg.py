@@ -76,8 +76,8 @@ class FiniteMonitor:
 
     def submit(self, values: Tensor, names, weights, bases, lora: bool = False) -> None:
         self.calls += 1
-        if torch.compiler.is_compiling():
-            return
+        if torch.compiler.is_compiling() or (values.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # traced or captured into a CUDA graph: no host-side state can follow replays
         self._consume(wait=len(self._pending) >= 2)  # at most two calls in flight
         bad = ~torch.isfinite(values.detach())
         context = (names, weights, bases, lora)

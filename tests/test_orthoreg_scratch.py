@@ -135,3 +135,52 @@ def test_lora_has_no_scratch_backend():
     with pytest.raises(ValueError, match="has no LoRA op"):
         lora_ortho_penalty([torch.ones(2, 8)], [torch.ones(8, 2)], [1.0], squared=True, precision="ieee",
                            backend="triton-scratch")
+
+
+# ----------------------------------------------------------------- GPU only
+
+from conftest import requires_cuda  # noqa: E402
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton-scratch", "triton", "torch"])
+def test_steady_state_step_never_synchronizes_and_replays_as_a_cuda_graph(backend):
+    """A steady-state OrthoReg forward + backward makes no host synchronization (PyTorch's sync
+    debug mode raises on one) and, captured into a CUDA graph, replays to the eager result."""
+    weights, bases = layers(MIXED, seed=11)
+    model = nn.Module()
+    model.w = nn.ParameterList(nn.Parameter(w.clone()) for w in weights)
+    base = {f"w.{i}": b for i, b in enumerate(bases)}
+    reg = fo.OrthoReg(model, base, lam=0.5, precision="ieee", backend=backend)
+    for _ in range(2):  # plans, caches, lazily built tables
+        model.zero_grad(set_to_none=False)
+        reg().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            reg().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p in model.parameters():
+        p.grad.zero_()
+    eager = reg()
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for p in model.parameters():
+            p.grad.zero_()
+        with torch.cuda.graph(graph):
+            captured = reg()
+            captured.backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    for p in model.parameters():
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, eager) <= TOL["ieee"]
+    for p, g in zip(model.parameters(), eager_grads):
+        assert rel_err(p.grad, g) <= TOL["ieee"]
