@@ -145,7 +145,7 @@ def test_taujp_penalty(benchmark, vit, kind):
             tau = {nm: p - th0[nm] for nm, p in model.named_parameters()}
             return ref.released_taujp_penalty(model, th0, tau, batches)
     else:
-        reg = fo.TauJpRegularizer(lin, others, mode=kind, reduction="mean_norm")
+        reg = fo.TauJpRegularizer(lin, others, mode=kind, reduction="mean_norm", task_reduction="mean")
 
         def penalty():
             return reg()

@@ -196,10 +196,11 @@ def taujp_naive(model: nn.Module, params0: Mapping[str, Tensor], tau: Mapping[st
 
 def released_taujp_penalty(model: nn.Module, params0: Mapping[str, Tensor], tau: Mapping[str, Tensor],
                            batches: Iterable[Tensor]) -> Tensor:
-    """The released tau-Jp code's strict penalty: one ``torch.func.jvp`` call per other task,
-    each the mean over samples of the per-sample L2 norm (not squared), summed over tasks."""
-    total = 0.0
+    """The released tau-Jp code's strict penalty (``finetune_reg_strict.py``): one
+    ``torch.func.jvp`` call per other task, each the mean over samples of the per-sample L2 norm
+    (not squared), and the MEAN of those over the tasks (``torch.stack(penalties).mean()``)."""
+    penalties = []
     for x in batches:
         _, tangent = jvp_linearized(model, params0, tau, x)
-        total = total + tangent.flatten(1).norm(dim=1).mean()
-    return total
+        penalties.append(tangent.flatten(1).norm(dim=1).mean())
+    return torch.stack(penalties).mean()

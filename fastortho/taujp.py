@@ -12,6 +12,7 @@ from .dual import Dual, tangent_of
 from .linearize import LinearizedModel, linearize, unwrap
 
 REDUCTIONS = ("sum_sq", "mean_norm")
+TASK_REDUCTIONS = ("sum", "mean")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -36,7 +37,9 @@ def reduce_tangent(tangent: Tensor, reduction: str) -> Tensor:
         rows = rows.float()
     if reduction == "sum_sq":
         return rows.square().sum()
-    return rows.square().sum(1).sqrt().mean()
+    # vector_norm's gradient at a zero row is zero (sqrt of a sum of squares would give NaN
+    # there, and tau = 0 at the first step of fine-tuning)
+    return torch.linalg.vector_norm(rows, dim=1).mean()
 
 
 def taujp_loss(lin: LinearizedModel, x_other: Tensor, reduction: str = "sum_sq") -> Tensor:
@@ -94,7 +97,8 @@ class _TaskSource:
 
 
 class TauJpRegularizer:
-    """``lam * sum_{t in T_orth} ||J(x_t) tau||^2`` for a linearized model being trained.
+    """``lam * sum_{t in T_orth} ||J(x_t) tau||^2`` for a linearized model being trained (or the
+    released code's form, by name: ``reduction="mean_norm", task_reduction="mean"``).
 
     Args:
         lin: the :class:`LinearizedModel`, or a DistributedDataParallel wrapping it (the
@@ -103,25 +107,43 @@ class TauJpRegularizer:
             iterable of batches (a DataLoader; ``(inputs, labels)`` batches are fine, labels
             are ignored), restarted when exhausted.
         mode: "strict" (paper Eq. 10: every other task every step, their batches concatenated
-            into one dual pass) or "cyclical" (Eq. 11: one other task per step, in rotation).
+            into one dual pass) or "cyclical" (Eq. 11: one other task per optimizer step, in
+            rotation; the task is ``step % n_tasks`` as in the released code).
         lam: the weight ``lambda``.
         reduction: "sum_sq" (Eq. 10) or "mean_norm" (the released code), per task.
+        task_reduction: how strict mode combines the other tasks: "sum" (Eq. 10) or "mean"
+            (the released ``finetune_reg_strict.py``: ``torch.stack(penalties).mean()``).
+        accumulation: calls per optimizer step (gradient accumulation): the cyclical task
+            moves on once per ``accumulation`` calls, so every micro-batch of a step sees the
+            same task, as in the released code.
 
     ``reg()`` returns the weighted penalty of this step. ``reg(x)`` returns
     ``(lin(x), penalty)`` from ONE dual pass over ``x`` and the other tasks' batches together.
     """
 
     def __init__(self, lin: LinearizedModel, other_batches: Sequence, mode: str = "cyclical",
-                 lam: float = 1.0, reduction: str = "sum_sq"):
+                 lam: float = 1.0, reduction: str = "sum_sq", task_reduction: str = "sum", accumulation: int = 1):
         self.lin, self._run = unwrap(lin)
         if mode not in ("strict", "cyclical"):
             raise ValueError(f"mode: expected 'strict' or 'cyclical', got {mode!r}")
         _check_reduction(reduction)
+        if task_reduction not in TASK_REDUCTIONS:
+            raise ValueError(f"task_reduction: expected one of {TASK_REDUCTIONS} ('sum': the paper's Eq. 10; "
+                             f"'mean': the released strict code), got {task_reduction!r}")
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"accumulation: expected a positive integer (calls per optimizer step), got "
+                             f"{accumulation!r}")
         if isinstance(other_batches, Tensor) or not isinstance(other_batches, Sequence) or not other_batches:
             raise ValueError("other_batches: expected a non-empty list with one batch source per other task")
         self.sources = [_TaskSource(s, i) for i, s in enumerate(other_batches)]
-        self.mode, self.lam, self.reduction = mode, float(lam), reduction
-        self.step = 0
+        self.mode, self.lam, self.reduction, self.task_reduction = mode, float(lam), reduction, task_reduction
+        self.accumulation = accumulation
+        self.calls = 0
+
+    @property
+    def step(self) -> int:
+        """The optimizer step this regularizer is at (calls // accumulation)."""
+        return self.calls // self.accumulation
 
     def _batches(self) -> list[Tensor]:
         if self.mode == "strict":
@@ -130,13 +152,15 @@ class TauJpRegularizer:
 
     def __call__(self, x: Tensor | None = None):
         others = self._batches()
-        self.step += 1
+        self.calls += 1
         rows = [b.shape[0] for b in others]
         batch = torch.cat(([x] if x is not None else []) + others) if (x is not None or len(others) > 1) else others[0]
         primal, tangent = self._run(batch, return_tangent=True)
         tangent = _single_tensor(tangent, "lin")
         n = 0 if x is None else x.shape[0]
         penalty = sum(reduce_tangent(t, self.reduction) for t in torch.split(tangent[n:], rows))
+        if self.task_reduction == "mean":
+            penalty = penalty / len(rows)
         penalty = penalty * self.lam
         if x is None:
             return penalty

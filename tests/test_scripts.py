@@ -262,3 +262,26 @@ def test_load_clip_from_local_file_and_zero_shot_head(tiny_clip_name, tmp_path):
         logits = clip.ImageClassifier(model.visual, head)(x)
         assert torch.allclose(logits, (feats / feats.norm(dim=-1, keepdim=True)) @ expected.T, atol=1e-4)
     assert not any(p.requires_grad for p in head.parameters())
+
+
+@pytest.mark.parametrize("form,expected", [("released", ("mean_norm", "mean")), ("paper", ("sum_sq", "sum"))])
+def test_taujp_strict_follows_the_released_code_by_default(bench, monkeypatch, form, expected):
+    """--reg taujp-strict is the released code's penalty unless --taujp-form paper: per task the
+    mean per-sample norm, averaged over the tasks, the cyclical task moving per optimizer step."""
+    import fastortho.train.loop as loop
+
+    built = []
+    original = loop.TauJpRegularizer
+
+    def recording(*args, **kwargs):
+        built.append(kwargs)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loop, "TauJpRegularizer", recording)
+    cfg = FinetuneConfig(mode="linear", reg="taujp-strict", steps=1, batch_size=4, taujp_batch=2, accumulation=2,
+                         taujp_form=form)
+    finetune(bench, "Shapes", cfg, progress=False)
+    (kwargs,) = built
+    assert (kwargs["reduction"], kwargs["task_reduction"]) == expected and kwargs["accumulation"] == 2
+    assert FinetuneConfig().taujp_form == "released"
+    with pytest.raises(ValueError, match="taujp_form"):
+        FinetuneConfig(taujp_form="both").check()

@@ -57,8 +57,26 @@ def test_strict_regularizer_is_one_pass_over_all_other_tasks(setup):
     x_task = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out, penalty = reg(x_task)
     assert rel_err(out, lin(x_task)) <= TOL and rel_err(penalty, expected) <= TOL
-    released = fo.TauJpRegularizer(lin, others, mode="strict", reduction="mean_norm")
-    assert rel_err(released(), ref.released_taujp_penalty(model, th0, tau, others)) <= TOL
+    # the released strict penalty: per task the mean per-sample norm, the MEAN over the tasks
+    released = fo.TauJpRegularizer(lin, others, mode="strict", reduction="mean_norm", task_reduction="mean")
+    expected_released = ref.released_taujp_penalty(model, th0, tau, others)
+    assert rel_err(released(), expected_released) <= TOL
+    per_task = torch.stack([naive(model, th0, tau, x, "mean_norm") for x in others])
+    assert rel_err(expected_released, per_task.mean()) <= TOL  # the reference says what the release does
+    summed = fo.TauJpRegularizer(lin, others, mode="strict", reduction="mean_norm", task_reduction="sum")
+    assert rel_err(summed(), per_task.sum()) <= TOL
+
+
+def test_cyclical_task_moves_once_per_optimizer_step(setup):
+    """With gradient accumulation every micro-batch of a step sees the same other task
+    (the released code's ``step % n_tasks``)."""
+    model, lin, th0, others = setup
+    tau = lin.task_vector()
+    reg = fo.TauJpRegularizer(lin, others, mode="cyclical", accumulation=2)
+    for call in range(6):
+        x = others[(call // 2) % 3]
+        assert rel_err(reg(), naive(model, th0, tau, x, "sum_sq")) <= TOL, call
+    assert reg.step == 3
 
 
 def test_cyclical_regularizer_rotates_through_tasks(setup):
@@ -87,6 +105,10 @@ def test_regularizer_bad_arguments(setup):
         fo.TauJpRegularizer(lin, others, mode="sometimes")
     with pytest.raises(ValueError, match="reduction"):
         fo.TauJpRegularizer(lin, others, reduction="max")
+    with pytest.raises(ValueError, match="task_reduction"):
+        fo.TauJpRegularizer(lin, others, task_reduction="max")
+    with pytest.raises(ValueError, match="accumulation"):
+        fo.TauJpRegularizer(lin, others, accumulation=0)
     with pytest.raises(ValueError, match="other_batches"):
         fo.TauJpRegularizer(lin, [])
     with pytest.raises(TypeError, match="other_batches\\[0\\]"):
@@ -115,3 +137,15 @@ def test_taujp_matrix_matches_pairwise_definition(setup, chunk_size):
         fo.taujp_matrix(lin, tvs[:2], others)
     with pytest.raises(ValueError, match="no entry"):
         fo.taujp_matrix(lin, [{}], others[:1])
+
+
+def test_mean_norm_gradient_is_finite_at_tau_zero():
+    """At the first step of fine-tuning tau = 0, where the norm is not differentiable: the
+    gradient is the zero subgradient (as torch.norm's), never NaN."""
+    model = small_vit().double().eval()
+    lin = fo.linearize(model)
+    reg = fo.TauJpRegularizer(lin, [torch.randn(2, 3, 32, 32, dtype=torch.float64)], mode="strict",
+                              reduction="mean_norm", task_reduction="mean")
+    reg().backward()
+    grads = [p.grad for p in lin.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

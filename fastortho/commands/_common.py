@@ -36,6 +36,10 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, default=d.lora_rank)
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     g.add_argument("--taujp-batch", type=int, default=d.taujp_batch, help="images per other task per step")
+    g.add_argument("--taujp-form", choices=["released", "paper"], default=d.taujp_form,
+                   help="tau-Jp penalty: released = the released code's (per task the mean per-sample L2 "
+                        "norm; strict mode averages the tasks), paper = Eq. 10 (sums of squared norms) "
+                        "(default: %(default)s)")
     g.add_argument("--ortho-precision", choices=["auto", "ieee", "tf32", "bf16"], default=d.ortho_precision,
                    help="matmul mode of the OrthoReg penalty: auto follows the step's autocast (bf16 under "
                         "--autocast bf16), else torch's float32 matmul precision (default: %(default)s)")

@@ -26,6 +26,7 @@ class FinetuneConfig:
     lora_rank: int = 16
     lora_alpha: float = 16.0
     taujp_batch: int = 16  # images per other task per step
+    taujp_form: str = "released"  # "released" (mean norms, mean over tasks) or "paper" (Eq. 10: sums of squares)
     ortho_precision: str = "auto"  # OrthoReg's matmul mode: "auto" (follows autocast), "ieee", "tf32", "bf16"
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end
@@ -40,6 +41,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.warmup < 0 or self.lr <= 0:
             raise ValueError("warmup must be >= 0 and lr > 0")
+        if self.taujp_form not in ("released", "paper"):
+            raise ValueError(f"taujp_form: expected 'released' or 'paper', got {self.taujp_form!r}")
         if self.ortho_precision not in ("auto", "ieee", "tf32", "bf16"):
             raise ValueError(f"ortho_precision: expected 'auto', 'ieee', 'tf32' or 'bf16', got {self.ortho_precision!r}")
         if self.autocast not in ("auto", "bf16", "none"):

@@ -91,7 +91,12 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
         others = [t for t in benchmark.tasks if t != task]
         sources = [InputStream(benchmark.train_data(t), cfg.taujp_batch, data_seed + 17 * i, device,
                                 min(2, workers)) for i, t in enumerate(others)]
-        taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam)
+        # "released" (default): the released code's penalty, per task the mean per-sample L2 norm
+        # and in strict mode their mean over the tasks; "paper": Eq. 10's sums of squares
+        released = cfg.taujp_form == "released"
+        taujp = TauJpRegularizer(lin, sources, mode=cfg.reg.split("-")[1], lam=cfg.lam,
+                                 reduction="mean_norm" if released else "sum_sq",
+                                 task_reduction="mean" if released else "sum", accumulation=cfg.accumulation)
 
     params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
