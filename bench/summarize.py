@@ -63,16 +63,17 @@ def main(path: str) -> None:
         elif group.startswith("linearized-step"):
             plain = next((r for r in rows if r["extra_info"]["kind"] == "ordinary"), None)
             measure = rows[0]["extra_info"]["memory_measure"]
-            print(f"| step | median ms | x ordinary | memory MB ({measure}) | x ordinary | GPU-busy ms |")
-            print("|---|---|---|---|---|---|")
+            print(f"| step | median ms | x ordinary | memory MB ({measure}) | x ordinary | GPU-busy ms | ATen ops |")
+            print("|---|---|---|---|---|---|---|")
             for r in rows:
                 e, t = r["extra_info"], r["stats"]["median"]
                 tp = plain["stats"]["median"] if plain else None
                 mp = plain["extra_info"]["peak_memory_bytes"] if plain else None
                 busy = f"{e['gpu_busy_s'] * 1e3:.1f}" if "gpu_busy_s" in e else "-"
+                ops = e.get("aten_ops", "-")
                 print(f"| {e['kind']} | {t * 1e3:.1f} | {t / tp:.2f} | {e['peak_memory_bytes'] / 1e6:.0f} | "
-                      f"{e['peak_memory_bytes'] / mp:.2f} | {busy} |" if plain
-                      else f"| {e['kind']} | {t * 1e3:.1f} | - | - | - | {busy} |")
+                      f"{e['peak_memory_bytes'] / mp:.2f} | {busy} | {ops} |" if plain
+                      else f"| {e['kind']} | {t * 1e3:.1f} | - | - | - | {busy} | {ops} |")
             print(f"\nbatch {rows[0]['extra_info']['batch']}\n")
         elif group.startswith("taujp"):
             loop = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "released-loop"), None)

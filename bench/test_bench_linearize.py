@@ -25,7 +25,7 @@ import fastortho as fo
 from conftest import DEVICE, bench_models, gpu_busy_seconds, sync
 from fastortho import reference as ref
 from fastortho import set_kernels
-from fastortho.testing import saved_activation_bytes
+from fastortho.testing import count_aten_ops, saved_activation_bytes
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -113,6 +113,8 @@ def test_linearized_step(benchmark, vit, kind, precision):
         with autocast(precision):
             info["peak_memory_bytes"] = saved_activation_bytes(loss, statics)
         info["memory_measure"] = "activation bytes saved for backward"
+    # ATen ops one step dispatches (forward, backward, optimizer): what the host must issue
+    info["aten_ops"] = count_aten_ops(step)["total"]
     # the pretrained copy th0 both linearized steps hold besides the model (not in the proxy)
     info["th0_bytes"] = 0 if kind == "ordinary" else sum(p.numel() * p.element_size() for p in model.parameters())
     benchmark.group = f"linearized-step-{name}-{precision}"

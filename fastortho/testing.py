@@ -61,3 +61,23 @@ def saved_activation_bytes(loss_fn, exclude=()) -> int:
         loss = loss_fn()
     del loss
     return sum(seen.values())
+
+
+def count_aten_ops(fn) -> dict:
+    """ATen ops dispatched while ``fn()`` runs (forward and backward included when ``fn`` calls
+    backward), counted at the dispatcher, where every op a GPU step launches or a tensor
+    subclass constructs (its detach/alias) passes: the CPU proxy for a step being host-bound.
+    Returns ``{"total": n, "by_op": {name: count}}``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket.__name__)
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return {"total": sum(counts.values()), "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}

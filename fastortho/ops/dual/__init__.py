@@ -80,6 +80,12 @@ def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | 
         return _fused_linear(x, dx, weight, dweight, bias, dbias)
     with torch.no_grad():
         y = F.linear(x, weight, bias)
+    if dweight is not None and dx is not None and dx.shape == x.shape and x.dim() >= 2:
+        # x dW^T + db, then dx W^T accumulated into it by the same GEMM (beta = 1): two library
+        # calls and no separate sums (the op count of a step is what a GPU's host must issue)
+        k = x.shape[-1]
+        dy = torch.addmm(F.linear(x.reshape(-1, k), dweight, dbias), dx.reshape(-1, k), weight.t())
+        return y, dy.view(*x.shape[:-1], dy.shape[-1])
     dy = add_terms(F.linear(x, dweight) if dweight is not None else None,
                    F.linear(dx, weight) if dx is not None else None,
                    dbias)
@@ -96,23 +102,65 @@ def dual_conv2d(x, dx, weight, dweight, bias=None, dbias=None, stride=1, padding
     return y, dy
 
 
+class LayerNormTangent(torch.autograd.Function):
+    """``t -> J t``, ``J`` the Jacobian of ``xh = (x - mean) * rstd`` in ``x`` over the
+    normalized dims: ``J t = rstd (t - mean(t) - xh mean(t xh))``, one call of the native
+    LayerNorm backward kernel (run on ``xh`` with zero mean and unit rstd, then scaled by
+    ``rstd``), so only ``xh`` and ``rstd`` are kept, as an ordinary LayerNorm keeps. ``J`` is
+    symmetric (docs/design.md section 7): the backward of this linear map is the same call."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t, xhat, rstd, zero, one, normalized_shape):
+        return _layer_norm_jacobian(t, xhat, rstd, zero, one, normalized_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, xhat, rstd, zero, one, normalized_shape = inputs
+        ctx.save_for_backward(xhat, rstd, zero, one)
+        ctx.normalized_shape = normalized_shape
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, zero, one = ctx.saved_tensors
+        return _layer_norm_jacobian(g, xhat, rstd, zero, one, ctx.normalized_shape), None, None, None, None, None
+
+
+def _layer_norm_jacobian(t, xhat, rstd, zero, one, normalized_shape):
+    """``zero`` / ``one``: the per-row statistics of ``xhat`` itself (``rstd``'s shape)."""
+    centred = torch.ops.aten.native_layer_norm_backward(t.contiguous(), xhat, normalized_shape, zero, one, None, None,
+                                                        [True, False, False])[0]
+    return centred * rstd
+
+
+def _layer_norm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.layer_norm`` returns for ``x``: fp32 under autocast (its fp32 list)."""
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() else x.dtype
+
+
 def dual_layer_norm(x, dx, normalized_shape, weight=None, dweight=None, bias=None, dbias=None, eps=1e-5):
     """LayerNorm: with ``xh = (x - mu) / sigma``,
-    ``dy = w * (dx - mean(dx) - xh * mean(dx * xh)) / sigma + dw * xh + db``.
-    Statistics in fp32 for half-precision inputs (as autocast runs layer_norm)."""
+    ``dy = w * (dx - mean(dx) - xh * mean(dx * xh)) / sigma + dw * xh + db``, the bracket one
+    native LayerNorm backward call (:class:`LayerNormTangent`). Statistics in fp32 for
+    half-precision inputs (as autocast runs layer_norm)."""
+    normalized_shape = [int(n) for n in normalized_shape]
     with torch.no_grad():
-        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xhat, mean, rstd = torch.ops.aten.native_layer_norm(xf, normalized_shape, None, None, eps)
+        y = xhat
+        if weight is not None:
+            y = torch.addcmul(bias.to(xhat.dtype), xhat, weight.to(xhat.dtype)) if bias is not None \
+                else xhat * weight.to(xhat.dtype)
+        elif bias is not None:
+            y = xhat + bias.to(xhat.dtype)
+        y = y.to(_layer_norm_dtype(x))
         if dx is None and dweight is None:
             return y, dbias
-        dims = tuple(range(-len(normalized_shape), 0))
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        mean = xf.mean(dims, keepdim=True)
-        rstd = torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + eps)
-        xhat = (xf - mean) * rstd
     dxhat = None
     if dx is not None:
-        dxf = dx.to(xhat.dtype)
-        dxhat = rstd * (dxf - dxf.mean(dims, keepdim=True) - xhat * (dxf * xhat).mean(dims, keepdim=True))
+        with torch.no_grad():
+            zero, one = torch.zeros_like(rstd), torch.ones_like(rstd)
+        dxhat = LayerNormTangent.apply(dx.to(xhat.dtype), xhat, rstd, zero, one, normalized_shape)
         if weight is not None:
             dxhat = dxhat * weight
     dy = add_terms(dxhat, xhat * dweight if dweight is not None else None, dbias)
@@ -158,15 +206,32 @@ def _channels(t: Tensor, x: Tensor) -> Tensor:
     return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
+class GeluTangent(torch.autograd.Function):
+    """``dx -> gelu'(x) dx``: one ``gelu_backward`` call; the map is diagonal, so its backward
+    is the same call on the incoming gradient. Saves ``x`` only (an ordinary step keeps it too)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dx, x, approximate):
+        return torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.approximate = inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(g, x, approximate=ctx.approximate), None, None
+
+
 def dual_gelu(x, dx, approximate: str = "none"):
     with torch.no_grad():
         y = F.gelu(x, approximate=approximate)
-        if dx is None:
-            return y, None
-        # gelu'(x), activation-sized like the x an ordinary step saves; dx * gelu'(x) saves
-        # only it (gelu_backward(dx, x) under autograd would also keep dx).
-        derivative = torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
-    return y, dx.to(x.dtype) * derivative
+    if dx is None:
+        return y, None
+    return y, GeluTangent.apply(dx.to(x.dtype), x, approximate)
 
 
 def dual_pointwise(y: Tensor, dx: Tensor | None, derivative: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -201,55 +266,75 @@ def _up(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+def _rows(t: Tensor) -> Tensor:
+    """``[..., L, D]`` as ``[B, L, D]`` (one copy if the heads are a permuted view): batched
+    products on 3-D tensors are one ``bmm`` each, where ``matmul`` on 4-D views expands,
+    copies and reshapes per call."""
+    return _up(t).reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, lead: tuple) -> Tensor:
+    """Softmax of ``c Q K^T + mask`` for ``[B, L, D]`` rows; ``lead`` is the leading shape the
+    mask broadcasts against."""
+    s = torch.bmm(q, k.transpose(1, 2)) * scale
     if mask is not None:
-        s = s + mask
+        s = (s.view(*lead, *s.shape[1:]) + mask).view(s.shape)
     return torch.softmax(s, dim=-1)
 
 
+def _tangent_rows(q, k, v, o, dq, dk, dv, mask, scale, lead):
+    p = _probs(q, k, mask, scale, lead)
+    ds = torch.baddbmm(torch.bmm(dq, k.transpose(1, 2)), q, dk.transpose(1, 2)) * scale
+    z = p * ds
+    # (P * dS) V + P dV - rowsum(P * dS) O
+    return torch.addcmul(torch.baddbmm(torch.bmm(p, dv), z, v), z.sum(-1, keepdim=True), o, value=-1.0)
+
+
 def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
-    """The tangent of ``O = softmax(c Q K^T + mask) V`` (docs/design.md section 7):
+    """The tangent of ``O = softmax(c Q K^T + mask) V`` (docs/design.md section 1):
     ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
     Plain differentiable ops (used without autograd, e.g. under vmap); fp32 inside."""
-    dtype = q.dtype
+    dtype, shape, lead = q.dtype, q.shape, tuple(q.shape[:-2])
     with torch.autocast(q.device.type, enabled=False):  # keep the fp32 upcast under autocast
-        q, k, v, o = _up(q), _up(k), _up(v), _up(o)
-        p = _probs(q, k, mask, scale)
-        ds = (torch.matmul(_up(dq), k.transpose(-2, -1)) + torch.matmul(q, _up(dk).transpose(-2, -1))) * scale
-        z = p * ds
-        do = torch.matmul(z, v) - z.sum(-1, keepdim=True) * o + torch.matmul(p, _up(dv))
-    return do.to(dtype)
+        do = _tangent_rows(*(_rows(t) for t in (q, k, v, o, dq, dk, dv)), mask, scale, lead)
+    return do.view(shape).to(dtype)
 
 
 class AttentionTangent(torch.autograd.Function):
     """``(dQ, dK, dV) -> dO`` at fixed primal ``Q, K, V, O``, with the gradient of that linear
     map: ``g_S = P * (g V^T - rowsum(g * O))`` (the flash-attention backward's ``dS``),
     ``grad dQ = c g_S K``, ``grad dK = c g_S^T Q``, ``grad dV = P^T g``. Only the primal
-    ``Q, K, V`` are saved; ``P`` and ``O = P V`` are recomputed in backward (``O`` is kept
-    by the next layer in another layout; saving it here would hold it twice)."""
+    ``Q, K, V`` are saved (as the ``[B, L, D]`` rows the products use); ``P`` and ``O = P V``
+    are recomputed in backward (``O`` is kept by the next layer in another layout; saving it
+    here would hold it twice)."""
 
     @staticmethod
     def forward(ctx, q, k, v, o, dq, dk, dv, mask, scale):
-        ctx.save_for_backward(q, k, v, mask)
-        ctx.scale = scale
+        lead = tuple(q.shape[:-2])
+        with torch.autocast(q.device.type, enabled=False):
+            q3, k3, v3 = _rows(q), _rows(k), _rows(v)
+            do = _tangent_rows(q3, k3, v3, _rows(o), _rows(dq), _rows(dk), _rows(dv), mask, scale, lead)
+        ctx.save_for_backward(q3, k3, v3, mask)
+        ctx.scale, ctx.lead = scale, lead
+        ctx.shapes = (dq.shape, dk.shape, dv.shape)
         ctx.dtypes = (dq.dtype, dk.dtype, dv.dtype)
-        return attention_tangent(q, k, v, o, dq, dk, dv, mask, scale)
+        return do.view(q.shape).to(q.dtype)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, mask = ctx.saved_tensors
         c = ctx.scale
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v, g = _up(q), _up(k), _up(v), _up(g)
-            p = _probs(q, k, mask, c)
-            o = torch.matmul(p, v)
-            grad_dv = torch.matmul(p.transpose(-2, -1), g)
-            gs = p * (torch.matmul(g, v.transpose(-2, -1)) - (g * o).sum(-1, keepdim=True))
-            grad_dq = torch.matmul(gs, k) * c
-            grad_dk = torch.matmul(gs.transpose(-2, -1), q) * c
-        tq, tk, tv = ctx.dtypes
-        return None, None, None, None, grad_dq.to(tq), grad_dk.to(tk), grad_dv.to(tv), None, None
+            g = _rows(g)
+            p = _probs(q, k, mask, c, ctx.lead)
+            o = torch.bmm(p, v)
+            grad_dv = torch.bmm(p.transpose(1, 2), g)
+            gs = p * (torch.bmm(g, v.transpose(1, 2)) - (g * o).sum(-1, keepdim=True))
+            grad_dq = torch.bmm(gs, k) * c
+            grad_dk = torch.bmm(gs.transpose(1, 2), q) * c
+        (sq, sk, sv), (tq, tk, tv) = ctx.shapes, ctx.dtypes
+        return (None, None, None, None, grad_dq.view(sq).to(tq), grad_dk.view(sk).to(tk), grad_dv.view(sv).to(tv),
+                None, None)
 
 
 def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
