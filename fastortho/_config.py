@@ -77,8 +77,9 @@ _settings = {"kernels": "auto", "exchange": "auto"}
 
 def set_kernels(policy: str) -> None:
     """Which implementation the dual (linearized) linear and attention functions use: "auto"
-    (the Triton kernels on CUDA when triton imports, PyTorch ops elsewhere), "triton" (the
-    kernels everywhere; on a CPU only under TRITON_INTERPRET=1), "torch" (PyTorch ops)."""
+    (on CUDA the one-pass Triton attention tangent and cuBLAS for the dual linear; PyTorch ops
+    elsewhere), "triton" (both Triton kernels everywhere; on a CPU only under
+    TRITON_INTERPRET=1), "torch" (PyTorch ops)."""
     if policy not in KERNEL_POLICIES:
         raise ValueError(f"policy: expected one of {KERNEL_POLICIES}, got {policy!r}")
     _settings["kernels"] = policy

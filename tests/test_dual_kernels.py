@@ -189,3 +189,16 @@ def test_linearized_step_with_kernels_compiles_on_gpu():
     out = torch.compile(lambda inp: lin(inp))(x)
     out.square().sum().backward()
     assert rel_err(out, eager) <= TOLERANCES["tf32"]
+
+
+def test_auto_policy_runs_the_dual_linear_on_cublas_and_attention_on_triton():
+    """On CUDA "auto" takes the one-pass attention kernel and leaves the (compute-bound) dual
+    linear to cuBLAS; "triton" forces both kernels; float64 and "torch" never take a kernel."""
+    from fastortho.ops.dual import use_kernel
+
+    f32 = [torch.float32]
+    assert use_kernel("attention", "auto", "cuda", f32) and not use_kernel("linear", "auto", "cuda", f32)
+    assert not use_kernel("attention", "auto", "cpu", f32)
+    assert use_kernel("linear", "triton", "cpu", f32) and use_kernel("attention", "triton", "cuda", [torch.bfloat16])
+    assert not use_kernel("linear", "triton", "cuda", [torch.float64])
+    assert not use_kernel("attention", "torch", "cuda", f32)

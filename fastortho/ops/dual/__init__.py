@@ -30,17 +30,28 @@ from torch import Tensor
 from ..._config import kernel_policy
 from .._common import triton_available
 
-def _kernel_ok(*tensors: Tensor | None) -> bool:
-    """Whether this call goes to a Triton kernel under the current policy (fastortho.set_kernels)."""
-    policy = kernel_policy()
+# Ops whose Triton kernel "auto" picks on CUDA. The dual linear is not one: at ViT shapes it is
+# compute-bound, so sharing the x0 / W0 loads gains nothing, and the kernel waits on every
+# tensor-core product (checked statically) and runs IEEE fp32 on FMA; cuBLAS (one GEMM and an
+# accumulating one) serves it unless set_kernels("triton") forces the kernel.
+AUTO_KERNELS = ("attention",)
+
+
+def use_kernel(op: str, policy: str, device_type: str, dtypes) -> bool:
+    """Whether a dual ``op`` ("linear", "attention") runs its Triton kernel under ``policy``."""
     if policy == "torch":
         return False
-    ts = [t for t in tensors if t is not None]
-    if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in ts):
+    if any(d not in (torch.float32, torch.float16, torch.bfloat16) for d in dtypes):
         return False  # float64 (the reference precision) stays on PyTorch ops
     if policy == "triton":
         return True
-    return ts[0].device.type == "cuda" and triton_available()
+    return op in AUTO_KERNELS and device_type == "cuda" and triton_available()
+
+
+def _kernel_ok(op: str, *tensors: Tensor | None) -> bool:
+    """Whether this call goes to a Triton kernel under the current policy (fastortho.set_kernels)."""
+    ts = [t for t in tensors if t is not None]
+    return use_kernel(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts])
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -73,10 +84,11 @@ def add_terms(*terms: Tensor | None) -> Tensor | None:
 
 def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | None,
                 bias: Tensor | None = None, dbias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (docs/design.md section 1). On CUDA (policy
-    "auto") one fused Triton kernel computes both, each ``x`` and ``W`` tile loaded once."""
+    """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (docs/design.md section 1): the tangent
+    as one GEMM and one accumulating GEMM (cuBLAS on CUDA); with ``set_kernels("triton")`` one
+    fused Triton kernel computes both, each ``x`` and ``W`` tile loaded once."""
     if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape) \
-            and _kernel_ok(x, dx, weight, dweight):
+            and _kernel_ok("linear", x, dx, weight, dweight):
         return _fused_linear(x, dx, weight, dweight, bias, dbias)
     with torch.no_grad():
         y = F.linear(x, weight, bias)
@@ -355,7 +367,7 @@ def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=Fals
         raise NotImplementedError("grouped-query attention (enable_gqa=True) in a linearized model")
     has_tangent = not (dq is None and dk is None and dv is None)
     if has_tangent and attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 \
-            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and _kernel_ok(q, k, v, dq, dk, dv):
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and _kernel_ok("attention", q, k, v, dq, dk, dv):
         from .triton_backend import FusedAttentionTangent
 
         dtype = _compute_dtype(q)
