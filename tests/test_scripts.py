@@ -173,6 +173,9 @@ def test_scripts_end_to_end(bench, tmp_path, monkeypatch, capsys):
                    "--no-progress"])
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert {"zero_shot", "single_task", "addition", "negation"} <= set(res)
+    printed = capsys.readouterr().out  # a table of both addition and negation, not only JSON
+    assert "| task | zero-shot | single-task | task addition | negated: target |" in printed
+    assert all(f"| {t} |" in printed for t in bench.tasks) and "normalized" in printed
     assert "Digits:normalized_top1" in res["addition"] and "0.95" in res["negation"]["Digits"]
     assert (tmp_path / "eval" / "radar.png").stat().st_size > 1000
     args = ["--demo", "--modes", "nonlinear,linear", "--regs", "none,orthoreg", "--out", str(tmp_path / "abl"), *common]
@@ -285,3 +288,39 @@ def test_taujp_strict_follows_the_released_code_by_default(bench, monkeypatch, f
     assert FinetuneConfig().taujp_form == "released"
     with pytest.raises(ValueError, match="taujp_form"):
         FinetuneConfig(taujp_form="both").check()
+
+
+@pytest.mark.parametrize("command", [finetune_command, eval_command, ablate])
+def test_every_option_says_what_it_does_and_its_default(command):
+    import argparse
+
+    p = command.build_parser()
+    assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+    text = p.format_help()
+    assert "(default: " in text
+    if command is ablate:
+        assert "comma-separated" in text
+
+
+@pytest.mark.parametrize("reg,expected", [("none", ["DTD"]), ("orthoreg", ["DTD"]), ("taujp-strict", None)])
+def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, reg, expected):
+    """--tasks DTD checks only DTD's data (tau-Jp also reads every other task's)."""
+    import fastortho.clip
+
+    seen = []
+
+    class Stop(Exception):
+        """The recorder stops the command once the benchmark is built."""
+
+    def recording(model, weights, root, device="cpu", tasks=None):
+        seen.append(tasks)
+        raise Stop
+    monkeypatch.setattr(fastortho.clip, "ClipBenchmark", recording)
+    with pytest.raises(Stop):
+        finetune_command.main(["--benchmark", "clip8", "--weights", "w.pt", "--data-root", "/data", "--tasks", "DTD",
+                               "--reg", reg, "--out", "runs", "--device", "cpu"])
+    assert seen == [expected]

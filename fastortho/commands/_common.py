@@ -21,30 +21,41 @@ def benchmark_args(p: argparse.ArgumentParser) -> None:
                    help="DataLoader processes reading image files (0: the main process; in-memory data ignores it)")
 
 
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser: every option's help shows its default."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (paper defaults)")
     d = FinetuneConfig()
-    g.add_argument("--lam", type=float, default=d.lam, help="regularizer weight lambda")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup", type=int, default=d.warmup)
-    g.add_argument("--accumulation", type=int, default=d.accumulation, help="gradient accumulation steps")
-    g.add_argument("--autocast", choices=["auto", "bf16", "none"], default=d.autocast)
-    g.add_argument("--lora-targets", default=d.lora_targets, help="letters of qkvofp (OrthoReg Table 6)")
-    g.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    g.add_argument("--lam", type=float, default=d.lam, help="regularizer weight lambda (>= 0)")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per task")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=d.warmup,
+                   help="linear warm-up steps before the cosine decay (0: none)")
+    g.add_argument("--accumulation", type=int, default=d.accumulation,
+                   help="micro-batches per optimizer step (gradient accumulation)")
+    g.add_argument("--autocast", choices=["auto", "bf16", "none"], default=d.autocast,
+                   help="bf16 autocast of the step: auto = on CUDA only")
+    g.add_argument("--lora-targets", default=d.lora_targets,
+                   help="for --mode lora: letters of qkvofp, the projections to adapt (OrthoReg Table 6)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="for --mode lora: adapter rank r")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
+                   help="for --mode lora: scale alpha (the update is alpha / r * B A)")
     g.add_argument("--taujp-batch", type=int, default=d.taujp_batch, help="images per other task per step")
     g.add_argument("--taujp-form", choices=["released", "paper"], default=d.taujp_form,
                    help="tau-Jp penalty: released = the released code's (per task the mean per-sample L2 "
-                        "norm; strict mode averages the tasks), paper = Eq. 10 (sums of squared norms) "
-                        "(default: %(default)s)")
+                        "norm; strict mode averages the tasks), paper = Eq. 10 (sums of squared norms)")
     g.add_argument("--ortho-precision", choices=["auto", "ieee", "tf32", "bf16"], default=d.ortho_precision,
                    help="matmul mode of the OrthoReg penalty: auto follows the step's autocast (bf16 under "
-                        "--autocast bf16), else torch's float32 matmul precision (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+                        "--autocast bf16), else torch's float32 matmul precision")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and of the batches")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="save a resumable checkpoint every N steps (0: only at the end)")
 
 
 def run_config(args, mode: str, reg: str) -> FinetuneConfig:
@@ -62,7 +73,9 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def get_benchmark(args):
+def get_benchmark(args, tasks: list[str] | None = None):
+    """The benchmark of ``--benchmark``; ``tasks``: the only tasks whose data this run reads
+    (checked up front; None: all of them)."""
     progress = not args.no_progress
     if args.benchmark == "offline":
         from ..offline import OfflineBenchmark
@@ -70,7 +83,7 @@ def get_benchmark(args):
         return OfflineBenchmark(progress=progress)
     from ..clip import ClipBenchmark
 
-    return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device))
+    return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device), tasks=tasks)
 
 
 def init_distributed():

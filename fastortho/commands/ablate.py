@@ -13,7 +13,7 @@ import numpy as np
 
 from ..task_vectors import cosine_matrix
 from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
-from ._common import benchmark_args, get_benchmark, resolve_device, run_config, train_args
+from ._common import benchmark_args, get_benchmark, parser, resolve_device, run_config, train_args
 from .eval import evaluate_vectors
 
 DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lora_rank=8, lora_alpha=16.0,
@@ -66,17 +66,25 @@ def write_table(rows: list[dict], out: Path) -> str:
     return table
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="fastortho-ablate",
-                                description="Grid of fine-tuning modes x regularizers; a Table-1-shaped result.")
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("fastortho-ablate", "Grid of fine-tuning modes x regularizers; a Table-1-shaped result.")
     benchmark_args(p)
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--regs", default="none,orthoreg,taujp-cyclical")
-    p.add_argument("--out", type=Path, default=Path("ablation"))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated fine-tuning modes, of {', '.join(MODES)}")
+    p.add_argument("--regs", default="none,orthoreg,taujp-cyclical",
+                   help=f"comma-separated regularizers, of {', '.join(REGULARIZERS)}")
+    p.add_argument("--out", type=Path, default=Path("ablation"),
+                   help="directory for the runs (task vectors, checkpoints, plots), runs.jsonl, table.md and "
+                        "table.csv")
     p.add_argument("--demo", action="store_true",
                    help="the offline benchmark with short runs (minutes on a CPU): " +
                         ", ".join(f"{k}={v}" for k, v in DEMO.items()))
     train_args(p)
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     if p.parse_known_args(argv)[0].demo:  # demo settings as defaults; explicit options still win
         p.set_defaults(benchmark="offline", **DEMO)
     args = p.parse_args(argv)

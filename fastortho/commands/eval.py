@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..task_vectors import TaskVector, task_addition, task_negation
 from ..train import make_evaluator, pretrained_for
-from ._common import benchmark_args, get_benchmark, resolve_device
+from ._common import benchmark_args, get_benchmark, parser, resolve_device
 
 
 def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,
@@ -46,13 +46,40 @@ def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device
     return results
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="fastortho-eval", description="Single-task, task addition and negation.")
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("fastortho-eval", "Single-task, task addition and negation.")
     benchmark_args(p)
     p.add_argument("--vectors", type=Path, required=True, help="directory of {task}.safetensors task vectors")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
-    p.add_argument("--no-negation", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--no-negation", action="store_true",
+                   help="skip task negation (then the control task's data is not needed)")
+    return p
+
+
+def results_table(res: dict) -> str:
+    """A short markdown table of what fastortho-eval computed: per task the zero-shot,
+    single-task and merged (task addition) accuracy, and, when negation was evaluated, the
+    target and control accuracy at the alpha that keeps 95% of the control's zero-shot accuracy."""
+    add, negation = res["addition"], res.get("negation") or {}
+    cols = ["task", "zero-shot", "single-task", "task addition"]
+    if negation:
+        cols += ["negated: target", "negated: control", "negation alpha"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for task in res["single_task"]:
+        cells = [task, f"{100 * res['zero_shot'][task]:.1f}", f"{100 * res['single_task'][task]:.1f}",
+                 f"{100 * add[f'{task}:top1']:.1f}"]
+        if negation:
+            at95 = negation[task]["0.95"]
+            control = next(v for k, v in at95.items() if k.endswith(":top1") and k != f"{task}:top1")
+            cells += [f"{100 * at95[f'{task}:top1']:.1f}", f"{100 * control:.1f}", f"{at95['alpha']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\ntask addition: alpha {add['alpha']:.2f} (chosen on the validation splits), "
+                 f"absolute {100 * add['avg_top1']:.1f}, normalized {100 * add['avg_normalized_top1']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     bench = get_benchmark(args)
     files = {t: args.vectors / f"{t}.safetensors" for t in bench.tasks}
     missing = [str(f) for f in files.values() if not f.exists()]
@@ -62,5 +89,5 @@ def main(argv=None) -> None:
     mode = next(iter(vectors.values())).metadata.get("mode", "nonlinear")
     res = evaluate_vectors(bench, vectors, mode, device=resolve_device(args.device), out=args.out,
                            progress=not args.no_progress, negation=not args.no_negation)
-    print(json.dumps({k: v for k, v in res["addition"].items() if k != "search"}, indent=1))
-    print(f"results and plots in {args.out}/")
+    print(results_table(res))
+    print(f"results.json and plots in {args.out}/")

@@ -6,18 +6,28 @@ import argparse
 from pathlib import Path
 
 from ..train import MODES, REGULARIZERS, finetune
-from ._common import benchmark_args, get_benchmark, init_distributed, resolve_device, run_config, train_args
+from ._common import benchmark_args, get_benchmark, init_distributed, parser, resolve_device, run_config, train_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("fastortho-finetune", "Fine-tune task vectors (one per task).")
+    benchmark_args(p)
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    p.add_argument("--mode", choices=MODES, default="nonlinear",
+                   help="nonlinear (full fine-tuning), linear (TTA: the linearized model), attention "
+                        "(attention projections only) or lora")
+    p.add_argument("--reg", choices=REGULARIZERS, default="none",
+                   help="the regularizer: none, orthoreg, taujp-strict (every other task each step) or "
+                        "taujp-cyclical (one other task per step)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for the task vectors ({mode}-{reg}/{task}.safetensors) and checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    train_args(p)
+    return p
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="fastortho-finetune", description="Fine-tune task vectors (one per task).")
-    benchmark_args(p)
-    p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-    p.add_argument("--mode", choices=MODES, default="nonlinear")
-    p.add_argument("--reg", choices=REGULARIZERS, default="none")
-    p.add_argument("--out", type=Path, required=True, help="directory for task vectors and checkpoints")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    train_args(p)
+    p = build_parser()
     args = p.parse_args(argv)
     device, rank = resolve_device(args.device), init_distributed()
     if rank is not None and device.startswith("cuda"):
@@ -27,8 +37,10 @@ def main(argv=None) -> None:
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    bench = get_benchmark(args)
-    tasks = bench.tasks if args.tasks == "all" else args.tasks.split(",")
+    chosen = None if args.tasks == "all" else args.tasks.split(",")
+    # tau-Jp reads every other task's data; otherwise only the chosen tasks' data is checked
+    bench = get_benchmark(args, None if args.reg.startswith("taujp") else chosen)
+    tasks = bench.tasks if chosen is None else chosen
     cfg = run_config(args, args.mode, args.reg)
     run_dir = args.out / f"{args.mode}-{args.reg}"
     for task in tasks:
