@@ -18,7 +18,7 @@ import triton.language as tl
 from .._config import PRECISIONS, check_precision, interpreting
 
 __all__ = ["PRECISIONS", "check_precision", "interpreting", "DeviceInfo", "H100", "device_info",
-           "persistent_grid", "dot_precision", "round_to_bf16", "operand", "mma"]
+           "persistent_grid", "dot_precision", "PlanCache", "pair_plan", "check_weight_pairs", "round_to_bf16", "operand", "mma"]
 
 
 # ----------------------------------------------------------------------------- device code
@@ -56,6 +56,19 @@ def mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
                 return tl.dot(a, b, acc)
         else:
             return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot):
+    """``G - I`` of a Gram tile, zero outside ``k x k`` (rows past ``k`` hold products of
+    clamped copies), and its share of ``||G - I||_F^2`` stored to the tile's own slot, doubled
+    off the diagonal (the tile stands for its mirror too). Returns ``(G - I, valid mask)``."""
+    eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
+    valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
+    gmi = tl.where(valid, acc - eye, 0.0)
+    sq = tl.sum(tl.sum(gmi * gmi, axis=1), axis=0)
+    tl.store(partial_ptr + slot, tl.where(ti == tj, sq, 2.0 * sq))
+    return gmi, valid
 
 
 # ----------------------------------------------------------------------------- host code
@@ -97,6 +110,61 @@ def device_info(device: torch.device | DeviceInfo) -> DeviceInfo:
         info = _probed[index] = DeviceInfo("cuda", (props.major, props.minor), props.multi_processor_count,
                                            int(shared))
     return info
+
+
+class PlanCache:
+    """Launch plans (device-side tables) for exact tensors: the key pins the storage, shape,
+    strides, dtype and device of every tensor plus the rest of the key (the configuration), so
+    a plan is built, and its inputs validated, only when a tensor moves."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._plans: dict = {}
+
+    def get(self, tensors, key, build):
+        """The plan for ``tensors`` and ``key`` (hashable); ``build()`` checks and makes it."""
+        full_key = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors), key)
+        plan = self._plans.get(full_key)
+        if plan is None:
+            plan = build()
+            if len(self._plans) >= self.size:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[full_key] = plan
+        return plan
+
+
+def pair_plan(cache: PlanCache, weights, bases, cfg, make):
+    """The cached plan of a grouped OrthoReg launch over ``(weights, bases)``: validated
+    (:func:`check_weight_pairs`) and made (``make(weights, bases, cfg)``) when the tensors move."""
+    def build():
+        check_weight_pairs(weights, bases)
+        return make(weights, bases, cfg)
+    return cache.get((*weights, *bases), cfg, build)
+
+
+def check_weight_pairs(weights, bases) -> None:
+    """What one grouped OrthoReg launch takes: equal non-empty lists of contiguous 2-D pairs of
+    one shape, one weight dtype and one base dtype, on one device (CUDA, or the interpreter),
+    each layer under 2**31 elements (32-bit in-layer indexing)."""
+    if not weights or len(weights) != len(bases):
+        raise ValueError("weights, bases: expected two non-empty lists of equal length")
+    device = weights[0].device
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
+                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    for w, b in zip(weights, bases):
+        if w.dim() != 2 or w.shape != b.shape:
+            raise ValueError(f"weights, bases: expected 2-D pairs of one shape, got {tuple(w.shape)} "
+                             f"and {tuple(b.shape)}")
+        if not (w.is_contiguous() and b.is_contiguous()):
+            raise ValueError("weights, bases: expected contiguous tensors")
+        if w.device != device or b.device != device:
+            raise ValueError(f"weights, bases: expected every tensor on {device}")
+        if w.dtype != weights[0].dtype or b.dtype != bases[0].dtype:
+            raise ValueError("weights, bases: one launch takes one weight dtype and one base dtype")
+        if w.numel() >= 2**31:
+            raise ValueError(f"weights: a layer of {w.numel()} elements (2**31 or more) is beyond the kernels' "
+                             f"32-bit in-layer indexing; use backend='torch' or 'cuda'")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

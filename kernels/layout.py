@@ -56,3 +56,30 @@ def lora_grad_views(flat, shapes) -> tuple[list, list]:
     grads_a = layer_views(flat, [(r, i) for _, i, r in shapes], a_offs)
     grads_b = layer_views(flat, [(out, r) for out, _, r in shapes], b_offs)
     return grads_a, grads_b
+
+
+def triangle_tiles(shapes, block: int):
+    """The upper-triangle tiles ``ti <= tj`` of every layer's ``k x k`` Gram as an int32
+    ``[T, 4]`` table ``(layer, ti, tj, slot)``, longest reductions first (so persistent programs
+    finish together), and the int64 ``[L, max tiles per layer]`` gather of each layer's slots,
+    padded with ``T`` (a zero slot the kernels write)."""
+    import torch
+
+    gram, slots = [], []
+    for layer, (rows, cols) in enumerate(shapes):
+        k, big = min(rows, cols), max(rows, cols)
+        nt = -(-k // block)
+        layer_slots = []
+        for ti in range(nt):
+            for tj in range(ti, nt):
+                gram.append((big, layer, ti, tj))
+                layer_slots.append(len(gram) - 1)
+        slots.append(layer_slots)
+    order = sorted(range(len(gram)), key=lambda t: -gram[t][0])
+    new_slot = {old: new for new, old in enumerate(order)}
+    tiles = torch.tensor([[gram[t][1], gram[t][2], gram[t][3], new_slot[t]] for t in order],
+                         dtype=torch.int32).reshape(-1, 4)
+    gather = torch.full((len(shapes), max(len(s) for s in slots)), len(gram), dtype=torch.int64)
+    for layer, layer_slots in enumerate(slots):
+        gather[layer, :len(layer_slots)] = torch.tensor([new_slot[s] for s in layer_slots])
+    return tiles, gather

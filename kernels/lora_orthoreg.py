@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_precision, device_info, interpreting, mma, operand, persistent_grid
+from ._common import PlanCache, check_precision, device_info, interpreting, mma, operand, persistent_grid
 
 FIELDS = 8  # a_off, b_off, out, in, r, k, ga_off, gb_off
 
@@ -167,7 +167,7 @@ class LoRAPlan:
         self.s2 = torch.tensor([s * s for s in scales], dtype=torch.float32).to(device)
 
 
-_PLANS: dict[tuple, LoRAPlan] = {}
+_PLANS = PlanCache()
 
 
 def _check(As, Bs, scales):
@@ -187,15 +187,11 @@ def _check(As, Bs, scales):
 
 
 def lora_plan(As, Bs, scales, cfg: LoRAConfig) -> LoRAPlan:
-    key = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in (*As, *Bs)),
-           tuple(scales), cfg)
-    plan = _PLANS.get(key)
-    if plan is None:
+    """The cached plan for these exact tensors and scales (validated when it is built)."""
+    def build():
         _check(As, Bs, scales)
-        if len(_PLANS) >= 16:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = LoRAPlan(As, Bs, scales, cfg)
-    return plan
+        return LoRAPlan(As, Bs, scales, cfg)
+    return _PLANS.get((*As, *Bs), (tuple(scales), cfg), build)
 
 
 def lora_penalty(As, Bs, scales, precision: str, *,

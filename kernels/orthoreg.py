@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_precision, device_info, interpreting, mma, operand, persistent_grid
-from .layout import gmi_layout, grad_layout, layer_views, round_up
+from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, operand, persistent_grid
+from .layout import gmi_layout, grad_layout, layer_views, round_up, triangle_tiles
 
 __all__ = ["KernelConfig", "default_config", "gram_penalty", "penalty_grad", "layer_views", "launch_plan",
            "gram_penalty_kernel", "penalty_grad_kernel", "LAYER_FIELDS"]
@@ -156,12 +156,8 @@ def gram_penalty_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi
                 acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, True, BT, BK, PRECISION, EMULATE_BF16)
             else:
                 acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, False, BT, BK, PRECISION, EMULATE_BF16)
-        eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
-        valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
-        # past k the tile holds products of clamped copies (see _delta_tile): zero them
-        gmi = tl.where(valid, acc - eye, 0.0)
-        sq = tl.sum(tl.sum(gmi * gmi, axis=1), axis=0)
-        tl.store(partial_ptr + slot, tl.where(ti == tj, sq, 2.0 * sq))
+        # past k the tile holds products of clamped copies (see _delta_tile): zeroed there
+        gmi, _ = gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot)
         # Columns k..kp of a row are padding; this tile's values there are zeros (above), and
         # writing them keeps the whole buffer defined.
         g = gmi_ptr + g_off
@@ -253,32 +249,16 @@ class ShapePlan:
 
 @functools.lru_cache(maxsize=64)
 def shape_plan(shapes: tuple[tuple[int, int], ...], gram_block: int, grad_m: int, grad_n: int) -> ShapePlan:
-    gram, grad, slots = [], [], []
     g_offsets, g_total = gmi_layout(shapes)
     out_offsets, out_total = grad_layout(shapes)
+    gram_tiles, gather = triangle_tiles(shapes, gram_block)
+    grad = []
     for layer, (rows, cols) in enumerate(shapes):
         k, big = min(rows, cols), max(rows, cols)
-        nt = -(-k // gram_block)
-        layer_slots = []
-        for ti in range(nt):
-            for tj in range(ti, nt):
-                gram.append((big, layer, ti, tj))
-                layer_slots.append(len(gram) - 1)
-        slots.append(layer_slots)
-        for bi in range(-(-big // grad_m)):
-            for bj in range(-(-k // grad_n)):
-                grad.append((big * k, layer, bi, bj))
-    # Largest reductions first, so the persistent programs finish together.
-    order = sorted(range(len(gram)), key=lambda t: -gram[t][0])
-    new_slot = {old: new for new, old in enumerate(order)}
-    gram_tiles = torch.tensor([[gram[t][1], gram[t][2], gram[t][3], new_slot[t]] for t in order],
-                              dtype=torch.int32).reshape(-1, 4)
+        grad += [(big * k, layer, bi, bj) for bi in range(-(-big // grad_m)) for bj in range(-(-k // grad_n))]
+    # Largest first, so the persistent programs finish together.
     grad_sorted = sorted(grad, key=lambda t: -t[0])
     grad_tiles = torch.tensor([[t[1], t[2], t[3], 0] for t in grad_sorted], dtype=torch.int32).reshape(-1, 4)
-    width = max(len(s) for s in slots)
-    gather = torch.full((len(shapes), width), len(gram), dtype=torch.int64)
-    for layer, layer_slots in enumerate(slots):
-        gather[layer, :len(layer_slots)] = torch.tensor([new_slot[s] for s in layer_slots])
     return ShapePlan(gram_tiles, grad_tiles, gather, tuple(g_offsets), g_total, tuple(out_offsets), out_total)
 
 
@@ -310,46 +290,15 @@ class LaunchPlan:
         self.slot_gather = self.shape.slot_gather.to(device)
 
 
-_PLANS: dict[tuple, LaunchPlan] = {}
+_PLANS = PlanCache()
 # The compiled kernel of the latest launch of each phase (registers, spills, shared memory,
 # PTX), for bench/diagnose_orthoreg.py.
 last_launch: dict[str, object] = {}
 
 
 def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
-    """The cached plan for these exact tensors; the inputs are validated only when the plan
-    is built (the key pins storage, shape, strides, dtype and device of every tensor)."""
-    key = (tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights),
-           tuple((b.data_ptr(), b.shape, b.stride(), b.dtype, b.device) for b in bases), cfg)
-    plan = _PLANS.get(key)
-    if plan is None:
-        _check(weights, bases)
-        if len(_PLANS) >= 16:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = LaunchPlan(weights, bases, cfg)
-    return plan
-
-
-def _check(weights, bases):
-    if not weights or len(weights) != len(bases):
-        raise ValueError("weights, bases: expected two non-empty lists of equal length")
-    device = weights[0].device
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
-                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
-    for w, b in zip(weights, bases):
-        if w.dim() != 2 or w.shape != b.shape:
-            raise ValueError(f"weights, bases: expected 2-D pairs of one shape, got {tuple(w.shape)} "
-                             f"and {tuple(b.shape)}")
-        if not (w.is_contiguous() and b.is_contiguous()):
-            raise ValueError("weights, bases: expected contiguous tensors")
-        if w.device != device or b.device != device:
-            raise ValueError(f"weights, bases: expected every tensor on {device}")
-        if w.dtype != weights[0].dtype or b.dtype != bases[0].dtype:
-            raise ValueError("weights, bases: one launch takes one weight dtype and one base dtype")
-        if w.numel() >= 2**31:
-            raise ValueError(f"weights: a layer of {w.numel()} elements (2**31 or more) is beyond the kernels' "
-                             f"32-bit in-layer indexing; use backend='torch' or 'cuda'")
+    """The cached plan for these exact tensors (validated when it is built)."""
+    return pair_plan(_PLANS, weights, bases, cfg, LaunchPlan)
 
 
 def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precision: str, *,

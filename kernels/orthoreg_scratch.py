@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_precision, device_info, interpreting, mma, persistent_grid, round_to_bf16
+from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, persistent_grid, round_to_bf16
 
 __all__ = ["ScratchConfig", "default_config", "scratch_layout", "write_deltas", "scratch_gram", "scratch_plan",
            "delta_kernel", "scratch_gram_kernel", "LAYER_FIELDS"]
@@ -50,14 +50,19 @@ def _layer(layer_table, layer, NF: tl.constexpr):
 
 
 @triton.jit
+def _tile(tile_table, tile):
+    # A row of a tile table: (layer, block, block, slot) as four int32.
+    row = tile_table + tile * 4
+    return tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def delta_kernel(w_base, w0_base, x_ptr, layer_table, tile_table, num_tiles, NF: tl.constexpr, BR: tl.constexpr,
                  BC: tl.constexpr, TO_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     # X^T[i, b] = D[b, i] (tall) or D[i, b] (wide), for one (BR x BC) tile of one layer.
     pid = tl.program_id(0)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer = tl.load(tile_table + tile * 3 + 0)
-        ti = tl.load(tile_table + tile * 3 + 1)
-        tb = tl.load(tile_table + tile * 3 + 2)
+        layer, ti, tb, _ = _tile(tile_table, tile)
         w_off, w0_off, cols, k, big, tall, x_off, g_off, stride = _layer(layer_table, layer, NF)
         offs_i = ti * BR + tl.arange(0, BR)
         offs_b = tb * BC + tl.arange(0, BC)
@@ -87,10 +92,7 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
     if pid == 0:
         tl.store(partial_ptr + num_tiles, 0.0)  # the zero slot that pads the per-layer gather
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer = tl.load(tile_table + tile * 4 + 0)
-        ti = tl.load(tile_table + tile * 4 + 1)
-        tj = tl.load(tile_table + tile * 4 + 2)
-        slot = tl.load(tile_table + tile * 4 + 3)
+        layer, ti, tj, slot = _tile(tile_table, tile)
         w_off, w0_off, cols, k, big, tall, x_off, g_off, stride = _layer(layer_table, layer, NF)
         offs_i = ti * BT + tl.arange(0, BT)
         offs_j = tj * BT + tl.arange(0, BT)
@@ -109,11 +111,7 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
             a = tl.load(a_ptrs + b0, mask=in_range, other=0.0)
             b = tl.load(b_ptrs + b0, mask=in_range, other=0.0)
             acc = mma(a, tl.trans(b), acc, PRECISION, EMULATE_BF16)
-        eye = (offs_i[:, None] == offs_j[None, :]).to(tl.float32)
-        valid = (offs_i[:, None] < k) & (offs_j[None, :] < k)
-        gmi = tl.where(valid, acc - eye, 0.0)
-        sq = tl.sum(tl.sum(gmi * gmi, axis=1), axis=0)
-        tl.store(partial_ptr + slot, tl.where(ti == tj, sq, 2.0 * sq))
+        gmi, valid = gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot)
         g = gmi_ptr + g_off
         tl.store(g + offs_i[:, None] * k + offs_j[None, :], gmi, mask=valid)
         if ti != tj:
@@ -188,33 +186,22 @@ def scratch_layout(shapes: tuple[tuple[int, int], ...]) -> ScratchLayout:
 
 @dataclass(frozen=True)
 class ScratchTiles:
-    delta_tiles: torch.Tensor  # int32 [T0, 3]: layer, row block of X^T, column block
+    delta_tiles: torch.Tensor  # int32 [T0, 4]: layer, row block of X^T, column block, 0
     gram_tiles: torch.Tensor  # int32 [T1, 4]: layer, ti, tj, slot
     slot_gather: torch.Tensor  # int64 [L, max tiles per layer]; padding -> T1 (a zero slot)
 
 
 @functools.lru_cache(maxsize=64)
 def scratch_tiles(shapes: tuple[tuple[int, int], ...], cfg: ScratchConfig) -> ScratchTiles:
-    delta, gram, slots = [], [], []
+    from .layout import triangle_tiles
+
+    delta = []
     for layer, (rows, cols) in enumerate(shapes):
-        k, big = min(rows, cols), max(rows, cols)
-        stride = -(-big // 16) * 16
-        delta += [(layer, ti, tb) for ti in range(-(-k // cfg.delta_rows)) for tb in range(-(-stride // cfg.delta_cols))]
-        nt = -(-k // cfg.gram_block)
-        layer_slots = []
-        for ti in range(nt):
-            for tj in range(ti, nt):
-                gram.append((big, layer, ti, tj))
-                layer_slots.append(len(gram) - 1)
-        slots.append(layer_slots)
-    order = sorted(range(len(gram)), key=lambda t: -gram[t][0])  # longest reductions first
-    new_slot = {old: new for new, old in enumerate(order)}
-    gram_tiles = torch.tensor([[gram[t][1], gram[t][2], gram[t][3], new_slot[t]] for t in order],
-                              dtype=torch.int32).reshape(-1, 4)
-    gather = torch.full((len(shapes), max(len(s) for s in slots)), len(gram), dtype=torch.int64)
-    for layer, layer_slots in enumerate(slots):
-        gather[layer, :len(layer_slots)] = torch.tensor([new_slot[s] for s in layer_slots])
-    return ScratchTiles(torch.tensor(delta, dtype=torch.int32).reshape(-1, 3), gram_tiles, gather)
+        k, stride = min(rows, cols), -(-max(rows, cols) // 16) * 16
+        delta += [(layer, ti, tb, 0) for ti in range(-(-k // cfg.delta_rows))
+                  for tb in range(-(-stride // cfg.delta_cols))]
+    gram_tiles, gather = triangle_tiles(shapes, cfg.gram_block)
+    return ScratchTiles(torch.tensor(delta, dtype=torch.int32).reshape(-1, 4), gram_tiles, gather)
 
 
 class ScratchPlan:
@@ -240,49 +227,24 @@ class ScratchPlan:
         self.slot_gather = tiles.slot_gather.to(device)
 
 
-_PLANS: dict[tuple, ScratchPlan] = {}
-
-
-def _check(weights, bases):
-    if not weights or len(weights) != len(bases):
-        raise ValueError("weights, bases: expected two non-empty lists of equal length")
-    device = weights[0].device
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
-                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
-    for w, b in zip(weights, bases):
-        if w.dim() != 2 or w.shape != b.shape:
-            raise ValueError(f"weights, bases: expected 2-D pairs of one shape, got {tuple(w.shape)} and {tuple(b.shape)}")
-        if not (w.is_contiguous() and b.is_contiguous()):
-            raise ValueError("weights, bases: expected contiguous tensors")
-        if w.device != device or b.device != device:
-            raise ValueError(f"weights, bases: expected every tensor on {device}")
-        if w.dtype != weights[0].dtype or b.dtype != bases[0].dtype:
-            raise ValueError("weights, bases: one launch takes one weight dtype and one base dtype")
-        if w.numel() >= 2**31:
-            raise ValueError(f"weights: a layer of {w.numel()} elements (2**31 or more) is beyond the kernels' "
-                             f"32-bit in-layer indexing; use backend='torch' or 'cuda'")
+_PLANS = PlanCache()
 
 
 def scratch_plan(weights, bases, cfg: ScratchConfig) -> ScratchPlan:
     """The cached plan for these exact tensors (validated when it is built)."""
-    key = (tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights),
-           tuple((b.data_ptr(), b.shape, b.stride(), b.dtype, b.device) for b in bases), cfg)
-    plan = _PLANS.get(key)
-    if plan is None:
-        _check(weights, bases)
-        if len(_PLANS) >= 16:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = ScratchPlan(weights, bases, cfg)
-    return plan
+    return pair_plan(_PLANS, weights, bases, cfg, ScratchPlan)
+
+
+def _prepare(weights, bases, precision: str, config: ScratchConfig | None):
+    """``(device, config, plan)`` of a launch, the precision checked."""
+    device = weights[0].device
+    cfg = config or default_config(check_precision(precision), device)
+    return device, cfg, scratch_plan(weights, bases, cfg)
 
 
 def write_deltas(weights, bases, precision: str, *, config: ScratchConfig | None = None) -> torch.Tensor:
     """Pass 1: the flat scratch of every layer's ``X^T`` (:class:`ScratchLayout`)."""
-    check_precision(precision)
-    device = weights[0].device
-    cfg = config or default_config(precision, device)
-    plan = scratch_plan(weights, bases, cfg)
+    device, cfg, plan = _prepare(weights, bases, precision, config)
     x = torch.empty(plan.layout.x_numel, dtype=scratch_dtype(precision, device), device=device)
     num_tiles = plan.delta_tiles.shape[0]
     delta_kernel[persistent_grid(num_tiles, device, 4 * cfg.programs_per_sm)](
@@ -296,13 +258,10 @@ def scratch_gram(weights, bases, x: torch.Tensor, precision: str, *,
                  config: ScratchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat fp32 buffer of every
     ``G - I`` (``[L_g, k, k]`` per group, :class:`ScratchLayout`)."""
-    check_precision(precision)
-    device = weights[0].device
-    cfg = config or default_config(precision, device)
-    plan = scratch_plan(weights, bases, cfg)
+    device, cfg, plan = _prepare(weights, bases, precision, config)
     num_tiles = plan.gram_tiles.shape[0]
-    gmi = torch.empty(plan.layout.g_numel, dtype=torch.float32, device=device)
-    partials = torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
+    # one slot per tile and a zero slot that pads the per-layer gather
+    partials, gmi = (torch.empty(n, dtype=torch.float32, device=device) for n in (num_tiles + 1, plan.layout.g_numel))
     scratch_gram_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
         x, plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials, NF=LAYER_FIELDS, BT=cfg.gram_block,
         BK=cfg.gram_k, PRECISION=precision, EMULATE_BF16=not device_info(device).is_cuda,

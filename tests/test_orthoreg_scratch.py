@@ -1,6 +1,8 @@
 """The "triton-scratch" OrthoReg backend (D written once per step into a one-step scratch,
 pipelined upper-triangle Gram, gradient on cuBLAS) against reference.py in float64: under
-TRITON_INTERPRET=1 on a CPU, for real on a GPU; every output NaN-poisoned (tests/conftest.py)."""
+TRITON_INTERPRET=1 on a CPU, for real on a GPU; every output NaN-poisoned (tests/conftest.py).
+The backend-level tests shared with "triton" (awkward and mixed shapes, every mode, 16-bit
+weights, model level) are parametrized over both in tests/test_orthoreg_triton.py."""
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,7 @@ from torch import nn
 import fastortho as fo
 from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
 from fastortho import reference as ref
-from test_orthoreg_triton import AWKWARD, DEVICE, MIXED, layers
+from test_orthoreg_triton import DEVICE, MIXED, layers
 
 pytest.importorskip("triton")
 from fastortho.kernels import orthoreg_scratch as S  # noqa: E402
@@ -47,30 +49,6 @@ def test_bf16_scratch_holds_bf16_values():
     assert torch.equal(x[:17 * 48].view(17, 48)[:, :33].float(), d.to(torch.bfloat16).float())
 
 
-@pytest.mark.parametrize("shape", AWKWARD)
-@pytest.mark.parametrize("squared", [True, False])
-def test_backend_values_and_gradients(shape, squared):
-    weights, bases = layers([shape], seed=2)
-    values, grads = fast_values_and_grads(weights, bases, squared, "ieee", backend="triton-scratch")
-    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
-    assert rel_err(values, ref_values) <= TOL["ieee"]
-    assert rel_err(grads[0], ref_grads[0]) <= TOL["ieee"]
-
-
-@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
-@pytest.mark.parametrize("squared", [True, False])
-def test_backend_mixed_shapes_with_upstream_gradient(precision, squared):
-    shapes = [s for s in MIXED if min(s) > 1] if precision == "tf32" else MIXED  # see test_orthoreg_triton.py
-    weights, bases = layers(shapes, seed=3, precision=precision)
-    upstream = torch.linspace(0.5, -1.5, len(shapes), device=DEVICE)
-    values, grads = fast_values_and_grads(weights, bases, squared, precision, upstream=upstream,
-                                          backend="triton-scratch")
-    ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
-    assert rel_err(values, ref_values) <= TOL[precision]
-    for u, g, rg in zip(upstream, grads, ref_grads):
-        assert rel_err(g, u.double() * rg) <= TOL[precision]
-
-
 # ViT-sized layers on a GPU; under the interpreter (a numpy product per tile step) smaller ones
 # that still span many default-size tiles.
 LARGE = [(257, 1024), (768, 3072), (3072, 768)] if DEVICE == "cuda" else [(257, 130), (130, 300)]
@@ -83,37 +61,6 @@ def test_large_layers():
     assert rel_err(values, ref_values) <= TOL["ieee"]
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g, rg) <= TOL["ieee"]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_weights_and_mixed_dtypes(dtype):
-    weights, bases = layers([(33, 17), (17, 65)], dtype=dtype, seed=4)
-    more_w, more_b = layers([(20, 12)], seed=5)
-    weights, bases = weights + more_w, bases + more_b
-    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton-scratch")
-    ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
-    assert rel_err(values, ref_values) <= TOL["ieee"]
-    for w, g, rg in zip(weights, grads, ref_grads):
-        assert g.dtype == w.dtype
-        assert rel_err(g, rg) <= (TOL["ieee"] if w.dtype == torch.float32 else TOL["bf16"])
-
-
-def test_model_level_equals_torch_backend_and_compiles():
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 9), nn.Linear(9, 9)).to(DEVICE)
-    base = fo.snapshot(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    out = {}
-    for backend in ("torch", "triton-scratch"):
-        model.zero_grad(set_to_none=True)
-        loss = fo.ortho_loss(model, base, squared=False, precision="ieee", backend=backend)
-        loss.backward()
-        out[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
-    assert rel_err(out["triton-scratch"][0], out["torch"][0]) <= TOL["ieee"]
-    for a, b in zip(out["triton-scratch"][1], out["torch"][1]):
-        assert rel_err(a, b) <= TOL["ieee"]
 
 
 def test_ops_pass_opcheck():

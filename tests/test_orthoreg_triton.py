@@ -66,37 +66,45 @@ def test_kernels_write_every_output_and_match_reference(precision, config):
         assert rel_err(grads[i], expected) <= TOL[precision], (i, MIXED[i])
 
 
+# Both Triton backends: "triton" (D formed in registers) and "triton-scratch" (D written once
+# to a scratch, tests/test_orthoreg_scratch.py tests its kernels).
+TRITON_BACKENDS = ["triton", "triton-scratch"]
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("shape", AWKWARD)
 @pytest.mark.parametrize("squared", [True, False])
-def test_backend_values_and_gradients(shape, squared):
+def test_backend_values_and_gradients(shape, squared, backend):
     weights, bases = layers([shape], seed=2)
-    values, grads = fast_values_and_grads(weights, bases, squared, "ieee", backend="triton")
+    values, grads = fast_values_and_grads(weights, bases, squared, "ieee", backend=backend)
     ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
     assert rel_err(values, ref_values) <= TOL["ieee"]
     assert rel_err(grads[0], ref_grads[0]) <= TOL["ieee"]
 
 
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
 @pytest.mark.parametrize("squared", [True, False])
-def test_backend_mixed_shapes_with_upstream_gradient(precision, squared):
+def test_backend_mixed_shapes_with_upstream_gradient(precision, squared, backend):
     # tf32: layers with k = 1 reduce over one product, so nothing averages the ~5e-4 rounding
     # of each of D, G - I and the norm; their gradients land at ~1e-3, at the bound itself.
     shapes = [s for s in MIXED if min(s) > 1] if precision == "tf32" else MIXED
     weights, bases = layers(shapes, seed=3, precision=precision)
     upstream = torch.linspace(0.5, -1.5, len(shapes), device=DEVICE)
-    values, grads = fast_values_and_grads(weights, bases, squared, precision, upstream=upstream, backend="triton")
+    values, grads = fast_values_and_grads(weights, bases, squared, precision, upstream=upstream, backend=backend)
     ref_values, ref_grads = reference_values_and_grads(weights, bases, squared)
     assert rel_err(values, ref_values) <= TOL[precision]
     for u, g, rg in zip(upstream, grads, ref_grads):
         assert rel_err(g, u.double() * rg) <= TOL[precision]
 
 
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_weights_and_mixed_dtypes(dtype):
+def test_low_precision_weights_and_mixed_dtypes(dtype, backend):
     weights, bases = layers([(33, 17), (17, 65)], dtype=dtype, seed=4)
     more_w, more_b = layers([(20, 12)], seed=5)  # an fp32 layer in the same call
     weights, bases = weights + more_w, bases + more_b
-    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton")
+    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend=backend)
     ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
     assert rel_err(values, ref_values) <= TOL["ieee"]
     for w, g, rg in zip(weights, grads, ref_grads):
@@ -104,7 +112,8 @@ def test_low_precision_weights_and_mixed_dtypes(dtype):
         assert rel_err(g, rg) <= (TOL["ieee"] if w.dtype == torch.float32 else TOL["bf16"])
 
 
-def test_model_level_triton_equals_torch_backend():
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_model_level_triton_equals_torch_backend(backend):
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 9), nn.Linear(9, 9)).to(DEVICE)
     base = fo.snapshot(model)
@@ -112,14 +121,14 @@ def test_model_level_triton_equals_torch_backend():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     out = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         model.zero_grad(set_to_none=True)
-        loss = fo.ortho_loss(model, base, squared=False, precision="ieee", backend=backend)
+        loss = fo.ortho_loss(model, base, squared=False, precision="ieee", backend=name)
         loss.backward()
-        out[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
-    assert rel_err(out["triton"][0], out["torch"][0]) <= TOL["ieee"]
-    assert len(out["triton"][1]) == 3
-    for a, b in zip(out["triton"][1], out["torch"][1]):
+        out[name] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert rel_err(out[backend][0], out["torch"][0]) <= TOL["ieee"]
+    assert len(out[backend][1]) == 3
+    for a, b in zip(out[backend][1], out["torch"][1]):
         assert rel_err(a, b) <= TOL["ieee"]
 
 

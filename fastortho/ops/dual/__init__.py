@@ -128,9 +128,8 @@ class LayerNormTangent(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, xhat, rstd, zero, one, normalized_shape = inputs
-        ctx.save_for_backward(xhat, rstd, zero, one)
-        ctx.normalized_shape = normalized_shape
+        ctx.save_for_backward(*inputs[1:5])  # xhat, rstd, zero, one
+        ctx.normalized_shape = inputs[5]
 
     @staticmethod
     def backward(ctx, g):
