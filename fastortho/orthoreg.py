@@ -137,6 +137,11 @@ def _monitor(model: nn.Module) -> FiniteMonitor:
     return monitor
 
 
+def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = name.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), attr
+
+
 class OrthoReg(nn.Module):
     """``lam * OrthoReg penalty`` of ``model`` against ``base``, with the plan built once
     (``base=None`` on a LoRA model: the exact low-rank penalty of its adapters).
@@ -161,6 +166,13 @@ class OrthoReg(nn.Module):
             self._names = [n for n, _ in selected]
             self._weights = [p for _, p in selected]
             self._bases = paired_bases(selected, base_tensors(base, model))
+        # Where each regularized parameter lives (owner module, attribute): a model whose
+        # Parameter objects are replaced (load_state_dict(assign=True), a module swapped) would
+        # otherwise be regularized at its old tensors, silently. Plain tuples: not registered.
+        # FSDP2 swaps its sharded (DTensor) parameters in and out of the modules by design: not checked.
+        self._slots = [] if self._adapters is not None else [
+            _slot(model, n) for n, w in zip(self._names, self._weights) if type(w).__name__ != "DTensor"]
+        self._checked = [w for w in self._weights if type(w).__name__ != "DTensor"] if self._slots else []
         self._device = self._weights[0].device
         self.lam = float(lam)
         self.squared = bool(squared)
@@ -179,6 +191,13 @@ class OrthoReg(nn.Module):
         if self._weights[0].device != self._device:
             raise ValueError(f"model: its parameters moved to {self._weights[0].device} after "
                              f"OrthoReg was built on {self._device}; build a new OrthoReg")
+        if not torch.compiler.is_compiling():
+            for (owner, attr), w in zip(self._slots, self._checked):
+                if owner._parameters.get(attr) is not w:
+                    name = self._names[next(i for i, v in enumerate(self._weights) if v is w)]
+                    raise ValueError(f"model: parameter {name!r} was replaced after OrthoReg was built (e.g. by "
+                                     f"load_state_dict(assign=True)); the penalty would be of the old tensor. "
+                                     f"Build a new OrthoReg after replacing parameters")
         precision = resolve_precision(self.precision, self._device.type)
         if self._adapters is not None:
             values = lora_ortho_penalty(self._weights, self._bases, [a.scale for a in self._adapters],

@@ -515,3 +515,28 @@ def test_lora_precision_follows_autocast_and_nothing_is_recast():
     assert rel_err(values, expected) <= TOL["ieee"]
     for a, leaf, b in zip(As, leaves, Bs):
         assert rel_err(leaf.grad, ref.lora_layer_penalty_grads(a.double(), b.double(), 2.0)[0]) <= TOL["ieee"]
+
+
+def test_replaced_parameters_are_detected_not_silently_regularized():
+    """After load_state_dict(assign=True) the model's Parameter objects are new: OrthoReg says
+    so instead of returning the penalty of the old tensors (and leaving the new ones' grad None)."""
+    model = TinyBlock()
+    base = fo.snapshot(model)
+    perturbed(model)
+    reg = fo.OrthoReg(model, base, backend="torch")
+    reg().backward()
+    model.load_state_dict({k: v.clone() + 1.0 for k, v in model.state_dict().items()}, assign=True)
+    with pytest.raises(ValueError, match=r"parameter '[\w.]+' was replaced after OrthoReg was built"):
+        reg()
+    fresh = fo.OrthoReg(model, base, backend="torch")  # the remedy the message names
+    assert torch.isfinite(fresh()).all()
+
+
+def test_a_malformed_backend_choice_cache_is_measured_again(tmp_path, monkeypatch):
+    from fastortho.ops.orthoreg import autotune
+
+    for content in ("[]", "null", '{"key": 3}'):
+        path = tmp_path / f"choice-{len(content)}.json"
+        path.write_text(content)
+        monkeypatch.setattr(autotune, "_memory", {})
+        assert autotune._load(path) == {}

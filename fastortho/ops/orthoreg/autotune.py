@@ -38,9 +38,13 @@ def _load(path: Path) -> dict[str, str]:
     key = str(path)
     if key not in _memory:
         try:
-            _memory[key] = json.loads(path.read_text())
+            table = json.loads(path.read_text())
         except (OSError, ValueError):
-            _memory[key] = {}
+            table = {}
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            log.warning("fastortho: the backend-choice cache %s is not a table of choices; measuring again", path)
+            table = {}
+        _memory[key] = table
     return _memory[key]
 
 
