@@ -171,8 +171,7 @@ class OrthoReg(nn.Module):
         # otherwise be regularized at its old tensors, silently. Plain tuples: not registered.
         # FSDP2 swaps its sharded (DTensor) parameters in and out of the modules by design: not checked.
         self._slots = [] if self._adapters is not None else [
-            _slot(model, n) for n, w in zip(self._names, self._weights) if type(w).__name__ != "DTensor"]
-        self._checked = [w for w in self._weights if type(w).__name__ != "DTensor"] if self._slots else []
+            (n, *_slot(model, n), w) for n, w in zip(self._names, self._weights) if type(w).__name__ != "DTensor"]
         self._device = self._weights[0].device
         self.lam = float(lam)
         self.squared = bool(squared)
@@ -192,9 +191,8 @@ class OrthoReg(nn.Module):
             raise ValueError(f"model: its parameters moved to {self._weights[0].device} after "
                              f"OrthoReg was built on {self._device}; build a new OrthoReg")
         if not torch.compiler.is_compiling():
-            for (owner, attr), w in zip(self._slots, self._checked):
+            for name, owner, attr, w in self._slots:
                 if owner._parameters.get(attr) is not w:
-                    name = self._names[next(i for i, v in enumerate(self._weights) if v is w)]
                     raise ValueError(f"model: parameter {name!r} was replaced after OrthoReg was built (e.g. by "
                                      f"load_state_dict(assign=True)); the penalty would be of the old tensor. "
                                      f"Build a new OrthoReg after replacing parameters")

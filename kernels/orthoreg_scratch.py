@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, persistent_grid, round_to_bf16
 
-__all__ = ["ScratchConfig", "default_config", "scratch_layout", "write_deltas", "scratch_gram", "scratch_plan",
-           "delta_kernel", "scratch_gram_kernel", "LAYER_FIELDS"]
+__all__ = ["ScratchConfig", "default_config", "scratch_layout", "scratch_penalty", "write_deltas", "scratch_gram",
+           "scratch_plan", "delta_kernel", "scratch_gram_kernel", "LAYER_FIELDS"]
 
 LAYER_FIELDS = 9  # w_off, w0_off, cols, k, big, tall, x_off, g_off, row stride of X^T (big padded)
 
@@ -242,9 +242,20 @@ def _prepare(weights, bases, precision: str, config: ScratchConfig | None):
     return device, cfg, scratch_plan(weights, bases, cfg)
 
 
+def scratch_penalty(weights, bases, precision: str, *,
+                    config: ScratchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both passes with one plan lookup: ``(||G - I||_F^2 per layer, the scratch, G - I)``."""
+    prepared = _prepare(weights, bases, precision, config)
+    x = _write_deltas(weights, bases, precision, *prepared)
+    return (*_scratch_gram(x, precision, *prepared), x)
+
+
 def write_deltas(weights, bases, precision: str, *, config: ScratchConfig | None = None) -> torch.Tensor:
     """Pass 1: the flat scratch of every layer's ``X^T`` (:class:`ScratchLayout`)."""
-    device, cfg, plan = _prepare(weights, bases, precision, config)
+    return _write_deltas(weights, bases, precision, *_prepare(weights, bases, precision, config))
+
+
+def _write_deltas(weights, bases, precision, device, cfg, plan) -> torch.Tensor:
     x = torch.empty(plan.layout.x_numel, dtype=scratch_dtype(precision, device), device=device)
     num_tiles = plan.delta_tiles.shape[0]
     delta_kernel[persistent_grid(num_tiles, device, 4 * cfg.programs_per_sm)](
@@ -258,7 +269,10 @@ def scratch_gram(weights, bases, x: torch.Tensor, precision: str, *,
                  config: ScratchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat fp32 buffer of every
     ``G - I`` (``[L_g, k, k]`` per group, :class:`ScratchLayout`)."""
-    device, cfg, plan = _prepare(weights, bases, precision, config)
+    return _scratch_gram(x, precision, *_prepare(weights, bases, precision, config))
+
+
+def _scratch_gram(x, precision, device, cfg, plan) -> tuple[torch.Tensor, torch.Tensor]:
     num_tiles = plan.gram_tiles.shape[0]
     # one slot per tile and a zero slot that pads the per-layer gather
     partials, gmi = (torch.empty(n, dtype=torch.float32, device=device) for n in (num_tiles + 1, plan.layout.g_numel))

@@ -30,10 +30,9 @@ def _layout(shapes):
 
 def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     """Forward: per-layer penalties, the scratch of ``X^T`` and the buffer of ``G - I``."""
-    from ...kernels.orthoreg_scratch import scratch_gram, write_deltas
+    from ...kernels.orthoreg_scratch import scratch_penalty
 
-    x = write_deltas(weights, bases, precision)
-    sq, gmi = scratch_gram(weights, bases, x, precision)
+    sq, gmi, x = scratch_penalty(weights, bases, precision)
     return (sq if squared else sq.sqrt()), x, gmi
 
 
