@@ -1,5 +1,6 @@
 """fastortho: fused kernels for weight-disentanglement regularizers in task arithmetic."""
 from ._config import set_exchange, set_kernels
+from ._files import RunLockedError
 from ._version import __version__
 from .layers import select_parameters
 from .linearize import LinearizedModel, linearize
@@ -11,7 +12,7 @@ from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_mat
 from .taujp import TauJpRegularizer, taujp_loss, taujp_matrix
 from . import analysis  # noqa: E402  (plots import matplotlib only when drawn)
 
-__all__ = ["AdditionResult", "NegationResult", "TaskVector", "analysis", "cosine_matrix", "task_addition",
+__all__ = ["AdditionResult", "NegationResult", "RunLockedError", "TaskVector", "analysis", "cosine_matrix", "task_addition",
            "task_negation", "LinearizedModel", "LoRAAdapter", "OrthoReg", "TauJpRegularizer", "linearize", "taujp_loss",
            "taujp_matrix", "Snapshot", "TrainableReport", "add_lora", "attention_only",
            "lora_adapters", "lora_delta_weights", "merge_lora", "ortho_loss", "select_parameters",

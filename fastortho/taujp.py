@@ -79,6 +79,7 @@ class _TaskSource:
                             f"{type(source).__name__}")
         self.index = index
         self._it = None
+        self.drawn = 0  # batches taken so far (the resumable position)
 
     def next(self) -> Tensor:
         if self.fixed is not None:
@@ -93,7 +94,24 @@ class _TaskSource:
                 batch = next(self._it)
             except StopIteration:
                 raise ValueError(f"other_batches[{self.index}]: the iterable yields no batch") from None
+        self.drawn += 1
         return _first_tensor(batch)
+
+    def resume_at(self, drawn: int) -> None:
+        """Continue as if ``drawn`` batches had been taken: a source with ``seek`` (e.g.
+        :class:`fastortho.train.InputStream`) starts there; any other iterable is read
+        forward that far (exact when it yields the same batches each time it is iterated)."""
+        self._it, self.drawn = None, 0
+        if self.fixed is not None or drawn == 0:
+            self.drawn = drawn
+            return
+        if hasattr(self.iterable, "seek"):
+            self.iterable.seek(drawn)
+            self._it, self.drawn = iter(self.iterable), drawn
+            self.iterable.seek(0)  # a later restart of the iterable begins at its start again
+            return
+        for _ in range(drawn):
+            self.next()
 
 
 class TauJpRegularizer:
@@ -144,6 +162,25 @@ class TauJpRegularizer:
     def step(self) -> int:
         """The optimizer step this regularizer is at (calls // accumulation)."""
         return self.calls // self.accumulation
+
+    def state_dict(self) -> dict:
+        """Where the regularizer is: its call count and each source's position (integers:
+        fit for a ``weights_only`` checkpoint)."""
+        return {"calls": self.calls, "drawn": [s.drawn for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s state: the cyclical task and every other task's
+        stream go on where they were, so a resumed run sees the batches an uninterrupted one
+        would."""
+        drawn = state.get("drawn") if isinstance(state, dict) else None
+        calls = state.get("calls") if isinstance(state, dict) else None
+        if not isinstance(calls, int) or not isinstance(drawn, list) or len(drawn) != len(self.sources) \
+                or not all(isinstance(d, int) and d >= 0 for d in drawn):
+            raise ValueError(f"state: expected {{'calls': int, 'drawn': [{len(self.sources)} non-negative ints]}} "
+                             f"from TauJpRegularizer.state_dict(), got {state!r}")
+        self.calls = calls
+        for source, position in zip(self.sources, drawn):
+            source.resume_at(position)
 
     def _batches(self) -> list[Tensor]:
         if self.mode == "strict":

@@ -58,7 +58,7 @@ def test_finished_checkpoint_is_reused(bench, tmp_path):
     cfg = FinetuneConfig(steps=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=2)
     full = finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "a", progress=False).task_vector
     finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "b" / "step-00000004" / "config.json").read_text())["steps"] == 4
     resumed = finetune(bench, "Digits", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     assert resumed.steps == 0  # nothing left to do: the saved weights are the result
     for k in full:
@@ -78,8 +78,8 @@ def test_resume_after_interruption_matches_uninterrupted(bench, tmp_path):
     original = ft.save_checkpoint
     calls = []
 
-    def save_then_stop(*args):
-        original(*args)
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
         calls.append(args[4])
         if args[4] == 2:
             raise Stop

@@ -62,12 +62,23 @@ def batch_stream(data: Dataset, size: int, seed: int, start: int, stop: int | No
 
 
 class InputStream:
-    """Endless batches of one task's inputs for the tau-Jp penalty (labels dropped)."""
+    """Endless batches of one task's inputs for the tau-Jp penalty (labels dropped). Batch
+    ``k`` is a function of ``(seed, k)``; :meth:`seek` makes the next iteration start at
+    batch ``k`` (how a resumed run continues each stream where it was)."""
 
     def __init__(self, data: Dataset, batch: int, seed: int, device, workers: int = 0):
         self.data, self.batch, self.seed, self.device, self.workers = data, batch, seed, device, workers
+        self.start = 0
+
+    def seek(self, position: int) -> None:
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"position: expected a non-negative batch index, got {position!r}")
+        self.start = position
 
     def __iter__(self):
+        return self._batches(self.start)  # the start is read now, not at the first batch
+
+    def _batches(self, start: int):
         cuda = torch.device(self.device).type == "cuda"
-        for batch in batch_stream(self.data, self.batch, self.seed, 0, workers=self.workers, pin_memory=cuda):
+        for batch in batch_stream(self.data, self.batch, self.seed, start, workers=self.workers, pin_memory=cuda):
             yield batch[0].to(self.device, non_blocking=True)

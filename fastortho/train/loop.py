@@ -10,6 +10,7 @@ image encoder), ``head(task)`` (frozen), ``train_data(task)`` and ``eval_data(sp
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import RunLock, fingerprint
 from ..clip import ImageClassifier
 from ..linearize import LinearizedModel, linearize
 from ..lora import add_lora, attention_only
@@ -51,8 +53,11 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
 
     With ``checkpoint_dir``, the trainable state, optimizer and schedule are saved every
     ``cfg.checkpoint_every`` steps and at the end; a later call with ``resume=True`` picks up
-    from the last checkpoint (the batches are a function of ``(seed, step)``, so a resumed run
-    sees the same data as an uninterrupted one).
+    from the last complete checkpoint (the batches, the tau-Jp streams included, are a function
+    of ``(seed, step)``, so a resumed run sees the same data as an uninterrupted one). A
+    checkpoint made with another configuration or from other base weights is refused;
+    ``resume=False`` discards the folder's checkpoints and starts over. The folder is locked
+    for the run: a second run on it raises :class:`fastortho.RunLockedError`.
 
     ``workers``: DataLoader processes that read the task's images (datasets of files; the
     in-memory offline tasks ignore it); each tau-Jp stream of another task gets up to two.
@@ -61,7 +66,27 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     cfg.check()
     if task not in benchmark.tasks:
         raise ValueError(f"task: expected one of {benchmark.tasks}, got {task!r}")
-    device = torch.device(device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    # Rank 0 writes the checkpoints: it locks the folder (a second run on it refuses, naming
+    # this one) after proving it writable, before any step whose work a failed save would lose.
+    lock = RunLock(ckpt, "checkpoint_dir") if ckpt is not None and rank == 0 else contextlib.nullcontext()
+    with lock:
+        if ckpt is not None and rank == 0 and not resume:
+            checkpoints.clear(ckpt)
+        if distributed:
+            torch.distributed.barrier()
+        return _finetune(benchmark, task, cfg, torch.device(device), ckpt, resume, progress, workers, distributed, rank)
+
+
+def _base_identity(benchmark, pretrained_state) -> dict:
+    """What fine-tuning starts from, recorded in each checkpoint and checked on resume."""
+    source = getattr(benchmark, "weights", None) or getattr(benchmark, "name", type(benchmark).__name__)
+    return {"sha256": fingerprint(pretrained_state), "source": str(source)}
+
+
+def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, distributed, rank) -> FinetuneResult:
     torch.manual_seed(cfg.seed)
     encoder = benchmark.encoder().to(device)
     pretrained_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
@@ -70,8 +95,6 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     head = benchmark.head(task).to(device)
     # Under torchrun (an initialized process group): DistributedDataParallel, each rank its
     # own batches (the effective batch is world x batch_size), rank 0 writes the files.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
     if distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     model = ImageClassifier(net, head).train()
@@ -102,9 +125,15 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup, cfg.steps))
     start = 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None and resume and (ckpt / "train_state.pt").exists():
-        start = checkpoints.load_checkpoint(ckpt, trained, opt, sched, cfg)
+    base_id = _base_identity(benchmark, pretrained_state) if ckpt is not None else None
+    if ckpt is not None and resume:
+        start, extra = checkpoints.load_checkpoint(ckpt, trained, opt, sched, cfg, base=base_id)
+        if taujp is not None and "taujp" in extra:
+            taujp.load_state_dict(extra["taujp"])
+
+    def save(step: int) -> None:
+        checkpoints.checkpoint(ckpt, trained, opt, sched, step, cfg, rank, distributed, base=base_id,
+                               extra={"taujp": taujp.state_dict()} if taujp is not None else {})
 
     batches = batch_stream(benchmark.train_data(task), cfg.batch_size, data_seed, start * cfg.accumulation,
                            cfg.steps * cfg.accumulation, workers=workers, pin_memory=device.type == "cuda")
@@ -139,12 +168,12 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
         opt.step()
         sched.step()
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            checkpoints.checkpoint(ckpt, trained, opt, sched, step + 1, cfg, rank, distributed)
+            save(step + 1)
     wall = time.perf_counter() - t0
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     if ckpt is not None:
-        checkpoints.checkpoint(ckpt, trained, opt, sched, cfg.steps, cfg, rank, distributed)
+        save(cfg.steps)
     meta = {"task": task, "mode": cfg.mode, "regularizer": cfg.reg, "lambda": cfg.lam, "steps": cfg.steps,
             "benchmark": getattr(benchmark, "name", "?")}
     if cfg.mode == "linear":
