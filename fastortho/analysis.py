@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._files import atomic_path
 from .linearize import LinearizedModel
 from .task_vectors import TaskVector, cosine_matrix
 
@@ -175,7 +176,8 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path, "path") as tmp:  # a killed plot never leaves half a PNG
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     return path
 
 

@@ -63,12 +63,23 @@ def _torchvision(name: str, root: Path, split: str, transform):
     raise ValueError(name)
 
 
-def _base(name: str, root: Path, split: str, transform) -> Dataset:
+def missing_layout(name: str, root: Path, split: str) -> str | None:
+    """Why dataset ``name``'s ``split`` cannot be read under ``root`` (its folder is absent),
+    or None: the up-front check, without reading any file."""
     layout = LAYOUTS[name]
     where = root / layout.paths[split]
     if not where.exists():
-        raise FileNotFoundError(f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}. "
-                                f"fastortho never downloads datasets; prepare them under --data-root first")
+        return (f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}. "
+                f"fastortho never downloads datasets; prepare them under --data-root first")
+    return None
+
+
+def _base(name: str, root: Path, split: str, transform) -> Dataset:
+    layout = LAYOUTS[name]
+    where = root / layout.paths[split]
+    problem = missing_layout(name, root, split)
+    if problem:
+        raise FileNotFoundError(problem)
     if layout.kind == "folder":
         from torchvision.datasets import ImageFolder
 

@@ -320,6 +320,10 @@ _MHA = _parameters(F.multi_head_attention_forward)
 def _mha(func, args, kwargs):
     g = _bind(_MHA, args, kwargs)
     training_dropout = g["training"] and g["dropout_p"] > 0
+    if training_dropout:  # a JVP would draw its own dropout mask, not the primal's
+        raise NotImplementedError("nn.MultiheadAttention(dropout > 0) in train mode in a linearized model: the "
+                                  "tangent would need the primal's dropout mask; use eval mode for the attention "
+                                  "(module.eval()) or dropout=0")
     unsupported = (g["bias_k"] is not None or g["bias_v"] is not None or g["add_zero_attn"] or training_dropout
                    or g["need_weights"] or g["static_k"] is not None or g["static_v"] is not None
                    or isinstance(g["attn_mask"], Dual) or isinstance(g["key_padding_mask"], Dual))
@@ -359,22 +363,25 @@ def _jvp_fallback(func, args, kwargs):
     """``torch.func.jvp`` of this one op: correct for any op, at the cost of the primal twice."""
     flat, spec, duals = _flat(args, kwargs)
     out = _primal_call(func, flat, spec)
-    floating = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor) and o.is_floating_point()]
+    outs, out_spec = tree_flatten(out)
+    floating = [j for j, o in enumerate(outs) if isinstance(o, Tensor) and o.is_floating_point()]
     if not floating or not duals:
         return out
     FALLBACK_OPS.add(torch.overrides.resolve_name(func) or repr(func))
     primals = [primal_of(v) for v in flat]
 
-    def f(*ps):
+    def f(*ps):  # the op's floating outputs only (jvp takes no None, e.g. MHA's absent weights)
         leaves = list(primals)
         for i, p in zip(duals, ps):
             leaves[i] = p
-        return _call(func, leaves, spec)
+        results = tree_flatten(_call(func, leaves, spec))[0]
+        return tuple(results[j] for j in floating)
 
     # jvp wants a tangent of each primal's dtype and shape
     tangents = tuple(flat[i].tangent.to(flat[i].primal.dtype).broadcast_to(flat[i].primal.shape) for i in duals)
-    _, tan = torch.func.jvp(f, tuple(flat[i].primal for i in duals), tangents)
-    return wrap(out, tan)
+    _, tans = torch.func.jvp(f, tuple(flat[i].primal for i in duals), tangents)
+    by_position = dict(zip(floating, tans))
+    return tree_unflatten([wrap(o, by_position.get(j)) for j, o in enumerate(outs)], out_spec)
 
 
 def _inplace(func, args, kwargs):

@@ -63,23 +63,37 @@ class LinearizedModel(nn.Module):
         self._names = tuple(trainable)
         self.th0 = _tree_module({n: p.detach().clone() for n, p in trainable.items()})
         self._slots_cache: list | None = None
+        self._edges: list = []
 
     def _slots(self) -> list[tuple[str, nn.Module, str, nn.Module, str]]:
         """Per trained parameter ``(name, owner, attribute, th0 owner, th0 attribute)``: the
         tensors are read from their owners' dicts on every pass (so an assignment or ``.to()``
         is always seen); only the walk of the module tree, milliseconds per pass for a ViT,
-        is done once."""
-        if self._slots_cache is None:
-            slots = []
-            for n in self._names:
-                owner_path, _, attr = n.rpartition(".")
-                owner = self.model.get_submodule(owner_path)
-                base = self.th0.get_submodule(owner_path)
-                if attr not in owner._parameters or attr not in base._buffers:
-                    raise RuntimeError(f"linearize: the trained parameter {n!r} is no longer where it was "
-                                       f"(was the model's structure changed after linearize?)")
-                slots.append((n, owner, attr, base, attr))
-            self._slots_cache = slots
+        is done once. The tree's edges are checked on every pass (dictionary lookups, some
+        microseconds): a submodule replaced after the first pass raises instead of being run
+        with the old module's parameters."""
+        if self._slots_cache is not None:
+            for parent, name, child, path in self._edges:
+                if parent._modules.get(name) is not child:
+                    raise RuntimeError(f"linearize: the submodule {path!r} was replaced after the linearized model "
+                                       f"first ran; its trained parameters and th0 belong to the old module. "
+                                       f"Linearize the changed model again")
+            return self._slots_cache
+        slots, edges = [], {}
+        for n in self._names:
+            owner_path, _, attr = n.rpartition(".")
+            owner = self.model.get_submodule(owner_path)
+            base = self.th0.get_submodule(owner_path)
+            if attr not in owner._parameters or attr not in base._buffers:
+                raise RuntimeError(f"linearize: the trained parameter {n!r} is no longer where it was "
+                                   f"(was the model's structure changed after linearize?)")
+            slots.append((n, owner, attr, base, attr))
+            parent, path = self.model, []
+            for part in owner_path.split(".") if owner_path else []:
+                child, path = parent._modules[part], path + [part]
+                edges[(id(parent), part)] = (parent, part, child, ".".join(path))
+                parent = child
+        self._slots_cache, self._edges = slots, list(edges.values())
         return self._slots_cache
 
     @property
@@ -93,8 +107,8 @@ class LinearizedModel(nn.Module):
 
     def task_vector(self) -> dict[str, Tensor]:
         """``th - th0`` per trained parameter (detached), keyed by the model's names."""
-        params = dict(self.model.named_parameters())
-        return {n: (params[n] - self.th0.get_buffer(n)).detach() for n in self._names}
+        return {n: (owner._parameters[attr] - base._buffers[base_attr]).detach()
+                for n, owner, attr, base, base_attr in self._slots()}
 
     def _dual_params(self, taus: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         out = {}
@@ -141,9 +155,8 @@ class LinearizedModel(nn.Module):
 
     def save(self, path, metadata: Mapping[str, str] | None = None) -> None:
         """Write the state_dict (``model.*`` = th and the model's buffers, ``th0.*``) as
-        safetensors; ``metadata`` (str -> str) is stored beside it."""
-        from safetensors.torch import save_file
-
+        safetensors, atomically; ``metadata`` (str -> str) is stored beside it."""
+        from ._files import save_safetensors
         from ._version import __version__
 
         seen: set[tuple[int, int]] = set()
@@ -157,19 +170,28 @@ class LinearizedModel(nn.Module):
             state[k] = v
         meta = {"format": "fastortho.LinearizedModel", "fastortho": __version__}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        save_file(state, str(path), metadata=meta)
+        save_safetensors(state, path, meta)
 
     def load(self, path, strict: bool = True) -> "LinearizedModel":
-        """Load a file written by :meth:`save` into this model (same architecture), in place."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Load a file written by :meth:`save` into this model (same architecture), in place.
+        Everything is checked before anything is copied: a file of another model raises and
+        leaves this one as it was."""
+        from ._files import read_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
-            kind = (f.metadata() or {}).get("format")
+        device = next(iter(self.th0.buffers())).device
+        state, meta = read_safetensors(path, "path", str(device))
+        kind = meta.get("format")
         if kind != "fastortho.LinearizedModel":
             raise ValueError(f"path: {path} is not a fastortho linearized-model file (format={kind!r})")
-        device = next(iter(self.th0.buffers())).device
-        self.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+                  if tuple(state[k].shape) != tuple(own[k].shape)]
+        if shapes or (strict and (missing or unexpected)):
+            raise ValueError(f"path: {path} is the linearized model of another architecture: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}, shapes (file, model) {sorted(shapes)[:3]}; "
+                             f"nothing was loaded")
+        self.load_state_dict(state, strict=strict)
         return self
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import warnings
 from dataclasses import asdict, dataclass
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from ._config import cache_dir, offline_config_json
+from ._files import read_safetensors, save_safetensors
 
 TASKS = ("Digits", "Textures", "Shapes", "Gratings")
 CONTROL = "Rotation"
@@ -204,13 +205,15 @@ class OfflineBenchmark:
     # ------------------------------------------------------------------------- pretraining
 
     def _pretrained(self):
-        from safetensors.torch import load_file, save_file
-
         path = cache_dir() / f"offline-encoder-{self.cfg.key()}.safetensors"
         if path.exists():
-            state = load_file(str(path))
-            head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-            return {k: v for k, v in state.items() if not k.startswith("head.")}, head
+            try:
+                state = read_safetensors(path, "offline encoder cache")[0]
+            except ValueError as e:  # a cache: regenerated, not a dead end
+                warnings.warn(f"{e}; it is a cache and is regenerated", stacklevel=3)
+            else:
+                head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+                return {k: v for k, v in state.items() if not k.startswith("head.")}, head
         encoder = build_encoder(self.cfg)
         head = nn.Linear(self.cfg.output_dim, 4)
         opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=2e-3, weight_decay=0.05)
@@ -230,11 +233,8 @@ class OfflineBenchmark:
             opt.step()
         state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
         head_state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({**state, **{f"head.{k}": v for k, v in head_state.items()}}, str(tmp),
-                  metadata={"config": json.dumps(asdict(self.cfg))})
-        os.replace(tmp, path)
+        save_safetensors({**state, **{f"head.{k}": v for k, v in head_state.items()}}, path,
+                         {"config": json.dumps(asdict(self.cfg))}, "offline encoder cache")
         return state, head_state
 
     # ------------------------------------------------------------------------- interface

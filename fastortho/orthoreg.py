@@ -11,6 +11,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_bool, check_materialized, check_real
 from .layers import LayerSpec, base_tensors, paired_bases, select_parameters
 from .lora import LoRAAdapter, lora_adapters
 from .ops._common import resolve_backend, resolve_precision
@@ -155,6 +156,7 @@ class OrthoReg(nn.Module):
                  layers: LayerSpec = "trainable-2d", precision: str | None = None,
                  backend: str = "auto", check_finite: bool = True):
         super().__init__()
+        lam, squared = check_real("lam", lam, minimum=0), check_bool("squared", squared)
         self._adapters = _lora_plan(model, base, layers)
         if self._adapters is not None:
             # Plain lists: the model's parameters must not be registered a second time here.
@@ -172,6 +174,7 @@ class OrthoReg(nn.Module):
         # FSDP2 swaps its sharded (DTensor) parameters in and out of the modules by design: not checked.
         self._slots = [] if self._adapters is not None else [
             (n, *_slot(model, n), w) for n, w in zip(self._names, self._weights) if type(w).__name__ != "DTensor"]
+        check_materialized("model", zip(self._names, self._weights))
         self._device = self._weights[0].device
         self.lam = float(lam)
         self.squared = bool(squared)
@@ -240,8 +243,10 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
     Backward writes the analytic gradient ``4 D (G - I)`` (or ``4 (G - I) D`` for wide layers;
     divided by ``2 ||G - I||`` when not squared) into the parameters' ``.grad``.
     """
+    check_bool("squared", squared)
     adapters = _lora_plan(model, base, layers)
     if adapters is not None:
+        check_materialized("model", [(a.name, a.A) for a in adapters])
         As, Bs = [a.A for a in adapters], [a.B for a in adapters]
         values = lora_ortho_penalty(As, Bs, [a.scale for a in adapters], squared=squared,
                                     precision=resolve_precision(precision, As[0].device.type), backend=backend)
@@ -249,6 +254,7 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
             _monitor(model).submit(values, [a.name for a in adapters], As, Bs, lora=True)
         return values.sum()
     selected = select_parameters(model, layers)
+    check_materialized("model", selected)
     bases = paired_bases(selected, base_tensors(base, model))
     weights = [p for _, p in selected]
     values = ortho_penalty(weights, bases, squared=squared, precision=resolve_precision(precision, weights[0].device.type),

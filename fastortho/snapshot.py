@@ -39,29 +39,25 @@ class Snapshot(Mapping[str, Tensor]):
         return Snapshot({n: t.to(*args, **kwargs) for n, t in self._tensors.items()}, self.layers)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
+        """Safetensors, written atomically (a unique temporary name, then a rename)."""
+        from ._files import save_safetensors
 
-        save_file({n: t.contiguous() for n, t in self._tensors.items()}, str(path),
-                  metadata={"format": "fastortho.snapshot", "layers": json.dumps(self.layers),
-                            "order": json.dumps(list(self._tensors))})
+        save_safetensors({n: t.contiguous() for n, t in self._tensors.items()}, path,
+                         {"format": "fastortho.snapshot", "layers": json.dumps(self.layers),
+                          "order": json.dumps(list(self._tensors))})
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "Snapshot":
-        from safetensors import SafetensorError, safe_open
+        from ._files import json_metadata, read_safetensors
 
-        try:
-            f = safe_open(str(path), framework="pt", device=str(device))
-        except SafetensorError as e:
-            raise ValueError(f"path: {path} is not a safetensors file ({e})") from None
-        with f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "fastortho.snapshot":
-                raise ValueError(f"path: {path} is not a fastortho snapshot (metadata format="
-                                 f"{meta.get('format')!r})")
-            # safetensors sorts its keys; put back the model's parameter order.
-            order = json.loads(meta.get("order", "[]")) or sorted(f.keys())
-            tensors = {k: f.get_tensor(k) for k in order}
-        return cls(tensors, json.loads(meta.get("layers", '"custom"')))
+        tensors, meta = read_safetensors(path, "path", device)
+        if meta.get("format") != "fastortho.snapshot":
+            raise ValueError(f"path: {path} is not a fastortho snapshot (metadata format={meta.get('format')!r})")
+        # safetensors sorts its keys; put back the model's parameter order.
+        order = json_metadata(meta, "order", [], path) or sorted(tensors)
+        if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
+            raise ValueError(f"path: the metadata entry 'order' of {path} does not list the file's tensors")
+        return cls({k: tensors[k] for k in order}, json_metadata(meta, "layers", "custom", path))
 
 
 def snapshot(model: nn.Module, layers: LayerSpec = "trainable-2d") -> Snapshot:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_materialized, check_real
 from .linearize import LinearizedModel
 
 FORMAT = "fastortho.TaskVector"
@@ -41,10 +44,18 @@ def load_checkpoint(path) -> dict[str, Tensor]:
     unpickles code). A checkpoint holding ``{"state_dict": ...}`` is unwrapped."""
     path = str(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from ._files import read_safetensors
 
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path, "path")[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"path: {path} is empty (0 bytes): an interrupted download or copy?")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"path: {path} is not a readable torch checkpoint of tensors ({first})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -66,6 +77,7 @@ class TaskVector(Mapping[str, Tensor]):
             raise TypeError(f"vector: entries must be floating-point tensors; not so for {bad[:5]}")
         if not vector:
             raise ValueError("vector: a task vector needs at least one tensor")
+        check_materialized("vector", vector.items())
         self._vector = {k: v.detach() for k, v in vector.items()}
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
 
@@ -145,6 +157,7 @@ class TaskVector(Mapping[str, Tensor]):
     def __mul__(self, scalar) -> "TaskVector":
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
+        check_real("scalar", scalar)  # NaN or inf would make every merged weight NaN
         return TaskVector({k: v * scalar for k, v in self._vector.items()}, self.metadata)
 
     __rmul__ = __mul__
@@ -167,6 +180,7 @@ class TaskVector(Mapping[str, Tensor]):
         """``pretrained + alpha * tau`` as a NEW object: a deep copy of a module (a
         LinearizedModel gets ``th = th0 + alpha * tau``), or a new state_dict for a mapping.
         Keys of the task vector must exist in ``pretrained`` with the same shapes."""
+        alpha = check_real("alpha", alpha)
         if isinstance(pretrained, LinearizedModel):
             out = copy.deepcopy(pretrained)
             base = out.base_values()
@@ -205,32 +219,31 @@ class TaskVector(Mapping[str, Tensor]):
     # ------------------------------------------------------------------------- files
 
     def save(self, path, metadata: Mapping[str, str] | None = None) -> None:
-        """Safetensors with the metadata (e.g. base model, method, regularizer, lambda)."""
-        from safetensors.torch import save_file
-
+        """Safetensors with the metadata (e.g. base model, method, regularizer, lambda),
+        written atomically (a unique temporary name beside ``path``, then a rename)."""
+        from ._files import save_safetensors
         from ._version import __version__
 
         meta = dict(self.metadata)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         meta.update(format=FORMAT, fastortho=__version__, tensor_order=json.dumps(list(self._vector)))
-        save_file({k: v.contiguous() for k, v in self._vector.items()}, str(path), metadata=meta)
+        save_safetensors({k: v.contiguous() for k, v in self._vector.items()}, path, meta)
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> "TaskVector":
         """Read a file written by :meth:`save` (safetensors: nothing is unpickled)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from ._files import json_metadata, read_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        tensors, meta = read_safetensors(path, "path", device)
         if meta.get("format") != FORMAT:
             raise ValueError(f"path: {path} is not a fastortho task-vector file (format={meta.get('format')!r})")
-        tensors = load_file(str(path), device=device)
-        order = json.loads(meta.pop("tensor_order", "[]"))  # safetensors sorts keys; keep the saved order
-        if sorted(order) == sorted(tensors):
-            tensors = {k: tensors[k] for k in order}
+        order = json_metadata(meta, "tensor_order", [], path)  # safetensors sorts keys; keep the saved order
+        meta.pop("tensor_order", None)
+        if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
+            raise ValueError(f"path: the metadata entry 'tensor_order' of {path} does not list the file's "
+                             f"{len(tensors)} tensors")
         meta.pop("format")
-        return cls(tensors, meta)
+        return cls({k: tensors[k] for k in order}, meta)
 
 
 def _same_layout(a: Mapping[str, Tensor], b: Mapping[str, Tensor], name_a: str, name_b: str) -> None:

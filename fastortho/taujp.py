@@ -8,6 +8,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_real
 from .dual import Dual, tangent_of
 from .linearize import LinearizedModel, linearize, unwrap
 
@@ -154,7 +155,8 @@ class TauJpRegularizer:
         if isinstance(other_batches, Tensor) or not isinstance(other_batches, Sequence) or not other_batches:
             raise ValueError("other_batches: expected a non-empty list with one batch source per other task")
         self.sources = [_TaskSource(s, i) for i, s in enumerate(other_batches)]
-        self.mode, self.lam, self.reduction, self.task_reduction = mode, float(lam), reduction, task_reduction
+        self.mode, self.lam = mode, check_real("lam", lam, minimum=0)
+        self.reduction, self.task_reduction = reduction, task_reduction
         self.accumulation = accumulation
         self.calls = 0
 

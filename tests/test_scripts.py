@@ -7,7 +7,7 @@ import torch
 
 import fastortho as fo
 from fastortho import datasets
-from fastortho.commands import ablate, eval as eval_command, finetune as finetune_command
+from fastortho.commands import _common as command_common, ablate, eval as eval_command, finetune as finetune_command
 from fastortho.train import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
 from fastortho.offline import EncoderConfig, OfflineBenchmark
 
@@ -307,7 +307,7 @@ def test_every_option_says_what_it_does_and_its_default(command):
 
 
 @pytest.mark.parametrize("reg,expected", [("none", ["DTD"]), ("orthoreg", ["DTD"]), ("taujp-strict", None)])
-def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, reg, expected):
+def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, tmp_path, reg, expected):
     """--tasks DTD checks only DTD's data (tau-Jp also reads every other task's)."""
     import fastortho.clip
 
@@ -319,8 +319,10 @@ def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, reg, expected):
     def recording(model, weights, root, device="cpu", tasks=None):
         seen.append(tasks)
         raise Stop
+    checked = []
     monkeypatch.setattr(fastortho.clip, "ClipBenchmark", recording)
+    monkeypatch.setattr(command_common, "check_clip_inputs", lambda w, root, tasks: checked.append(tasks))
     with pytest.raises(Stop):
         finetune_command.main(["--benchmark", "clip8", "--weights", "w.pt", "--data-root", "/data", "--tasks", "DTD",
-                               "--reg", reg, "--out", "runs", "--device", "cpu"])
-    assert seen == [expected]
+                               "--reg", reg, "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    assert seen == [expected] and checked == [expected or list(datasets.TASKS8)]

@@ -3,9 +3,46 @@ they build, the device and the process group under torchrun."""
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 from dataclasses import fields
+from pathlib import Path
 
+from .._files import RunLockedError
 from ..train import FinetuneConfig
+
+# What a user can cause (a missing or damaged file, a bad value, a folder in use): reported as
+# one line naming the option, exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RunLockedError, FloatingPointError)
+
+
+class InputProblems(ValueError):
+    """Every problem found with a command's inputs, reported together."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def command(prog: str):
+    """Wrap a command's ``main(argv)``: a user error prints ``prog: error: ...`` on stderr and
+    exits with status 2 (``--debug``: the traceback instead)."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            try:
+                return main(argv)
+            except USER_ERRORS as e:
+                if "--debug" in argv:
+                    raise
+                lines = e.problems if isinstance(e, InputProblems) else [str(e)]
+                for line in lines:
+                    print(f"{prog}: error: {line}", file=sys.stderr)
+                print(f"{prog}: (--debug shows the traceback)", file=sys.stderr)
+                raise SystemExit(2) from None
+        return run
+    return wrap
 
 
 def benchmark_args(p: argparse.ArgumentParser) -> None:
@@ -23,8 +60,10 @@ def benchmark_args(p: argparse.ArgumentParser) -> None:
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A command's parser: every option's help shows its default."""
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return p
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +121,40 @@ def get_benchmark(args, tasks: list[str] | None = None):
 
         return OfflineBenchmark(progress=progress)
     from ..clip import ClipBenchmark
+    from ..datasets import CONTROL, TASKS8
 
+    needed = list(tasks or TASKS8)
+    if not getattr(args, "no_negation", True) and CONTROL not in needed:  # fastortho-eval's negation
+        needed.append(CONTROL)
+    check_clip_inputs(args.weights, args.data_root, needed)
     return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device), tasks=tasks)
+
+
+def check_clip_inputs(weights, data_root, tasks: list[str]) -> None:
+    """Every problem with ``--weights`` and ``--data-root`` at once (before a model loads)."""
+    from ..datasets import LAYOUTS, missing_layout
+
+    problems = []
+    if weights is None:
+        problems.append("--weights: pass the local file of the pretrained weights (fastortho never downloads)")
+    elif not Path(weights).expanduser().is_file():
+        problems.append(f"--weights: {weights} is not a file")
+    elif Path(weights).expanduser().stat().st_size == 0:
+        problems.append(f"--weights: {weights} is empty (0 bytes): an interrupted download or copy?")
+    unknown = [t for t in tasks if t.removesuffix("Val") not in LAYOUTS]
+    if unknown:
+        problems.append(f"--tasks: unknown task(s) {unknown}; expected names of {sorted(LAYOUTS)}")
+    if data_root is None:
+        problems.append("--data-root: pass the directory holding the datasets")
+    elif not Path(data_root).expanduser().is_dir():
+        problems.append(f"--data-root: {data_root} is not a directory")
+    else:
+        root = Path(data_root).expanduser()
+        for t in tasks:
+            if t not in unknown:
+                problems += [p for split in ("train", "test") if (p := missing_layout(t, root, split))]
+    if problems:
+        raise InputProblems(problems)
 
 
 def init_distributed():

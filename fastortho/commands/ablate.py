@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import shutil
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
+from .._files import RunLock, write_text
 from ..task_vectors import cosine_matrix
 from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
-from ._common import benchmark_args, get_benchmark, parser, resolve_device, run_config, train_args
+from ._common import command, benchmark_args, get_benchmark, parser, resolve_device, run_config, train_args
 from .eval import evaluate_vectors
 
 DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lora_rank=8, lora_alpha=16.0,
@@ -58,12 +62,39 @@ def write_table(rows: list[dict], out: Path) -> str:
                      f"{r['memory_mb']:.1f} |")
     measure = rows[0]["memory_measure"] if rows else ""
     table = "\n".join(lines) + f"\n\nmemory: {measure}, largest over the tasks of a run\n"
-    (out / "table.md").write_text(table)
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["mode"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text(out / "table.md", table, "out")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["mode"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "table.csv", buffer.getvalue(), "out")
     return table
+
+
+def read_records(path: Path) -> list[dict]:
+    """The runs recorded in ``runs.jsonl``. A damaged line (a record torn by a kill, or edited
+    by hand) is reported and skipped: its run is simply done again."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not {"mode", "reg"} <= set(record):
+                raise ValueError("not a run record")
+        except ValueError as e:
+            print(f"warning: {path} line {number} is damaged ({e}); ignored, that run will be done again",
+                  file=sys.stderr)
+            continue
+        records.append(record)
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """All records at once, atomically: the file is either the old one or the new one."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records), "out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ablation"),
                    help="directory for the runs (task vectors, checkpoints, plots), runs.jsonl, table.md and "
                         "table.csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: discard the runs recorded in --out (runs.jsonl, task vectors, checkpoints) "
+                        "instead of reusing them")
     p.add_argument("--demo", action="store_true",
                    help="the offline benchmark with short runs (minutes on a CPU): " +
                         ", ".join(f"{k}={v}" for k, v in DEMO.items()))
@@ -83,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("fastortho-ablate")
 def main(argv=None) -> None:
     p = build_parser()
     if p.parse_known_args(argv)[0].demo:  # demo settings as defaults; explicit options still win
@@ -96,10 +131,19 @@ def main(argv=None) -> None:
         if r not in REGULARIZERS:
             raise SystemExit(f"--regs: {r!r} is not one of {REGULARIZERS}")
     device = resolve_device(args.device)
+    with RunLock(args.out, "--out"):  # checked writable and held: a second ablate on --out refuses
+        run_grid(args, modes, regs, device)
+
+
+def run_grid(args, modes: list[str], regs: list[str], device: str) -> None:
     bench = get_benchmark(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     done_file = args.out / "runs.jsonl"
-    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
+    if args.overwrite:
+        for mode in MODES:
+            for reg in REGULARIZERS:
+                shutil.rmtree(args.out / f"{mode}-{reg}", ignore_errors=True)
+        done_file.unlink(missing_ok=True)
+    done = read_records(done_file)
     settings = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(FinetuneConfig)}}
     grid = [(m, r) for m in modes for r in regs]
     t0 = time.perf_counter()
@@ -111,11 +155,12 @@ def main(argv=None) -> None:
         row = run_cell(bench, mode, reg, args, device, args.out / f"{mode}-{reg}")
         row["settings"] = settings
         done.append(row)
-        with open(done_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_records(done_file, done)
     rows = [{k: v for k, v in d.items() if k != "settings"} for d in done
             if d.get("settings") == settings and (d["mode"], d["reg"]) in grid]
     rows.sort(key=lambda r: grid.index((r["mode"], r["reg"])))
     print(write_table(rows, args.out))
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"{len(rows)} runs, {time.perf_counter() - t0:.0f} s this call; table.md, table.csv and per-run plots in "
-          f"{args.out}/")
+          f"{args.out}/ ({size / 1e6:.0f} MB in all, checkpoints included: the runs are reused by the next call with "
+          f"the same settings; --overwrite starts over, deleting {args.out}/ removes them)")

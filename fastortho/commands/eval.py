@@ -6,9 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from .._files import check_writable, write_text
 from ..task_vectors import TaskVector, task_addition, task_negation
 from ..train import make_evaluator, pretrained_for
-from ._common import benchmark_args, get_benchmark, parser, resolve_device
+from ._common import InputProblems, command, benchmark_args, get_benchmark, parser, resolve_device
 
 
 def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,
@@ -42,8 +45,31 @@ def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device
                                       "merged": {t: addition.test[f"{t}:top1"] for t in tasks}},
                                      out / "radar.png", title=f"task addition ({mode})")
         analysis.plot_alpha_sensitivity({mode: addition.search}, out / "alpha_sensitivity.png")
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_text(out / "results.json", json.dumps(results, indent=1), "out")
     return results
+
+
+def check_vectors(vectors: dict[str, TaskVector], files: dict[str, Path]) -> str:
+    """The fine-tuning mode the vectors share. Refuses (naming the files) vectors of several
+    modes (a linearized vector is applied to a linearized model, the others to the network),
+    a vector with NaN or infinite entries, and one whose metadata names another task."""
+    problems = []
+    modes = {t: v.metadata.get("mode", "nonlinear") for t, v in vectors.items()}
+    if len(set(modes.values())) > 1:
+        problems.append("--vectors: the task vectors come from different fine-tuning modes (" +
+                        ", ".join(f"{files[t].name}: {m}" for t, m in modes.items()) +
+                        "); merge vectors of one mode only")
+    for t, v in vectors.items():
+        bad = [k for k, x in v.items() if not bool(torch.isfinite(x).all())]
+        if bad:
+            problems.append(f"--vectors: {files[t]} has NaN or infinite entries (in {len(bad)} tensor(s), e.g. "
+                            f"{bad[0]}): the run that made it diverged; fine-tune it again")
+        named = v.metadata.get("task")
+        if named is not None and named != t:
+            problems.append(f"--vectors: {files[t]} holds the task vector of {named!r} (its metadata), not of {t!r}")
+    if problems:
+        raise InputProblems(problems)
+    return next(iter(modes.values()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,15 +104,17 @@ def results_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+@command("fastortho-eval")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_writable(args.out, "--out")  # before minutes of evaluation, not at the first write
     bench = get_benchmark(args)
     files = {t: args.vectors / f"{t}.safetensors" for t in bench.tasks}
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
         raise SystemExit(f"--vectors: missing task vectors {missing} (run fastortho-finetune --out first)")
     vectors = {t: TaskVector.load(f) for t, f in files.items()}
-    mode = next(iter(vectors.values())).metadata.get("mode", "nonlinear")
+    mode = check_vectors(vectors, files)
     res = evaluate_vectors(bench, vectors, mode, device=resolve_device(args.device), out=args.out,
                            progress=not args.no_progress, negation=not args.no_negation)
     print(results_table(res))

@@ -3,10 +3,12 @@ under ``torchrun -m fastortho.cli finetune``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
+from .._files import RunLock
 from ..train import MODES, REGULARIZERS, finetune
-from ._common import benchmark_args, get_benchmark, init_distributed, parser, resolve_device, run_config, train_args
+from ._common import command, benchmark_args, get_benchmark, init_distributed, parser, resolve_device, run_config, train_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("fastortho-finetune")
 def main(argv=None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
@@ -37,12 +40,23 @@ def main(argv=None) -> None:
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    chosen = None if args.tasks == "all" else args.tasks.split(",")
-    # tau-Jp reads every other task's data; otherwise only the chosen tasks' data is checked
-    bench = get_benchmark(args, None if args.reg.startswith("taujp") else chosen)
-    tasks = bench.tasks if chosen is None else chosen
     cfg = run_config(args, args.mode, args.reg)
     run_dir = args.out / f"{args.mode}-{args.reg}"
+    # rank 0 writes: it proves --out writable (before the model is even loaded) and holds the
+    # run directory for the whole run
+    with RunLock(run_dir, "--out") if not rank else contextlib.nullcontext():
+        chosen = None if args.tasks == "all" else args.tasks.split(",")
+        # tau-Jp reads every other task's data; otherwise only the chosen tasks' data is checked
+        bench = get_benchmark(args, None if args.reg.startswith("taujp") else chosen)
+        tasks = bench.tasks if chosen is None else chosen
+        run_tasks(args, bench, tasks, cfg, run_dir, device, rank)
+    if rank is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def run_tasks(args, bench, tasks, cfg, run_dir, device, rank) -> None:
     for task in tasks:
         res = finetune(bench, task, cfg, device=device, checkpoint_dir=run_dir / f"ckpt-{task}",
                        resume=not args.no_resume, progress=not args.no_progress and not rank, workers=args.workers)
@@ -50,7 +64,3 @@ def main(argv=None) -> None:
             res.task_vector.save(run_dir / f"{task}.safetensors")
             print(f"{task}: {res.steps} steps in {res.wall_time_s:.1f} s, final loss {res.final_loss:.4f} -> "
                   f"{run_dir / f'{task}.safetensors'}")
-    if rank is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()

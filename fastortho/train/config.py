@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._checks import check_count, check_real
 from ..task_vectors import TaskVector
 
 MODES = ("nonlinear", "linear", "attention", "lora")
@@ -37,10 +38,14 @@ class FinetuneConfig:
         if self.reg not in REGULARIZERS:
             raise ValueError(f"reg: expected one of {REGULARIZERS}, got {self.reg!r}")
         for name in ("steps", "batch_size", "accumulation", "lora_rank", "taujp_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if self.warmup < 0 or self.lr <= 0:
-            raise ValueError("warmup must be >= 0 and lr > 0")
+            check_count(name, getattr(self, name), minimum=1)
+        check_count("warmup", self.warmup)
+        check_count("seed", self.seed)
+        check_count("checkpoint_every", self.checkpoint_every)  # 0: only at the end
+        check_real("lr", self.lr, positive=True)
+        check_real("lam", self.lam, minimum=0)
+        check_real("weight_decay", self.weight_decay, minimum=0)
+        check_real("lora_alpha", self.lora_alpha, positive=True)
         if self.taujp_form not in ("released", "paper"):
             raise ValueError(f"taujp_form: expected 'released' or 'paper', got {self.taujp_form!r}")
         if self.ortho_precision not in ("auto", "ieee", "tf32", "bf16"):

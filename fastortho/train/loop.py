@@ -183,4 +183,9 @@ def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, dis
     else:
         tv = TaskVector.from_models(pretrained_state, encoder, meta)
     final_loss = float(last_loss) * cfg.accumulation if last_loss is not None else float("nan")
+    diverged = [k for k, v in tv.items() if not bool(torch.isfinite(v).all())]
+    if diverged:  # one check after the run (a sync per step would stall the GPU)
+        raise FloatingPointError(f"fine-tuning {task} diverged: the task vector has NaN or infinite entries (in "
+                                 f"{len(diverged)} tensor(s), e.g. {diverged[0]}; final loss {final_loss}); lower "
+                                 f"--lr or lambda, or check the data")
     return FinetuneResult(tv, cfg.steps - start, wall, int(memory or 0), measure, final_loss)

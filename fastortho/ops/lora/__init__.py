@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._checks import check_bool
 from .._common import autocast_off, contiguous, resolve_backend
 from .torch_backend import torch_lora_penalty
 
@@ -32,6 +33,7 @@ def lora_ortho_penalty(As: list[Tensor], Bs: list[Tensor], scales: list[float], 
     """Per-adapter penalties of ``D_i = scales[i] * Bs[i] @ As[i]`` (fp32 ``[L]``),
     differentiable w.r.t. ``As`` and ``Bs``; ``D`` is never formed. Autocast is off inside
     (``precision`` says the operand format)."""
+    check_bool("squared", squared)
     with autocast_off():
         return _lora_ortho_penalty(As, Bs, scales, squared, precision, backend)
 

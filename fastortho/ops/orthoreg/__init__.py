@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._checks import check_bool
 from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
 from .._common import BACKENDS, autocast_off, contiguous, resolve_backend, triton_available
 from .torch_backend import torch_penalty
@@ -172,6 +173,7 @@ def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, 
                   backend: str) -> Tensor:
     """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``, computed with
     autocast off (``precision`` says the operand format)."""
+    check_bool("squared", squared)
     if any(type(w).__name__ == "DTensor" for w in weights):
         return _with_dtensors(weights, bases, squared, precision, backend)
     with autocast_off():

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from ..._config import cache_dir
+from ..._files import write_text
 
 log = logging.getLogger("fastortho")
 
@@ -103,8 +103,5 @@ def choose(weights, bases, squared: bool, precision: str, run, candidates: tuple
         for i in idx:
             assign[i] = table[key]
     if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(table, indent=1, sort_keys=True), "backend-choice cache")
     return assign
