@@ -37,7 +37,7 @@ LAYOUTS: dict[str, Layout] = {
                       "<root>/EuroSAT_splits/{train,test}/<class>/<image>"),
     "GTSRB": Layout("torchvision", {"train": "gtsrb", "test": "gtsrb"},
                     "<root>/gtsrb/ as torchvision.datasets.GTSRB expects (gtsrb/GTSRB/Training, Final_Test, GT-final_test.csv)"),
-    "MNIST": Layout("torchvision", {"train": "", "test": ""}, "<root>/MNIST/raw/ (torchvision.datasets.MNIST files)"),
+    "MNIST": Layout("torchvision", {"train": "MNIST", "test": "MNIST"}, "<root>/MNIST/raw/ (torchvision.datasets.MNIST files)"),
     "RESISC45": Layout("folder", {"train": "resisc45/train", "test": "resisc45/test"},
                        "<root>/resisc45/{train,test}/<class>/<image>"),
     "SUN397": Layout("folder", {"train": "sun397/train", "test": "sun397/test"}, "<root>/sun397/{train,test}/<class>/<image>"),

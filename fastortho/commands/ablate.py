@@ -144,6 +144,9 @@ def run_grid(args, modes: list[str], regs: list[str], device: str) -> None:
                 shutil.rmtree(args.out / f"{mode}-{reg}", ignore_errors=True)
         done_file.unlink(missing_ok=True)
     done = read_records(done_file)
+    if done_file.exists() and len(done) != len([ln for ln in done_file.read_text(errors="replace").splitlines()
+                                                if ln.strip()]):
+        write_records(done_file, done)  # without the damaged lines, so they are reported once
     settings = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(FinetuneConfig)}}
     grid = [(m, r) for m in modes for r in regs]
     t0 = time.perf_counter()
