@@ -74,17 +74,21 @@ def main(out: Path) -> None:
         vectors[method] = tvs
     results = {"zero-shot": {t: evaluate(pretrained, t) for t in TASKS}, **results}
     out.mkdir(parents=True, exist_ok=True)
-    m, _ = analysis.plot_cosine_matrix(vectors["fine-tuned"], out / "cosine.png")
+    run = "nonlinear, no regularizer, 3 synthetic tasks"
+    m, _ = analysis.plot_cosine_matrix(vectors["fine-tuned"], out / "cosine.png", run=run)
     print("cosine similarity of the task vectors:\n", m.round(3))
-    analysis.plot_accuracy_radar(results, out / "radar.png", title="task addition, 3 synthetic tasks")
-    analysis.plot_alpha_sensitivity(curves, out / "alpha_sensitivity.png")
+    analysis.plot_accuracy_radar(results, out / "radar.png", title="per-task test accuracy",
+                                 run="nonlinear, without and with OrthoReg (lambda 0.05), 3 synthetic tasks")
+    analysis.plot_alpha_sensitivity(curves, out / "alpha_sensitivity.png", run="3 synthetic tasks")
     tv = vectors["fine-tuned"]
     xs = (SPLITS[TASKS[0]][0], SPLITS[TASKS[1]][0])
     head = lambda model, x, t: model(x)[:, CLASSES * t:CLASSES * (t + 1)]  # noqa: E731
     xi = analysis.disentanglement_error(pretrained, tv[TASKS[0]], tv[TASKS[1]], xs, forward=head)
-    analysis.plot_disentanglement_error(xi, analysis.DEFAULT_GRID, out / "disentanglement.png", labels=TASKS[:2])
+    analysis.plot_disentanglement_error(xi, analysis.DEFAULT_GRID, out / "disentanglement.png", labels=TASKS[:2],
+                                        run=run)
     angles = analysis.weight_angles(tv[TASKS[0]])
-    analysis.plot_angle_histograms(angles, out / "angles.png")
+    analysis.plot_angle_histograms(angles, out / "angles.png", run=f"task vector of {TASKS[0]}, {run}",
+                                   title="angles between the columns of each layer's update")
     print(f"plots written to {out}/")
 
 

@@ -181,40 +181,68 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _titled(what: str, run: str) -> str:
+    """A figure's title: what it shows, then the run it comes from (mode, regularizer,
+    lambda, model) so that a PNG read on its own still says where it came from."""
+    return f"{what}\n{run}" if run else what
+
+
+def _text_colour(rgba) -> str:
+    """Black or white, whichever reads better on a cell of colour ``rgba`` (WCAG relative
+    luminance of the sRGB colour; 0.179 is where both contrasts are equal)."""
+    def linear(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
 def plot_matrix(matrix, labels: Sequence[str], path, *, title: str = "", cmap: str = "viridis",
                 fmt: str = ".2f", colorbar_label: str = "") -> Path:
-    """A labelled heatmap with the values written in the cells."""
+    """A labelled heatmap with the values written in the cells (in black or white by the
+    cell's luminance)."""
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.shape[0] != len(labels) or m.shape[1] != len(labels):
         raise ValueError(f"matrix: expected a {len(labels)} x {len(labels)} array for the labels, got {m.shape}")
-    fig = _figure(1.0 + 0.7 * len(labels), 0.6 + 0.6 * len(labels))
+    fig = _figure(max(5.5, 1.6 + 0.7 * len(labels)), max(4.5, 1.2 + 0.6 * len(labels)))
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap=cmap)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-    mid = np.nanmean(m)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=8,
-                    color="white" if m[i, j] < mid else "black")
+                    color=_text_colour(im.cmap(im.norm(m[i, j]))))
     fig.colorbar(im, ax=ax, label=colorbar_label)
     ax.set_title(title)
     return _save(fig, path)
 
 
-def plot_cosine_matrix(task_vectors: Mapping[str, Mapping[str, Tensor]], path) -> tuple[np.ndarray, Path]:
-    """Cosine similarity of named task vectors and its heatmap (OrthoReg Fig. 5)."""
+def run_label(metadata: Mapping[str, str]) -> str:
+    """``"linear, orthoreg, lambda 0.1, ViT-B-32"`` from a task vector's metadata (the parts it
+    has): what a figure's title names."""
+    parts = [metadata.get("mode"), metadata.get("regularizer")]
+    if metadata.get("regularizer") not in (None, "none") and metadata.get("lambda") is not None:
+        parts.append(f"lambda {metadata['lambda']}")
+    parts.append(metadata.get("model") or metadata.get("benchmark"))
+    return ", ".join(str(p) for p in parts if p)
+
+
+def plot_cosine_matrix(task_vectors: Mapping[str, Mapping[str, Tensor]], path, *, run: str = ""
+                       ) -> tuple[np.ndarray, Path]:
+    """Cosine similarity of named task vectors and its heatmap (OrthoReg Fig. 5); ``run``
+    (e.g. :func:`run_label`) goes under the title."""
     m = cosine_matrix(task_vectors)
-    return m, plot_matrix(m, list(task_vectors), path, title="task-vector cosine similarity", cmap="Blues",
-                          colorbar_label="cosine")
+    return m, plot_matrix(m, list(task_vectors), path, title=_titled("task-vector cosine similarity", run),
+                          cmap="Blues", colorbar_label="cosine similarity")
 
 
-def plot_taujp_matrix(matrix, labels: Sequence[str], path) -> Path:
+def plot_taujp_matrix(matrix, labels: Sequence[str], path, *, run: str = "") -> Path:
     """Heatmap of :func:`fastortho.taujp_matrix` (tau-Jp paper Fig. 6)."""
-    return plot_matrix(matrix, labels, path, title="pairwise tau-Jp", cmap="magma", fmt=".2g", colorbar_label="tau-Jp")
+    return plot_matrix(matrix, labels, path, title=_titled("pairwise tau-Jp", run), cmap="magma", fmt=".2g",
+                       colorbar_label="tau-Jp (mean squared norm of J tau)")
 
 
-def plot_disentanglement_error(xi, grid: Sequence[float], path, *, labels=("task 1", "task 2")) -> Path:
+def plot_disentanglement_error(xi, grid: Sequence[float], path, *, labels=("task 1", "task 2"), run: str = "") -> Path:
     """``xi(a1, a2)`` as a heatmap over the coefficient grid (linear-layers paper Fig. 4), with
     the pretrained point and the usual search box ``[0, 1]^2`` marked."""
     xi = np.asarray(xi, dtype=float)
@@ -224,17 +252,20 @@ def plot_disentanglement_error(xi, grid: Sequence[float], path, *, labels=("task
     step = (g[-1] - g[0]) / max(len(g) - 1, 1)
     extent = (g[0] - step / 2, g[-1] + step / 2, g[0] - step / 2, g[-1] + step / 2)
     im = ax.imshow(xi.T, origin="lower", extent=extent, cmap="RdBu_r", aspect="auto")
-    ax.plot([0], [0], marker="x", color="red", markersize=9)
-    ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="red", linewidth=1)
-    ax.set_xlabel(f"alpha ({labels[0]})")
-    ax.set_ylabel(f"alpha ({labels[1]})")
-    ax.set_title("weight-disentanglement error")
-    fig.colorbar(im, ax=ax, label="xi")
+    ax.plot([0], [0], marker="x", color="red", markersize=9, linestyle="none", label="pretrained")
+    ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="red", linewidth=1, label="search box [0, 1]^2")
+    ax.set_xlabel(f"coefficient alpha of {labels[0]}")
+    ax.set_ylabel(f"coefficient alpha of {labels[1]}")
+    ax.set_title(_titled("weight-disentanglement error", run))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.colorbar(im, ax=ax, label="disentanglement error xi")
     return _save(fig, path)
 
 
-def plot_angle_histograms(angles: Mapping[str, np.ndarray], path, *, max_layers: int = 12, bins: int = 60) -> Path:
-    """One histogram of pairwise angles per layer (up to ``max_layers``, evenly picked)."""
+def plot_angle_histograms(angles: Mapping[str, np.ndarray], path, *, max_layers: int = 12, bins: int = 60,
+                          run: str = "", title: str = "pairwise angles per layer") -> Path:
+    """One histogram of pairwise angles per layer (up to ``max_layers``, evenly picked); the
+    red line marks 90 degrees (orthogonal)."""
     names = list(angles)
     if len(names) > max_layers:
         names = [names[int(i)] for i in np.linspace(0, len(names) - 1, max_layers)]
@@ -244,16 +275,22 @@ def plot_angle_histograms(angles: Mapping[str, np.ndarray], path, *, max_layers:
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.hist(angles[name], bins=bins, range=(0, 180), color="tab:blue")
-        ax.axvline(90, color="red", linewidth=0.8)
-        ax.set_title(name if len(name) <= 36 else "..." + name[-33:], fontsize=7)
-        ax.set_xlabel("angle (degrees)", fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.axvline(90, color="red", linewidth=0.8, label="90 degrees (orthogonal)")
+        if i == 0:
+            ax.legend(fontsize=8, loc="upper left")
+        ax.set_title(name if len(name) <= 36 else "..." + name[-33:], fontsize=9)
+        ax.set_xlabel("angle (degrees)", fontsize=9)
+        ax.set_ylabel("pairs", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(_titled(title, run), fontsize=11)
     return _save(fig, path)
 
 
-def plot_accuracy_radar(accuracies: Mapping[str, Mapping[str, float]], path, *, title: str = "") -> Path:
+def plot_accuracy_radar(accuracies: Mapping[str, Mapping[str, float]], path, *, title: str = "per-task accuracy",
+                        run: str = "") -> Path:
     """Per-task accuracy of several methods on a radar chart (OrthoReg Fig. 4); the
-    ``accuracies`` are ``{method: {task: accuracy}}`` over the same tasks."""
+    ``accuracies`` are ``{method: {task: accuracy}}`` over the same tasks (fractions in
+    [0, 1]). With fewer than three tasks a radar has no area: grouped bars are drawn instead."""
     methods = list(accuracies)
     if not methods:
         raise ValueError("accuracies: expected {method: {task: accuracy}}")
@@ -261,38 +298,67 @@ def plot_accuracy_radar(accuracies: Mapping[str, Mapping[str, float]], path, *, 
     for m in methods:
         if list(accuracies[m]) != tasks:
             raise ValueError(f"accuracies[{m!r}]: expected the tasks {tasks}, got {list(accuracies[m])}")
+    if len(tasks) < 3:
+        fig = _figure(1.5 + 1.6 * len(tasks), 4.2)
+        ax = fig.add_subplot()
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            ax.bar(np.arange(len(tasks)) + (i - (len(methods) - 1) / 2) * width,
+                   [100 * accuracies[m][t] for t in tasks], width, label=m)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(_titled(f"{title} (bars: a radar needs 3 or more tasks)", run), fontsize=10)
+        ax.legend(fontsize=8)
+        return _save(fig, path)
     angles = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False).tolist()
-    fig = _figure(5.5, 5.5)
+    fig = _figure(6.0, 6.0)
     ax = fig.add_subplot(projection="polar")
     for m in methods:
-        vals = [accuracies[m][t] for t in tasks]
+        vals = [100 * accuracies[m][t] for t in tasks]
         ax.plot(angles + angles[:1], vals + vals[:1], label=m)
         ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.1)
     ax.set_xticks(angles, tasks)
-    ax.legend(loc="lower right", bbox_to_anchor=(1.15, -0.1), fontsize=8)
-    ax.set_title(title)
+    ax.set_ylim(0, 100)
+    # radial labels between the first two spokes, not over one
+    ax.set_rlabel_position(math.degrees(angles[1]) / 2)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.text(angles[1] / 2, 112, "top-1 accuracy (%)", fontsize=8, ha="center", va="center", color="0.3")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.2, -0.12), fontsize=8)
+    ax.set_title(_titled(title, run), fontsize=10, pad=18)
     return _save(fig, path)
 
 
+AXIS_NAMES = {"avg_normalized_top1": "average normalized accuracy", "avg_top1": "average top-1 accuracy"}
+
+
 def plot_alpha_sensitivity(curves: Mapping[str, Sequence[Mapping[str, float]] | tuple], path, *,
-                           key: str = "avg_normalized_top1") -> Path:
-    """Accuracy against the merging coefficient per method (OrthoReg Fig. 6b). Each curve is
-    an :class:`~fastortho.task_vectors.AdditionResult`'s ``search`` list or ``(alphas, values)``."""
-    fig = _figure(5.5, 4.0)
+                           key: str = "avg_normalized_top1", split: str = "validation", run: str = "") -> Path:
+    """Merged-model accuracy against the task-addition coefficient per method (OrthoReg Fig.
+    6b). Each curve is an :class:`~fastortho.task_vectors.AdditionResult`'s ``search`` list
+    (measured on the validation splits: ``split`` says which) or ``(alphas, values)``; each
+    curve's best alpha, the one task addition picks, is marked. Its value is a validation
+    number: the test accuracy at that alpha is the one the tables report."""
+    fig = _figure(6.0, 4.3)
     ax = fig.add_subplot()
     for name, curve in curves.items():
         if isinstance(curve, tuple):
             xs, ys = curve
         else:
             xs, ys = [r["alpha"] for r in curve], [r[key] for r in curve]
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
-    ax.set_xlabel("alpha")
-    ax.set_ylabel(key)
+        ys = [100 * y for y in ys]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        best = int(np.argmax(ys))  # the first maximum: task_addition's choice on ties
+        ax.plot([xs[best]], [ys[best]], marker="*", markersize=13, color=line.get_color(), linestyle="none",
+                markeredgecolor="black", label=f"{name}: chosen alpha {xs[best]:.2f}")
+    ax.set_xlabel("task-addition coefficient alpha")
+    ax.set_ylabel(f"{AXIS_NAMES.get(key, key)} (%), {split} splits")
+    ax.set_title(_titled(f"task addition: accuracy against alpha ({split})", run), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-__all__ = ["DEFAULT_GRID", "disentanglement_error", "plot_accuracy_radar", "plot_alpha_sensitivity",
+__all__ = ["AXIS_NAMES", "DEFAULT_GRID", "disentanglement_error", "plot_accuracy_radar", "plot_alpha_sensitivity",
            "plot_angle_histograms", "plot_cosine_matrix", "plot_disentanglement_error", "plot_matrix",
-           "plot_taujp_matrix", "vector_angles", "weight_angles"]
+           "plot_taujp_matrix", "run_label", "vector_angles", "weight_angles"]

@@ -90,6 +90,7 @@ class ClipBenchmark:
 
         self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights_path, device)
         self.weights = str(weights_path)  # recorded in checkpoints (the base they started from)
+        self.model_name = model_name
         self.device, self.templates, self.root = device, templates, data_root
         self.tasks = list(tasks or TASKS8)
         self.control = CONTROL

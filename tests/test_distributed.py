@@ -234,19 +234,54 @@ if os.name == "nt":  # pragma: no cover
     pytest.skip("gloo multi-process tests run on Linux", allow_module_level=True)
 
 
+def torchrun(args, tmp_path, timeout, env=None):
+    """``torchrun --standalone --nproc_per_node 2 <args>`` with each rank's output kept in
+    its own log file; on a failure every rank's full log is shown (the first rank that dies
+    is usually not the one whose error torchrun reports last)."""
+    import subprocess
+    import sys
+
+    logs = tmp_path / "torchrun-logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3", "--tee", "3", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    if proc.returncode != 0:
+        ranks = "\n".join(f"===== {f.relative_to(logs)} =====\n{f.read_text(errors='replace')}"
+                          for f in sorted(logs.rglob("*.log")))
+        pytest.fail(f"torchrun exited with {proc.returncode}\n{ranks}\n===== torchrun's stderr =====\n{proc.stderr}")
+    return proc
+
+
+def test_ranks_building_the_offline_benchmark_at_once_share_its_cache(tmp_path):
+    """Every rank of a torchrun job pretrains and caches the offline encoder when the cache is
+    empty: concurrent writers must not collide (they once shared one fixed temporary name, and
+    the loser's rename failed: the torchrun tests' rare 'Connection closed by peer')."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("open_clip")
+    env = dict(os.environ, FASTORTHO_CACHE=str(tmp_path / "cache"))
+    code = ("import json, sys\nfrom fastortho.offline import EncoderConfig, OfflineBenchmark\n"
+            "b = OfflineBenchmark(EncoderConfig(**json.loads(sys.argv[1])), progress=False)\n"
+            "print(sum(float(v.double().sum()) for v in b._encoder_state.values()))\n")
+    tiny = json.dumps({"width": 32, "layers": 1, "heads": 2, "output_dim": 16, "pretrain_steps": 30})
+    procs = [subprocess.Popen([sys.executable, "-c", code, tiny], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert len({out for out, _ in outs}) == 1  # the same encoder everywhere
+    assert [f.name for f in (tmp_path / "cache").iterdir()] == [f.name for f in (tmp_path / "cache").glob("offline-*")]
+
+
 @pytest.mark.parametrize("flags", [["--parallel", "fsdp", "--reg", "orthoreg"], ["--parallel", "ddp", "--reg", "taujp"]],
                          ids=["fsdp-orthoreg", "ddp-taujp"])
 def test_torchrun_example(flags, tmp_path):
     """examples/distributed_finetune.py under torchrun, 2 CPU processes (the README command)."""
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "examples" / "distributed_finetune.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), "--tiny", "--steps", "2", *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun([str(script), "--tiny", "--steps", "2", *flags], tmp_path, timeout=120)
     assert "step 1: loss" in proc.stdout + proc.stderr
 
 
@@ -255,18 +290,13 @@ def test_finetune_script_under_torchrun(mode, reg, tmp_path):
     """fastortho-finetune (python -m fastortho.cli finetune) launched by torchrun, 2 CPU
     processes: DDP, rank 0 writes the task vector."""
     import json
-    import subprocess
-    import sys
 
     pytest.importorskip("sklearn")
     env = dict(os.environ, FASTORTHO_CACHE=str(tmp_path / "cache"),
                FASTORTHO_OFFLINE_CONFIG=json.dumps({"width": 32, "layers": 1, "heads": 2, "output_dim": 16,
                                                     "pretrain_steps": 5}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "fastortho.cli", "finetune", "--tasks", "Shapes", "--mode", mode, "--reg", reg, "--steps", "2",
-           "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--taujp-batch", "4", "--out", str(tmp_path / "runs"),
-           "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(["-m", "fastortho.cli", "finetune", "--tasks", "Shapes", "--mode", mode, "--reg", reg, "--steps", "2",
+              "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--taujp-batch", "4", "--out",
+              str(tmp_path / "runs"), "--no-progress"], tmp_path, timeout=180, env=env)
     tv = fo.TaskVector.load(tmp_path / "runs" / f"{mode}-{reg}" / "Shapes.safetensors")
     assert tv.metadata["mode"] == mode and tv.norm() > 0

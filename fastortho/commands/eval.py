@@ -40,11 +40,15 @@ def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device
         from .. import analysis
 
         out.mkdir(parents=True, exist_ok=True)
-        analysis.plot_cosine_matrix(vectors, out / "cosine.png")
+        meta = next(iter(vectors.values())).metadata
+        run = analysis.run_label({"mode": mode, **meta})
+        analysis.plot_cosine_matrix(vectors, out / "cosine.png", run=run)
         analysis.plot_accuracy_radar({"zero-shot": results["zero_shot"], "single-task": results["single_task"],
-                                      "merged": {t: addition.test[f"{t}:top1"] for t in tasks}},
-                                     out / "radar.png", title=f"task addition ({mode})")
-        analysis.plot_alpha_sensitivity({mode: addition.search}, out / "alpha_sensitivity.png")
+                                      f"task addition (alpha {addition.alpha:.2f})":
+                                          {t: addition.test[f"{t}:top1"] for t in tasks}},
+                                     out / "radar.png", title="per-task test accuracy", run=run)
+        name = f"{mode} + {meta.get('regularizer', 'none')}"
+        analysis.plot_alpha_sensitivity({name: addition.search}, out / "alpha_sensitivity.png", run=run)
         write_text(out / "results.json", json.dumps(results, indent=1), "out")
     return results
 

@@ -176,6 +176,8 @@ def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, dis
         save(cfg.steps)
     meta = {"task": task, "mode": cfg.mode, "regularizer": cfg.reg, "lambda": cfg.lam, "steps": cfg.steps,
             "benchmark": getattr(benchmark, "name", "?")}
+    if getattr(benchmark, "model_name", None):
+        meta["model"] = benchmark.model_name
     if cfg.mode == "linear":
         tv = TaskVector.from_linearized(plain, meta)
     elif cfg.mode == "lora":
