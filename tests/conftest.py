@@ -109,3 +109,14 @@ def requires_cuda(test):
     """A test that needs a CUDA device: marked ``gpu`` (bench/gpu_check.py selects these) and
     skipped without one."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+def pytest_report_header(config):
+    """One line saying whether this run will compile the CUDA extension (minutes, once)."""
+    from fastortho._config import cuda_build_disabled
+    from fastortho.ops import cuda_ext
+
+    if cuda_build_disabled() or torch.version.cuda is None or cuda_ext.cuda_home() is None:
+        return "fastortho: no CUDA toolkit in use: the CUDA extension is not built in this run"
+    return (f"fastortho: CUDA toolkit at {cuda_ext.cuda_home()}: the CUDA extension is compiled once on first use "
+            f"(a few minutes, then cached) unless FASTORTHO_SKIP_CUDA_BUILD=1")
