@@ -341,6 +341,16 @@ def lora_delta_weights(model: nn.Module) -> dict[str, Tensor]:
     return deltas
 
 
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own before a parametrization is removed. parametrize
+    keeps each tensor's property on a per-module class that ``copy.deepcopy`` shares between
+    the original and the copy; removing it from one would delete the property from both
+    (merging a copy would break the original)."""
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every fastortho adapter into its weight (``W0 + s B A``), in place, and remove the
     adapters: parameter names are the original ones again. Returns the model."""
@@ -355,6 +365,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if not all(isinstance(p, LoRAParametrization) for p in plist):
                 raise ValueError(f"model: {_join(path, tensor_name)} has other parametrizations besides "
                                  f"LoRA; remove them before merging")
+            _own_parametrized_class(mod)
             parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
             merged += 1
     if not merged:

@@ -39,6 +39,24 @@ def _floating_state(obj, what: str) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
 
 
+def _untie(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """``(state without aliases, {kept key: [its aliases]})``: a tied parameter appears in a
+    state_dict under every name it has, all views of one tensor; it is one entry of a task
+    vector (counting it twice would double its norm and its update)."""
+    kept, aliases, seen = {}, {}, {}
+    for k, v in state.items():
+        if v.device.type == "meta":
+            kept[k] = v
+            continue
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if ident in seen and v.numel():
+            aliases.setdefault(seen[ident], []).append(k)
+            continue
+        seen[ident] = k
+        kept[k] = v
+    return kept, aliases
+
+
 def load_checkpoint(path) -> dict[str, Tensor]:
     """A state_dict from a safetensors file or a torch checkpoint (``weights_only=True``: never
     unpickles code). A checkpoint holding ``{"state_dict": ...}`` is unwrapped."""
@@ -86,14 +104,22 @@ class TaskVector(Mapping[str, Tensor]):
     @classmethod
     def from_models(cls, pretrained, finetuned, metadata: Mapping[str, str] | None = None) -> "TaskVector":
         """From two modules or state_dicts with the same floating-point keys and shapes."""
-        pre = _floating_state(pretrained, "pretrained")
-        fine = _floating_state(finetuned, "finetuned")
+        pre, pre_tied = _untie(_floating_state(pretrained, "pretrained"))
+        fine, fine_tied = _untie(_floating_state(finetuned, "finetuned"))
+        tied = pre_tied or fine_tied
+        for first, others in tied.items():  # one side tied, the other not: keep one name on both
+            for k in others:
+                pre.pop(k, None)
+                fine.pop(k, None)
         _same_layout(pre, fine, "pretrained", "finetuned")
         vector = {}
         for k, p in pre.items():
             dtype = torch.promote_types(p.dtype, fine[k].dtype)
             vector[k] = fine[k].to(device=p.device, dtype=dtype) - p.to(dtype)
-        return cls(vector, metadata)
+        meta = dict(metadata or {})
+        if tied:
+            meta["tied"] = json.dumps(tied)  # apply_to(state_dict) writes the aliases too
+        return cls(vector, meta)
 
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_path, metadata=None) -> "TaskVector":
@@ -203,6 +229,10 @@ class TaskVector(Mapping[str, Tensor]):
             out = dict(pretrained)
             for k, v in self._vector.items():
                 out[k] = pretrained[k] + alpha * v.to(pretrained[k].device, pretrained[k].dtype)
+            for first, others in json.loads(self.metadata.get("tied", "{}")).items():
+                for k in others:
+                    if k in out and first in out:
+                        out[k] = out[first]  # the tied names stay one tensor
             return out
         raise TypeError(f"pretrained: expected an nn.Module, a LinearizedModel or a state_dict, got "
                         f"{type(pretrained).__name__}")
