@@ -29,8 +29,71 @@ TEMPLATES = (
 )
 
 
-def load_clip(model_name: str, weights_path, device="cpu"):
-    """``(model, preprocess, tokenizer)`` for an open_clip model with weights from a local file."""
+def is_torchscript(path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``code/`` and
+    ``constants.pkl``: how OpenAI distributes CLIP and open_clip caches it)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+
+
+def convert_torchscript(src, dst) -> Path:
+    """Write the tensors of the TorchScript archive ``src`` (e.g. OpenAI's ``ViT-B-32.pt``) to
+    the safetensors file ``dst``, marked as OpenAI weights (which need QuickGELU). This LOADS
+    THE ARCHIVE, which runs code from it: do it once, for a file you trust; the safetensors
+    file is then read without running anything."""
+    from ._files import save_safetensors
+
+    src = Path(src).expanduser()
+    if not is_torchscript(src):
+        raise ValueError(f"src: {src} is not a TorchScript archive")
+    state = torch.jit.load(str(src), map_location="cpu").state_dict()
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return save_safetensors(tensors, dst, {"source": "openai-torchscript", "quick_gelu": "true",
+                                           "converted_from": src.name}, "dst")
+
+
+def _architecture_options(model_name: str, pretrained: str | None, weights: Path, meta: dict) -> dict:
+    """``create_model`` options the weights need: QuickGELU for OpenAI's (named by the tag's
+    pretrained config, by a converted file's metadata, or by the archive format itself)."""
+    import open_clip
+
+    options = {}
+    if pretrained is not None:
+        cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise ValueError(f"pretrained: {pretrained!r} is not an open_clip pretrained tag of {model_name} "
+                             f"(known: {', '.join(tags) or 'none'})")
+        options["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+        for key, opt in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                         ("resize_mode", "image_resize_mode")):
+            if cfg.get(key) is not None:
+                options[opt] = cfg[key]
+    elif meta.get("quick_gelu") == "true":
+        options["force_quick_gelu"] = True
+    quick = options.get("force_quick_gelu") or model_name.endswith("-quickgelu")
+    if not quick and pretrained is None and "openai" in weights.name.lower():
+        raise ValueError(f"weights_path: {weights.name} looks like OpenAI's CLIP weights, which need QuickGELU; "
+                         f"built as {model_name} the model would use GELU and be silently wrong. Pass --pretrained "
+                         f"openai (pretrained='openai') or the model name {model_name}-quickgelu")
+    return options
+
+
+def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | None = None,
+              allow_torchscript: bool = False):
+    """``(model, preprocess, tokenizer)`` for an open_clip model with weights from a local file.
+
+    ``pretrained``: the open_clip tag the weights are (e.g. ``"openai"``, ``"laion2b_s34b_b79k"``):
+    the architecture options and preprocessing of that tag's pretrained config follow from it
+    (QuickGELU for OpenAI's); nothing is downloaded. A TorchScript archive (OpenAI's own
+    format) runs code when loaded: it is refused unless ``allow_torchscript=True``; or convert
+    it once with :func:`convert_torchscript`. TorchScript weights are OpenAI's, so they get
+    QuickGELU."""
     import open_clip
 
     if weights_path is None:
@@ -40,15 +103,47 @@ def load_clip(model_name: str, weights_path, device="cpu"):
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights_path: {path} is not a file")
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
-    from .task_vectors import load_checkpoint
+    meta: dict = {}
+    if is_torchscript(path):
+        if not allow_torchscript:
+            raise ValueError(f"weights_path: {path} is a TorchScript archive (OpenAI's format); loading it runs code "
+                             f"from the file. Convert it once to safetensors (python -m fastortho.clip convert {path} "
+                             f"<out>.safetensors, for a file you trust) or pass --allow-torchscript "
+                             f"(allow_torchscript=True)")
+        state = {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        meta = {"quick_gelu": "true"}
+    else:
+        from .task_vectors import load_checkpoint
 
-    state = load_checkpoint(path)
+        if path.suffix == ".safetensors":
+            from ._files import open_safetensors
+
+            with open_safetensors(path, "weights_path") as f:
+                meta = dict(f.metadata() or {})
+        state = load_checkpoint(path)
+    options = _architecture_options(model_name, pretrained, path, meta)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **options)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"weights_path: {path} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def main(argv=None) -> None:
+    """``python -m fastortho.clip convert <archive.pt> <out.safetensors>``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastortho.clip",
+                                description="Convert OpenAI's TorchScript CLIP weights to safetensors (runs the "
+                                            "archive's code once: use it on a file you trust).")
+    sub_ = p.add_subparsers(dest="command", required=True)
+    c = sub_.add_parser("convert", help="TorchScript archive -> safetensors (marked as OpenAI: QuickGELU)")
+    c.add_argument("src", type=Path, help="the TorchScript archive, e.g. ViT-B-32.pt")
+    c.add_argument("dst", type=Path, help="the safetensors file to write")
+    args = p.parse_args(argv)
+    out = convert_torchscript(args.src, args.dst)
+    print(f"wrote {out} (tensors only; load it with --weights {out})")
 
 
 @torch.no_grad()
@@ -85,10 +180,11 @@ class ClipBenchmark:
     name = "clip8"
 
     def __init__(self, model_name: str, weights_path, data_root, device="cpu", tasks: Sequence[str] | None = None,
-                 templates: Sequence[str] = TEMPLATES):
+                 templates: Sequence[str] = TEMPLATES, *, pretrained: str | None = None, allow_torchscript: bool = False):
         from .datasets import CONTROL, TASKS8, classnames, get_dataset
 
-        self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights_path, device)
+        self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights_path, device, pretrained=pretrained,
+                                                                allow_torchscript=allow_torchscript)
         self.weights = str(weights_path)  # recorded in checkpoints (the base they started from)
         self.model_name = model_name
         self.device, self.templates, self.root = device, templates, data_root
@@ -119,3 +215,7 @@ class ClipBenchmark:
 
     def eval_data(self, split: str):
         return self._get(split, self.root, self.preprocess)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,3 +54,71 @@ def test_tied_weights_are_one_entry_of_a_task_vector(tmp_path):
     assert torch.allclose(again.apply_to(pre.state_dict())["decoder.weight"], pre.encoder.weight + 1)
     plain = fo.TaskVector.from_models(pre.state_dict(), fine)  # a clone of the state (no aliases) on one side
     assert list(plain) == ["encoder.weight", "encoder.bias"]
+
+
+# ----------------------------------------------------------------------------- OpenAI weights (items 1, 2)
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path_factory.mktemp("cfg") / "fastortho-tiny-openai.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    # the weights as OpenAI trained them: with QuickGELU
+    return "fastortho-tiny-openai", open_clip.create_model("fastortho-tiny-openai", pretrained=None,
+                                                           force_quick_gelu=True).eval()
+
+
+def _activation(model):
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_openai_weights_get_quickgelu_and_torchscript_needs_consent(tiny_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastortho import clip
+
+    name, original = tiny_clip
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = original.encode_image(x)
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    save_file(state, str(tmp_path / "tiny-openai.safetensors"))
+    with pytest.raises(ValueError, match="looks like OpenAI's CLIP weights, which need QuickGELU.*--pretrained openai"):
+        clip.load_clip(name, tmp_path / "tiny-openai.safetensors")  # once: GELU, silently
+    save_file(state, str(tmp_path / "tiny.safetensors"))
+    gelu_model = clip.load_clip(name, tmp_path / "tiny.safetensors")[0]  # not named OpenAI: as configured
+    assert _activation(gelu_model) == "GELU"
+
+    archive = tmp_path / "ViT-tiny.pt"  # OpenAI's format: a TorchScript archive
+    torch.jit.save(torch.jit.trace_module(original, {"encode_image": x}, check_trace=False), str(archive))
+    assert clip.is_torchscript(archive) and not clip.is_torchscript(tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match="TorchScript archive .* runs code .*--allow-torchscript"):
+        clip.load_clip(name, archive)
+    model = clip.load_clip(name, archive, allow_torchscript=True)[0]
+    assert _activation(model) == "QuickGELU"
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), expected, atol=1e-5)
+
+    clip.main(["convert", str(archive), str(tmp_path / "converted.safetensors")])
+    model = clip.load_clip(name, tmp_path / "converted.safetensors")[0]  # no code runs; QuickGELU from metadata
+    assert _activation(model) == "QuickGELU"
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), expected, atol=1e-5)
+
+
+def test_a_pretrained_tag_sets_the_architecture(tiny_clip):
+    from pathlib import Path
+
+    from fastortho import clip
+
+    options = clip._architecture_options("ViT-B-32", "openai", Path("w.safetensors"), {})
+    assert options["force_quick_gelu"] is True and options["image_interpolation"] == "bicubic"
+    assert clip._architecture_options("ViT-B-32", "laion2b_s34b_b79k", Path("w.bin"), {})["force_quick_gelu"] is False
+    with pytest.raises(ValueError, match="'nope' is not an open_clip pretrained tag of ViT-B-32 .*openai"):
+        clip._architecture_options("ViT-B-32", "nope", Path("w.bin"), {})

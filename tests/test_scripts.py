@@ -316,7 +316,7 @@ def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, tmp_path, reg, exp
     class Stop(Exception):
         """The recorder stops the command once the benchmark is built."""
 
-    def recording(model, weights, root, device="cpu", tasks=None):
+    def recording(model, weights, root, device="cpu", tasks=None, **options):
         seen.append(tasks)
         raise Stop
     checked = []

@@ -51,6 +51,11 @@ def benchmark_args(p: argparse.ArgumentParser) -> None:
                    help="offline: built-in, no download; clip8: the 8 CLIP tasks from --data-root")
     g.add_argument("--model", default="ViT-B-32", help="open_clip model name (clip8)")
     g.add_argument("--weights", help="local file of the pretrained open_clip weights (clip8; never downloaded)")
+    g.add_argument("--pretrained", help="the open_clip pretrained tag the --weights are (e.g. openai, "
+                                        "laion2b_s34b_b79k): its architecture options follow (QuickGELU for openai)")
+    g.add_argument("--allow-torchscript", action="store_true",
+                   help="accept a TorchScript archive as --weights (OpenAI's format; loading it runs code from the "
+                        "file): better, convert it once with python -m fastortho.clip convert")
     g.add_argument("--data-root", help="root of the datasets in the task-vectors layout (clip8)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -127,7 +132,8 @@ def get_benchmark(args, tasks: list[str] | None = None):
     if not getattr(args, "no_negation", True) and CONTROL not in needed:  # fastortho-eval's negation
         needed.append(CONTROL)
     check_clip_inputs(args.weights, args.data_root, needed)
-    return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device), tasks=tasks)
+    return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device), tasks=tasks,
+                         pretrained=args.pretrained, allow_torchscript=args.allow_torchscript)
 
 
 def check_clip_inputs(weights, data_root, tasks: list[str]) -> None:
