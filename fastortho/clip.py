@@ -84,6 +84,27 @@ def _architecture_options(model_name: str, pretrained: str | None, weights: Path
     return options
 
 
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _load_hub_folder(folder: Path, device):
+    """An open_clip hub folder (``open_clip_config.json`` beside ``open_clip_model.safetensors``
+    or ``open_clip_pytorch_model.bin``), read by open_clip's own ``local-dir:`` loader: the
+    architecture and preprocessing come from the folder's config, not from ``model_name``."""
+    import open_clip
+
+    if not (folder / "open_clip_config.json").is_file():
+        hint = (" (a Hugging Face transformers checkpoint: fastortho's scripts read open_clip models; load it with "
+                "transformers.CLIPModel.from_pretrained)") if (folder / "config.json").is_file() else ""
+        raise ValueError(f"weights_path: {folder} is a folder without open_clip_config.json{hint}; pass a weights "
+                         f"file or an open_clip hub folder")
+    if not any((folder / name).is_file() for name in HUB_WEIGHTS):
+        raise FileNotFoundError(f"weights_path: {folder} has open_clip_config.json but no weights "
+                                f"({' or '.join(HUB_WEIGHTS)})")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+
+
 def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | None = None,
               allow_torchscript: bool = False):
     """``(model, preprocess, tokenizer)`` for an open_clip model with weights from a local file.
@@ -93,7 +114,8 @@ def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | 
     (QuickGELU for OpenAI's); nothing is downloaded. A TorchScript archive (OpenAI's own
     format) runs code when loaded: it is refused unless ``allow_torchscript=True``; or convert
     it once with :func:`convert_torchscript`. TorchScript weights are OpenAI's, so they get
-    QuickGELU."""
+    QuickGELU. ``weights_path`` may also be an open_clip hub folder (``open_clip_config.json``
+    and the weights beside it): open_clip's own local loader reads it."""
     import open_clip
 
     if weights_path is None:
@@ -101,6 +123,8 @@ def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | 
                          f"open_clip_pytorch_model.bin or .safetensors of the checkpoint you use); fastortho never "
                          f"downloads weights at run time")
     path = Path(weights_path).expanduser()
+    if path.is_dir():
+        return _load_hub_folder(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"weights_path: {path} is not a file")
     meta: dict = {}

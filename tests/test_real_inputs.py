@@ -122,3 +122,32 @@ def test_a_pretrained_tag_sets_the_architecture(tiny_clip):
     assert clip._architecture_options("ViT-B-32", "laion2b_s34b_b79k", Path("w.bin"), {})["force_quick_gelu"] is False
     with pytest.raises(ValueError, match="'nope' is not an open_clip pretrained tag of ViT-B-32 .*openai"):
         clip._architecture_options("ViT-B-32", "nope", Path("w.bin"), {})
+
+
+def test_an_open_clip_hub_folder_is_read_by_open_clip(tiny_clip, tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from fastortho import clip
+
+    name, original = tiny_clip
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    cfg = json.loads(json.dumps(open_clip.get_model_config(name)))
+    cfg["quick_gelu"] = True  # how the hub configs of OpenAI weights say it
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        clip.load_clip("ignored", folder)
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    model, preprocess, tokenizer = clip.load_clip("ignored", folder)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), original.encode_image(x), atol=1e-6)
+    assert _activation(model) == "QuickGELU" and tokenizer(["a photo"]).shape[0] == 1
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="Hugging Face transformers checkpoint"):
+        clip.load_clip("ViT-B-32", hf)

@@ -50,7 +50,8 @@ def benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benchmark", choices=["offline", "clip8"], default="offline",
                    help="offline: built-in, no download; clip8: the 8 CLIP tasks from --data-root")
     g.add_argument("--model", default="ViT-B-32", help="open_clip model name (clip8)")
-    g.add_argument("--weights", help="local file of the pretrained open_clip weights (clip8; never downloaded)")
+    g.add_argument("--weights", help="local file of the pretrained open_clip weights, or an open_clip hub folder "
+                                     "(open_clip_config.json beside the weights) (clip8; never downloaded)")
     g.add_argument("--pretrained", help="the open_clip pretrained tag the --weights are (e.g. openai, "
                                         "laion2b_s34b_b79k): its architecture options follow (QuickGELU for openai)")
     g.add_argument("--allow-torchscript", action="store_true",
@@ -143,6 +144,8 @@ def check_clip_inputs(weights, data_root, tasks: list[str]) -> None:
     problems = []
     if weights is None:
         problems.append("--weights: pass the local file of the pretrained weights (fastortho never downloads)")
+    elif Path(weights).expanduser().is_dir():
+        pass  # an open_clip hub folder: load_clip checks its contents
     elif not Path(weights).expanduser().is_file():
         problems.append(f"--weights: {weights} is not a file")
     elif Path(weights).expanduser().stat().st_size == 0:
