@@ -16,6 +16,7 @@ released OrthoReg code does.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -277,13 +278,49 @@ class LoRAAdapter:
     transposed: bool = False
 
 
-def _peft_adapters(path: str, mod: nn.Module) -> list[LoRAAdapter]:
+@functools.lru_cache(maxsize=None)
+def peft_mha_out_proj_factor() -> float:
+    """How many times PEFT applies the out_proj adapter of a LoRA-wrapped
+    nn.MultiheadAttention, measured once on a 4-wide MHA (microseconds). PEFT's MHA layer
+    merges the out_proj update itself and then calls the inner LoRA Linear's merge, which adds
+    it again; its forward runs through that merge, so the model computes ``W0 + 2 s B A``
+    (peft 0.21). Measured rather than assumed, so that a PEFT that stops doing so is followed."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 1)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Holder(), LoraConfig(r=1, lora_alpha=1, target_modules=["mha"], init_lora_weights=False))
+    inner = model.base_model.model.mha.base_layer.out_proj
+    w0 = inner.base_layer.weight.detach().clone()
+    delta = inner.scaling["default"] * (inner.lora_B["default"].weight @ inner.lora_A["default"].weight).detach()
+    merged = copy.deepcopy(model).merge_and_unload().mha.out_proj.weight.detach() - w0
+    return float(torch.round((merged * delta).sum() / (delta * delta).sum()))
+
+
+def _peft_adapters(path: str, mod: nn.Module, scale_factor: float = 1.0) -> list[LoRAAdapter]:
     lora_a, lora_b, scaling = mod.lora_A, mod.lora_B, mod.scaling
     active = getattr(mod, "active_adapters", None)
     keys = [k for k in (active if isinstance(active, (list, tuple)) else lora_a.keys()) if k in lora_a]
+    dora = [k for k in keys if bool(getattr(mod, "use_dora", {}).get(k, False))]
+    if dora:
+        raise NotImplementedError(f"model: PEFT adapter {path}[{dora[0]!r}] is DoRA (use_dora=True): its update is "
+                                  f"m * (W0 + s B A) / ||W0 + s B A|| per column, not s B A, and fastortho reads only "
+                                  f"plain LoRA; train with use_dora=False or merge with PEFT's merge_and_unload()")
     base = getattr(mod, "base_layer", None)
-    base_w = getattr(base, "weight", None) if base is not None else getattr(mod, "weight", None)
-    weight_name = _join(path.removeprefix("base_model.model."), "weight") if path != "base_model.model" else "weight"
+    # PEFT wraps nn.MultiheadAttention: its adapter acts on the fused in_proj_weight (the
+    # out_proj inside gets its own LoRA Linear, found as a module of its own)
+    attr = "in_proj_weight" if isinstance(base, nn.MultiheadAttention) else "weight"
+    base_w = getattr(base, attr, None) if base is not None else getattr(mod, "weight", None)
+    # the model's own names: without PEFT's wrapper prefix and the base_layer levels it inserts
+    own = ".".join(part for part in path.removeprefix("base_model.model").lstrip(".").split(".")
+                   if part and part != "base_layer")
+    weight_name = _join(own, attr)
     out = []
     for key in keys:
         a, b = getattr(lora_a[key], "weight", None), getattr(lora_b[key], "weight", None)
@@ -291,7 +328,7 @@ def _peft_adapters(path: str, mod: nn.Module) -> list[LoRAAdapter]:
             raise ValueError(f"model: PEFT adapter {path}.lora_A[{key!r}] is not a linear (2-D) adapter; "
                              f"only LoRA on nn.Linear layers is supported")
         shape = tuple(base_w.shape) if isinstance(base_w, Tensor) else (b.shape[0], a.shape[1])
-        out.append(LoRAAdapter(weight_name, f"{path}[{key}]", a, b, float(scaling[key]), None, shape,
+        out.append(LoRAAdapter(weight_name, f"{path}[{key}]", a, b, scale_factor * float(scaling[key]), None, shape,
                                bool(getattr(mod, "fan_in_fan_out", False))))
     return out
 
@@ -300,6 +337,7 @@ def lora_adapters(model: nn.Module) -> list[LoRAAdapter]:
     """Every LoRA adapter of ``model``: fastortho's (:func:`add_lora`) and Hugging Face PEFT's
     (modules with ``lora_A`` / ``lora_B`` ModuleDicts and a ``scaling`` dict), in module order."""
     found = []
+    mha_out_projs: set[int] = set()  # the out_proj LoRA layers inside PEFT's MultiheadAttention wrappers
     for path, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             for tensor_name, plist in mod.parametrizations.items():
@@ -314,7 +352,11 @@ def lora_adapters(model: nn.Module) -> list[LoRAAdapter]:
         elif (isinstance(getattr(mod, "lora_A", None), nn.ModuleDict)
               and isinstance(getattr(mod, "lora_B", None), nn.ModuleDict)
               and isinstance(getattr(mod, "scaling", None), dict)):
-            found += _peft_adapters(path, mod)
+            base = getattr(mod, "base_layer", None)
+            if isinstance(base, nn.MultiheadAttention):
+                mha_out_projs.add(id(base.out_proj))
+            factor = peft_mha_out_proj_factor() if id(mod) in mha_out_projs else 1.0
+            found += _peft_adapters(path, mod, factor)
     return found
 
 

@@ -11,6 +11,13 @@
 
 Importing this package does not import triton; each kernel module does, on first use.
 """
-from .._config import interpreting
+if __package__ != "fastortho.kernels":
+    # The repository root is on sys.path (python run from it) and something imported a
+    # top-level "kernels" (transformers probes for Hugging Face's package of that name).
+    raise ImportError("this 'kernels' is fastortho's kernel folder, installed as fastortho.kernels; it was found as a "
+                      "top-level package because Python runs from the fastortho repository root. Run from another "
+                      "directory (or use python -P / PYTHONSAFEPATH=1)")
+
+from .._config import interpreting  # noqa: E402
 
 __all__ = ["interpreting"]

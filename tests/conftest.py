@@ -10,6 +10,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `python -m pytest` puts the working directory (the repository root) first on sys.path, where
+# the kernel folder would shadow Hugging Face's "kernels" package that transformers probes for.
+# The tests import fastortho as installed; the root is not needed on the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
 import pytest  # noqa: E402
 
 from fastortho import reference as ref  # noqa: E402
