@@ -266,3 +266,12 @@ def test_a_diverged_run_is_refused_not_saved(offline, tmp_path, capsys):
                                "--tasks", "Digits"])
     assert e.value.code == 2 and "fine-tuning Digits diverged" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "nonlinear-none" / "Digits.safetensors").exists()
+
+
+def test_lambda_grid_values_are_checked():
+    from fastortho.commands.ablate import lambda_grid
+
+    assert lambda_grid("0.1,1,10,100", 0.5) == [0.1, 1.0, 10.0, 100.0] and lambda_grid(None, 0.5) == [0.5]
+    for bad in ("0.1,x", "1,-1", "1,nan", "1,1"):
+        with pytest.raises(ValueError, match="--lam-grid"):
+            lambda_grid(bad, 0.1)

@@ -182,9 +182,18 @@ def test_scripts_end_to_end(bench, tmp_path, monkeypatch, capsys):
     ablate.main(args)
     table = (tmp_path / "abl" / "table.md").read_text()
     assert table.count("| Non-lin. FT |") == 2 and table.count("| TTA (linear FT) |") == 2 and "delta abs" in table
+    # the demo's lambda grid: each regularized cell fine-tuned at 0.1 and 1, the one with the best
+    # normalized accuracy on the validation splits reported (with its test numbers)
+    assert "lambda chosen from {0.1, 1} by the merged model's normalized accuracy on the validation splits" in table
+    records = [json.loads(line) for line in (tmp_path / "abl" / "runs.jsonl").read_text().splitlines()]
+    for mode, name in (("nonlinear", "Non-lin. FT"), ("linear", "TTA (linear FT)")):
+        tried = [r for r in records if r["mode"] == mode and r["reg"] == "orthoreg"]
+        assert sorted(r["lam"] for r in tried) == [0.1, 1.0]
+        best = max(tried, key=lambda r: r["val_norm"])
+        assert f"| {name} | orthoreg | {best['lam']:g} | {100 * best['abs']:.1f} | {100 * best['norm']:.1f} |" in table
     capsys.readouterr()
     ablate.main(args)  # resumable: every run is found done
-    assert capsys.readouterr().out.count("done before, skipped") == 4
+    assert capsys.readouterr().out.count("done before, skipped") == 6
     with pytest.raises(SystemExit):
         ablate.main(["--modes", "full", "--out", str(tmp_path / "x")])
 

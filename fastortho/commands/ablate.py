@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_real
 from .._files import RunLock, write_text
 from ..task_vectors import cosine_matrix
 from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
 from ._common import command, benchmark_args, get_benchmark, parser, resolve_device, run_config, train_args
 from .eval import evaluate_vectors
 
-DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lora_rank=8, lora_alpha=16.0,
-            taujp_batch=8)
+DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lam_grid="0.1,1", lora_rank=8,
+            lora_alpha=16.0, taujp_batch=8)
 METHOD_NAMES = {"nonlinear": "Non-lin. FT", "linear": "TTA (linear FT)", "attention": "ATT-FT", "lora": "LoRA"}
 
 
@@ -38,30 +39,53 @@ def run_cell(bench, mode: str, reg: str, args, device: str, run_dir: Path) -> di
     res = evaluate_vectors(bench, vectors, mode, device=device, out=run_dir, progress=False, negation=False,
                            workers=args.workers)
     add = res["addition"]
-    return {"mode": mode, "reg": reg, "abs": add["avg_top1"], "norm": add["avg_normalized_top1"], "alpha": add["alpha"],
+    # the lambda search's criterion: the merged model's best normalized accuracy on the
+    # validation splits (the alpha search's curve), never a test number
+    val_norm = max(r["avg_normalized_top1"] for r in add["search"])
+    return {"mode": mode, "reg": reg, "lam": cfg.lam, "val_norm": val_norm,
+            "abs": add["avg_top1"], "norm": add["avg_normalized_top1"], "alpha": add["alpha"],
             "single_task": float(np.mean(list(res["single_task"].values()))),
             "zero_shot": float(np.mean(list(res["zero_shot"].values()))),
             "finetune_s": wall, "memory_mb": memory / 1e6, "memory_measure": measure,
             "cosine_offdiag": float(np.mean(np.abs(cosine_matrix(vectors)[~np.eye(len(vectors), dtype=bool)])))}
 
 
+def lambda_grid(text: str | None, default: float) -> list[float]:
+    """The lambdas of ``--lam-grid`` (comma-separated, each finite and >= 0), or ``[default]``."""
+    if not text:
+        return [default]
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(check_real("--lam-grid", float(part), minimum=0))
+        except ValueError as e:
+            raise ValueError(f"--lam-grid: expected comma-separated numbers >= 0, got {part!r} ({e})") from None
+    if len(set(values)) != len(values):
+        raise ValueError(f"--lam-grid: {text!r} repeats a value")
+    return values
+
+
 def write_table(rows: list[dict], out: Path) -> str:
     """Markdown and CSV in the shape of the OrthoReg paper's Table 1: per method, absolute and
     normalized accuracy of task addition without and with each regularizer, and the delta."""
     base = {r["mode"]: r for r in rows if r["reg"] == "none"}
-    lines = ["| method | regularizer | abs. acc | norm. acc | delta abs | delta norm | alpha | mean abs cos | "
-             "fine-tune time (s) | memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | regularizer | lambda | abs. acc | norm. acc | delta abs | delta norm | alpha | mean abs cos | "
+             "fine-tune time (s) | memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     if rows:
-        lines.append(f"| zero-shot | - | {100 * rows[0]['zero_shot']:.1f} | - | - | - | - | - | - | - |")
+        lines.append(f"| zero-shot | - | - | {100 * rows[0]['zero_shot']:.1f} | - | - | - | - | - | - | - |")
     for r in rows:
         b = base.get(r["mode"])
         da = f"{100 * (r['abs'] - b['abs']):+.1f}" if b and r["reg"] != "none" else "-"
         dn = f"{100 * (r['norm'] - b['norm']):+.1f}" if b and r["reg"] != "none" else "-"
-        lines.append(f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
+        lam = "-" if r["reg"] == "none" else f"{r['lam']:g}"
+        lines.append(f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {lam} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
                      f"{dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | {r['finetune_s']:.1f} | "
                      f"{r['memory_mb']:.1f} |")
     measure = rows[0]["memory_measure"] if rows else ""
-    table = "\n".join(lines) + f"\n\nmemory: {measure}, largest over the tasks of a run\n"
+    grids = sorted({tuple(r["lam_grid"]) for r in rows if r["reg"] != "none" and len(r.get("lam_grid", ())) > 1})
+    note = "".join(f"; lambda chosen from {{{', '.join(f'{x:g}' for x in g)}}} by the merged model's normalized "
+                   f"accuracy on the validation splits, test numbers at it" for g in grids)
+    table = "\n".join(lines) + f"\n\nmemory: {measure}, largest over the tasks of a run{note}\n"
     write_text(out / "table.md", table, "out")
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["mode"])
@@ -107,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ablation"),
                    help="directory for the runs (task vectors, checkpoints, plots), runs.jsonl, table.md and "
                         "table.csv")
+    p.add_argument("--lam-grid", help="comma-separated lambdas to choose from, per regularized (mode, regularizer), "
+                                      "by the merged model's normalized accuracy on the validation splits (the paper: "
+                                      "0.1,1,10,100); default: --lam only")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: discard the runs recorded in --out (runs.jsonl, task vectors, checkpoints) "
                         "instead of reusing them")
@@ -141,27 +168,40 @@ def run_grid(args, modes: list[str], regs: list[str], device: str) -> None:
     if args.overwrite:
         for mode in MODES:
             for reg in REGULARIZERS:
-                shutil.rmtree(args.out / f"{mode}-{reg}", ignore_errors=True)
+                for run_dir in [args.out / f"{mode}-{reg}", *args.out.glob(f"{mode}-{reg}-lam*")]:
+                    shutil.rmtree(run_dir, ignore_errors=True)
         done_file.unlink(missing_ok=True)
     done = read_records(done_file)
     if done_file.exists() and len(done) != len([ln for ln in done_file.read_text(errors="replace").splitlines()
                                                 if ln.strip()]):
         write_records(done_file, done)  # without the damaged lines, so they are reported once
     settings = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(FinetuneConfig)}}
+    lams = lambda_grid(args.lam_grid, args.lam)
     grid = [(m, r) for m in modes for r in regs]
+    runs = [(m, r, lam) for m, r in grid for lam in (lams if r != "none" else [args.lam])]
     t0 = time.perf_counter()
-    for i, (mode, reg) in enumerate(grid):
-        if any(d["mode"] == mode and d["reg"] == reg and d.get("settings") == settings for d in done):
-            print(f"[{i + 1}/{len(grid)}] {mode} + {reg}: done before, skipped")
-            continue
-        print(f"[{i + 1}/{len(grid)}] {mode} + {reg}")
-        row = run_cell(bench, mode, reg, args, device, args.out / f"{mode}-{reg}")
-        row["settings"] = settings
-        done.append(row)
-        write_records(done_file, done)
-    rows = [{k: v for k, v in d.items() if k != "settings"} for d in done
-            if d.get("settings") == settings and (d["mode"], d["reg"]) in grid]
-    rows.sort(key=lambda r: grid.index((r["mode"], r["reg"])))
+    records = {}
+    for i, (mode, reg, lam) in enumerate(runs):
+        wanted = {**settings, "lam": lam}
+        what = f"{mode} + {reg}" + (f", lambda {lam:g}" if len(lams) > 1 and reg != "none" else "")
+        found = next((d for d in done if d["mode"] == mode and d["reg"] == reg and d.get("settings") == wanted), None)
+        if found is not None:
+            print(f"[{i + 1}/{len(runs)}] {what}: done before, skipped")
+        else:
+            print(f"[{i + 1}/{len(runs)}] {what}")
+            name = f"{mode}-{reg}" if len(lams) == 1 or reg == "none" else f"{mode}-{reg}-lam{lam:g}"
+            found = run_cell(bench, mode, reg, argparse.Namespace(**{**vars(args), "lam": lam}), device,
+                             args.out / name)
+            found["settings"] = wanted
+            done.append(found)
+            write_records(done_file, done)
+        records[(mode, reg, lam)] = found
+    rows = []
+    for mode, reg in grid:
+        candidates = [records[(m, r, lam)] for m, r, lam in runs if (m, r) == (mode, reg)]
+        best = max(candidates, key=lambda d: d.get("val_norm", d["norm"]))  # the first (smallest lambda) on ties
+        rows.append({**{k: v for k, v in best.items() if k != "settings"},
+                     "lam_grid": [d["lam"] for d in candidates]})
     print(write_table(rows, args.out))
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"{len(rows)} runs, {time.perf_counter() - t0:.0f} s this call; table.md, table.csv and per-run plots in "
