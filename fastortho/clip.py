@@ -230,7 +230,7 @@ class ClipBenchmark:
     def head(self, task: str) -> nn.Module:
         task = task.removesuffix("Val")
         if task not in self._heads:
-            names = self._classnames(self._get(task, self.root, self.preprocess))
+            names = self._classnames(self._get(task, self.root, self.preprocess), task)
             self._heads[task] = zero_shot_head(self.model, self.tokenizer, names, self.templates, self.device)
         return self._heads[task]
 

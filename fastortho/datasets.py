@@ -35,8 +35,9 @@ LAYOUTS: dict[str, Layout] = {
     "DTD": Layout("folder", {"train": "dtd/train", "test": "dtd/test"}, "<root>/dtd/{train,test}/<class>/<image>"),
     "EuroSAT": Layout("folder", {"train": "EuroSAT_splits/train", "test": "EuroSAT_splits/test"},
                       "<root>/EuroSAT_splits/{train,test}/<class>/<image>"),
-    "GTSRB": Layout("torchvision", {"train": "gtsrb", "test": "gtsrb"},
-                    "<root>/gtsrb/ as torchvision.datasets.GTSRB expects (gtsrb/GTSRB/Training, Final_Test, GT-final_test.csv)"),
+    "GTSRB": Layout("torchvision", {"train": "gtsrb/GTSRB/Training", "test": "gtsrb/GTSRB/Final_Test/Images"},
+                    "<root>/gtsrb/ as torchvision.datasets.GTSRB(<root>) reads it: GTSRB/Training/<class>/*.ppm, "
+                    "GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv"),
     "MNIST": Layout("torchvision", {"train": "MNIST", "test": "MNIST"}, "<root>/MNIST/raw/ (torchvision.datasets.MNIST files)"),
     "RESISC45": Layout("folder", {"train": "resisc45/train", "test": "resisc45/test"},
                        "<root>/resisc45/{train,test}/<class>/<image>"),
@@ -57,7 +58,7 @@ def _torchvision(name: str, root: Path, split: str, transform):
     if name == "SVHN":
         return tv.SVHN(str(root / "svhn"), split="train" if train else "test", transform=transform, download=False)
     if name == "GTSRB":
-        return tv.GTSRB(str(root / "gtsrb"), split="train" if train else "test", transform=transform, download=False)
+        return tv.GTSRB(str(root), split="train" if train else "test", transform=transform, download=False)
     if name == "Cars":
         return tv.StanfordCars(str(root), split="train" if train else "test", transform=transform, download=False)
     raise ValueError(name)
@@ -86,7 +87,7 @@ def _base(name: str, root: Path, split: str, transform) -> Dataset:
         return ImageFolder(str(where), transform=transform)
     try:
         return _torchvision(name, root, split, transform)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+    except (RuntimeError, OSError, ValueError, KeyError) as e:  # "Dataset not found or corrupted", a missing file
         raise FileNotFoundError(f"dataset {name!r} ({split}) under {where}: {e}. Expected layout: {layout.expected}") from None
 
 
@@ -115,8 +116,29 @@ def get_dataset(split_name: str, root, transform=None, part: str = "eval") -> Da
     return _base(name, root, "test", transform)
 
 
-def classnames(dataset: Dataset) -> list[str]:
-    """Readable class names of a dataset (ImageFolder directory names with ``_`` as spaces)."""
+DIGITS = tuple(str(d) for d in range(10))
+# The 43 GTSRB classes by the meaning of each sign (torchvision's GTSRB has no class names).
+GTSRB_CLASSES = (
+    "speed limit 20 km/h", "speed limit 30 km/h", "speed limit 50 km/h", "speed limit 60 km/h",
+    "speed limit 70 km/h", "speed limit 80 km/h", "end of speed limit 80 km/h", "speed limit 100 km/h",
+    "speed limit 120 km/h", "no passing", "no passing for vehicles over 3.5 tons",
+    "right of way at the next intersection", "priority road", "yield", "stop", "no vehicles",
+    "vehicles over 3.5 tons prohibited", "no entry", "general caution", "dangerous curve to the left",
+    "dangerous curve to the right", "double curve", "bumpy road", "slippery road", "road narrows on the right",
+    "road work", "traffic signals", "pedestrians", "children crossing", "bicycles crossing", "beware of ice and snow",
+    "wild animals crossing", "end of all speed and passing limits", "turn right ahead", "turn left ahead",
+    "ahead only", "go straight or right", "go straight or left", "keep right", "keep left", "roundabout mandatory",
+    "end of no passing", "end of no passing for vehicles over 3.5 tons",
+)
+# Names for the prompts where the dataset class has none or an unprompt-like one ("0 - zero").
+CLASSNAMES = {"MNIST": DIGITS, "SVHN": DIGITS, "GTSRB": GTSRB_CLASSES}
+
+
+def classnames(dataset: Dataset, task: str | None = None) -> list[str]:
+    """Readable class names of a dataset: the table above for ``task`` in it (MNIST, SVHN,
+    GTSRB), else the dataset's own (ImageFolder directory names with ``_`` as spaces)."""
+    if task is not None and task.removesuffix("Val") in CLASSNAMES:
+        return list(CLASSNAMES[task.removesuffix("Val")])
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     names = getattr(base, "classes", None)
     if names is None:

@@ -151,3 +151,113 @@ def test_an_open_clip_hub_folder_is_read_by_open_clip(tiny_clip, tmp_path):
     (hf / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="Hugging Face transformers checkpoint"):
         clip.load_clip("ViT-B-32", hf)
+
+
+# ----------------------------------------------------------------------------- datasets in their real formats
+
+def _png_folder(root, classes, n=3, ext=".png"):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), color=(40 * i, 10, 20)).save(root / c / f"{i}{ext}")
+
+
+def _write_mnist(raw, n_train=20, n_test=6):
+    import numpy as np
+
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.random.default_rng(0).integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        # idx files: a big-endian magic (0x0803 images, 0x0801 labels), the dimensions, the bytes
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes((0x801).to_bytes(4, "big") + n.to_bytes(4, "big") +
+                                                         labels.tobytes())
+
+
+def _write_svhn(folder, n=12):
+    import numpy as np
+    import scipy.io
+
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        x = np.random.default_rng(1).integers(0, 255, (32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)  # SVHN's labels: 1..10, 10 is the digit 0
+        scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
+
+
+def _write_gtsrb(folder):
+    from PIL import Image
+
+    _png_folder(folder / "GTSRB" / "Training", ["00000", "00001"], n=12, ext=".ppm")
+    images = folder / "GTSRB" / "Final_Test" / "Images"
+    images.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(images / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;8;8;0;0;7;7;{i % 2}")
+    (folder / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def _write_cars(folder, n=12):
+    import numpy as np
+    import scipy.io
+    from PIL import Image
+
+    annotation = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+    (folder / "devkit").mkdir(parents=True)
+    for split, annos in (("train", folder / "devkit" / "cars_train_annos.mat"),
+                         ("test", folder / "cars_test_annos_withlabels.mat")):
+        (folder / f"cars_{split}").mkdir()
+        records = np.zeros((1, n), dtype=annotation)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(folder / f"cars_{split}" / f"{i:05d}.jpg")
+            records[0, i] = (1, 1, 7, 7, i % 2 + 1, f"{i:05d}.jpg")  # classes count from 1
+        scipy.io.savemat(annos, {"annotations": records})
+    names = np.empty((1, 2), dtype=object)
+    names[0, 0], names[0, 1] = "AM General Hummer SUV 2000", "Acura RL Sedan 2012"
+    scipy.io.savemat(folder / "devkit" / "cars_meta.mat", {"class_names": names})
+
+
+def test_every_benchmark_dataset_reads_from_its_real_format(tmp_path, monkeypatch):
+    """Tiny datasets written in each on-disk format the 8-task benchmark reads, loaded through
+    fastortho.datasets (torchvision's own classes where torchvision has one)."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("scipy")
+    import torchvision.datasets as tv
+
+    from fastortho import datasets
+
+    root = tmp_path
+    _write_mnist(root / "MNIST" / "raw")
+    _write_svhn(root / "svhn")
+    # torchvision checks SVHN's files against the md5 of the real release; these are tiny fakes
+    monkeypatch.setattr(tv.SVHN, "_check_integrity", lambda self: True)
+    _write_gtsrb(root / "gtsrb")
+    _write_cars(root / "stanford_cars")
+    for folder, classes in (("dtd", ["banded", "woven"]), ("EuroSAT_splits", ["Forest", "River"]),
+                            ("resisc45", ["airport", "beach"]), ("sun397", ["abbey", "bakery"]),
+                            ("imagenet", ["n01440764", "n01443537"])):
+        for split in ("train", "val" if folder == "imagenet" else "test"):
+            _png_folder(root / folder / split, classes, n=11)
+    expected_classes = {"Cars": 2, "DTD": 2, "EuroSAT": 2, "GTSRB": 43, "MNIST": 10, "RESISC45": 2, "SUN397": 2,
+                        "SVHN": 10, "ImageNet": 2}
+    import torchvision.transforms as T
+
+    to_tensor = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+    for name, n_classes in expected_classes.items():
+        test = datasets.get_dataset(name, root, to_tensor)
+        val = datasets.get_dataset(f"{name}Val", root, to_tensor)
+        train = datasets.get_dataset(name, root, to_tensor, part="train")
+        assert len(test) > 0 and len(val) >= 1 and len(train) > len(val), name
+        image, label = train[0]
+        assert image.shape[0] in (1, 3) and 0 <= int(label) < n_classes, name
+        assert len(datasets.classnames(test, name)) == n_classes, name  # the zero-shot head's prompts
+    assert datasets.classnames(datasets.get_dataset("Cars", root))[0] == "AM General Hummer SUV 2000"
+    # a damaged one is named with the layout expected
+    (root / "gtsrb" / "GT-final_test.csv").unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match="GTSRB"):
+        datasets.get_dataset("GTSRB", root, to_tensor)
