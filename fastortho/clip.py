@@ -87,6 +87,73 @@ def _architecture_options(model_name: str, pretrained: str | None, weights: Path
 HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
+class TransformersImageTower(nn.Module):
+    """A transformers CLIP vision tower and its projection as one module, ``pixels ->
+    image embedding``: the encoder that is fine-tuned (parameter names those of the
+    ``CLIPModel``'s ``vision_model`` and ``visual_projection``)."""
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module):
+        super().__init__()
+        self.vision_model, self.visual_projection = vision_model, visual_projection
+
+    def forward(self, pixel_values):
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+class TransformersCLIP(nn.Module):
+    """A transformers ``CLIPModel`` behind the parts of open_clip's interface the benchmark
+    uses: ``visual`` (the image tower), ``encode_text`` and ``logit_scale``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf = model
+        self.visual = TransformersImageTower(model.vision_model, model.visual_projection)
+        self.logit_scale = model.logit_scale
+
+    def encode_text(self, tokens):
+        out = self.hf.get_text_features(input_ids=tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _load_transformers_folder(folder: Path, device):
+    """A Hugging Face ``CLIPModel`` folder (``config.json`` and the weights, as
+    ``save_pretrained`` writes it and model-merging benchmarks distribute fine-tuned
+    checkpoints), read by transformers itself, offline. Prompts are tokenized with the
+    folder's own tokenizer when it has one, else with CLIP's BPE (open_clip's copy: the
+    same 49,408-token vocabulary)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from transformers import CLIPModel
+
+    try:
+        hf = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"weights_path: {folder} has config.json but is not a readable transformers CLIPModel "
+                         f"folder ({first})") from None
+    image_size = hf.config.vision_config.image_size
+    mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    processor_cfg = folder / "preprocessor_config.json"
+    if processor_cfg.is_file():
+        import json
+
+        cfg = json.loads(processor_cfg.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    context = hf.config.text_config.max_position_embeddings
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import CLIPTokenizer
+
+        hf_tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+        def tokenizer(texts):
+            return hf_tok(list(texts), padding="max_length", truncation=True, max_length=context,
+                          return_tensors="pt")["input_ids"]
+    else:
+        tokenizer = open_clip.tokenize if context == 77 else (lambda texts: open_clip.tokenize(texts, context))
+    return TransformersCLIP(hf).to(device).eval(), preprocess, tokenizer
+
+
 def _load_hub_folder(folder: Path, device):
     """An open_clip hub folder (``open_clip_config.json`` beside ``open_clip_model.safetensors``
     or ``open_clip_pytorch_model.bin``), read by open_clip's own ``local-dir:`` loader: the
@@ -94,10 +161,11 @@ def _load_hub_folder(folder: Path, device):
     import open_clip
 
     if not (folder / "open_clip_config.json").is_file():
-        hint = (" (a Hugging Face transformers checkpoint: fastortho's scripts read open_clip models; load it with "
-                "transformers.CLIPModel.from_pretrained)") if (folder / "config.json").is_file() else ""
-        raise ValueError(f"weights_path: {folder} is a folder without open_clip_config.json{hint}; pass a weights "
-                         f"file or an open_clip hub folder")
+        if (folder / "config.json").is_file():
+            return _load_transformers_folder(folder, device)
+        raise ValueError(f"weights_path: {folder} is a folder with neither open_clip_config.json (an open_clip hub "
+                         f"folder) nor config.json (a Hugging Face transformers CLIPModel); pass a weights file or one "
+                         f"of those folders")
     if not any((folder / name).is_file() for name in HUB_WEIGHTS):
         raise FileNotFoundError(f"weights_path: {folder} has open_clip_config.json but no weights "
                                 f"({' or '.join(HUB_WEIGHTS)})")
