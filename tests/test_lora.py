@@ -344,28 +344,14 @@ def test_separate_projection_layout():
     assert len(report.names) == 8 and report.trainable == 2 * 4 * 24 * 24
 
 
-# The layout of a Hugging Face PEFT LoRA layer (peft.tuners.lora.Linear): the wrapped layer in
-# `base_layer`, ModuleDicts `lora_A` / `lora_B` of nn.Linear per adapter name, a `scaling` dict.
-class PeftStyleLinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
-        self.scaling = {"default": alpha / r}
-        self.active_adapters = ["default"]
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling["default"]
-
-
-def test_peft_style_adapters_are_read():
+def test_peft_adapters_are_read():
+    """Hugging Face PEFT's own LoRA layers (tests/test_peft_hf.py: on open_clip's and
+    transformers' CLIP)."""
+    peft_lib = pytest.importorskip("peft")
     torch.manual_seed(1)
     model = TinyTransformer()
-    peft = copy.deepcopy(model)
-    for blk in peft.blocks:
-        for name in ("q_proj", "v_proj"):
-            setattr(blk["self_attn"], name, PeftStyleLinear(getattr(blk["self_attn"], name), r=3, alpha=6))
+    peft = peft_lib.get_peft_model(copy.deepcopy(model), peft_lib.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # B != 0
     x = torch.randn(2, 5, 24)
     adapters_ = fo.lora_adapters(peft)
     assert len(adapters_) == 4 and all(ad.scale == 2.0 for ad in adapters_)
