@@ -67,7 +67,8 @@ def test_readme_commands_name_options_that_exist():
 
     parsers = {"fastortho-finetune": finetune.build_parser(), "fastortho-eval": eval_command.build_parser(),
                "fastortho-ablate": ablate.build_parser()}
-    commands = re.findall(r"(fastortho-(?:finetune|eval|ablate)\b(?:[^\n]|\\\n)*)", README)
+    shell = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))  # the commands as written to run
+    commands = re.findall(r"(fastortho-(?:finetune|eval|ablate)\b(?:[^\n]|\\\n)*)", shell)
     assert len(commands) >= 4
     for command in commands:
         prog = command.split()[0]
