@@ -48,11 +48,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
     """``write(path)`` then fsync: the file's bytes are on disk before anyone renames it."""
     write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    _fsync_file(path)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -84,8 +88,7 @@ def atomic_path(path, what: str = "path") -> Iterator[Path]:
     tmp = temporary_name(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp)
         publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -174,7 +174,6 @@ def _figure(width=6.0, height=5.0):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     with atomic_path(path, "path") as tmp:  # a killed plot never leaves half a PNG
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")

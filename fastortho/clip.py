@@ -204,14 +204,13 @@ def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | 
                              f"(allow_torchscript=True)")
         state = {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
         meta = {"quick_gelu": "true"}
+    elif path.suffix == ".safetensors":
+        from ._files import read_safetensors
+
+        state, meta = read_safetensors(path, "weights_path")
     else:
         from .task_vectors import load_checkpoint
 
-        if path.suffix == ".safetensors":
-            from ._files import open_safetensors
-
-            with open_safetensors(path, "weights_path") as f:
-                meta = dict(f.metadata() or {})
         state = load_checkpoint(path)
     options = _architecture_options(model_name, pretrained, path, meta)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **options)

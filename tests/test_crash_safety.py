@@ -142,7 +142,7 @@ def test_resume_after_an_interruption_is_exact(bench, tmp_path, mode, reg):
     full = finetune(bench, "Textures", cfg, progress=False).task_vector
 
     class Stop(Exception):
-        pass
+        """The simulated crash right after the step-2 checkpoint."""
     original = checkpoints.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
@@ -170,7 +170,7 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path):
     _files.write_text(target, "old")
 
     class Boom(Exception):
-        pass
+        """A writer failing mid-file."""
     with pytest.raises(Boom):
         with _files.atomic_path(target) as tmp:
             tmp.write_text("half")

@@ -95,12 +95,13 @@ def write_table(rows: list[dict], out: Path) -> str:
     return table
 
 
-def read_records(path: Path) -> list[dict]:
-    """The runs recorded in ``runs.jsonl``. A damaged line (a record torn by a kill, or edited
-    by hand) is reported and skipped: its run is simply done again."""
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """``(the runs recorded in runs.jsonl, how many lines were damaged)``. A damaged line (a
+    record torn by a kill, or edited by hand) is reported and skipped: its run is simply done
+    again."""
     if not path.exists():
-        return []
-    records = []
+        return [], 0
+    records, damaged = [], 0
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -111,9 +112,10 @@ def read_records(path: Path) -> list[dict]:
         except ValueError as e:
             print(f"warning: {path} line {number} is damaged ({e}); ignored, that run will be done again",
                   file=sys.stderr)
+            damaged += 1
             continue
         records.append(record)
-    return records
+    return records, damaged
 
 
 def write_records(path: Path, records: list[dict]) -> None:
@@ -171,9 +173,8 @@ def run_grid(args, modes: list[str], regs: list[str], device: str) -> None:
                 for run_dir in [args.out / f"{mode}-{reg}", *args.out.glob(f"{mode}-{reg}-lam*")]:
                     shutil.rmtree(run_dir, ignore_errors=True)
         done_file.unlink(missing_ok=True)
-    done = read_records(done_file)
-    if done_file.exists() and len(done) != len([ln for ln in done_file.read_text(errors="replace").splitlines()
-                                                if ln.strip()]):
+    done, damaged = read_records(done_file)
+    if damaged:
         write_records(done_file, done)  # without the damaged lines, so they are reported once
     settings = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(FinetuneConfig)}}
     lams = lambda_grid(args.lam_grid, args.lam)

@@ -76,6 +76,14 @@ def verify(directory: Path) -> dict:
     return manifest
 
 
+def is_complete(directory: Path) -> bool:
+    try:
+        verify(directory)
+    except DamagedCheckpoint:
+        return False
+    return True
+
+
 def latest(folder: Path) -> tuple[Path, dict] | None:
     """The newest complete checkpoint in ``folder`` and its manifest (damaged ones are
     reported with a warning and skipped), or None."""
@@ -94,7 +102,7 @@ def latest(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _tidy(folder: Path) -> None:
+def tidy(folder: Path) -> None:
     """Drop all but the KEEP newest checkpoints and what killed writers left (hidden
     temporary and trash directories). Only called by the lock's holder."""
     for _, directory in step_dirs(folder)[KEEP:]:
@@ -113,13 +121,9 @@ def save_checkpoint(folder: Path, net: nn.Module, opt, sched, step: int, cfg: Fi
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
-    if final.is_dir():
-        try:
-            verify(final)
-            _tidy(folder)
-            return final  # this step is already saved (the final save after a periodic one)
-        except DamagedCheckpoint:
-            pass
+    if final.is_dir() and is_complete(final):  # saved by an earlier run (a damaged one is replaced below)
+        tidy(folder)
+        return final
     state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
     train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                    "extra": extra or {}}
@@ -136,7 +140,7 @@ def save_checkpoint(folder: Path, net: nn.Module, opt, sched, step: int, cfg: Fi
     if final.exists():
         _files.discard(final)  # a damaged directory of the same step
     _files.publish(tmp, final)
-    _tidy(folder)
+    tidy(folder)
     return final
 
 

@@ -73,8 +73,12 @@ def finetune(benchmark, task: str, cfg: FinetuneConfig, *, device="cpu", checkpo
     # this one) after proving it writable, before any step whose work a failed save would lose.
     lock = RunLock(ckpt, "checkpoint_dir") if ckpt is not None and rank == 0 else contextlib.nullcontext()
     with lock:
-        if ckpt is not None and rank == 0 and not resume:
-            checkpoints.clear(ckpt)
+        if ckpt is not None and rank == 0:
+            # what killed writers left goes first; starting over drops every checkpoint
+            if resume:
+                checkpoints.tidy(ckpt)
+            else:
+                checkpoints.clear(ckpt)
         if distributed:
             torch.distributed.barrier()
         return _finetune(benchmark, task, cfg, torch.device(device), ckpt, resume, progress, workers, distributed, rank)
@@ -131,9 +135,14 @@ def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, dis
         if taujp is not None and "taujp" in extra:
             taujp.load_state_dict(extra["taujp"])
 
+    saved = [start if resume else -1]  # the step this process's state already is on disk at
+
     def save(step: int) -> None:
+        if step == saved[0]:  # the final save right after a periodic one: nothing new
+            return
         checkpoints.checkpoint(ckpt, trained, opt, sched, step, cfg, rank, distributed, base=base_id,
                                extra={"taujp": taujp.state_dict()} if taujp is not None else {})
+        saved[0] = step
 
     batches = batch_stream(benchmark.train_data(task), cfg.batch_size, data_seed, start * cfg.accumulation,
                            cfg.steps * cfg.accumulation, workers=workers, pin_memory=device.type == "cuda")
@@ -185,8 +194,9 @@ def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, dis
     else:
         tv = TaskVector.from_models(pretrained_state, encoder, meta)
     final_loss = float(last_loss) * cfg.accumulation if last_loss is not None else float("nan")
-    diverged = [k for k, v in tv.items() if not bool(torch.isfinite(v).all())]
-    if diverged:  # one check after the run (a sync per step would stall the GPU)
+    finite = torch.stack([torch.isfinite(v).all() for v in tv.values()]).tolist()  # one sync, after the run
+    diverged = [k for k, ok in zip(tv, finite) if not ok]
+    if diverged:
         raise FloatingPointError(f"fine-tuning {task} diverged: the task vector has NaN or infinite entries (in "
                                  f"{len(diverged)} tensor(s), e.g. {diverged[0]}; final loss {final_loss}); lower "
                                  f"--lr or lambda, or check the data")
