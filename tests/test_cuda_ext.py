@@ -150,18 +150,18 @@ def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monk
     only when it agrees with Triton; one that raises or disagrees is never chosen."""
     import json
 
+    from fastortho.ops import _measure
     from fastortho.ops.orthoreg import autotune as bc
 
-    monkeypatch.setattr(bc, "_cache_file", lambda device: tmp_path / "choice.json")
-    monkeypatch.setattr(bc, "_memory", {})
+    monkeypatch.setattr(bc, "cache_file", lambda device: tmp_path / "choice.json")
+    monkeypatch.setattr(_measure, "_memory", {})
     weights = [torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 2)]
     bases = [torch.zeros_like(w) for w in weights]
     behaviour = {}
 
-    def fake_time(fn, ws):
-        values = fn(ws)
-        return behaviour["ms"][fn.__defaults__[0]], values, [torch.ones_like(w) for w in ws]
-    monkeypatch.setattr(bc, "_time", fake_time)
+    def fake_timed(candidate, fn, ws):
+        return behaviour["ms"][candidate], [fn(ws), *(torch.ones_like(w) for w in ws)]
+    monkeypatch.setattr(bc, "_timed", fake_timed)
 
     def run(backend, ws, bs):
         if behaviour.get("raise") == backend:
@@ -174,13 +174,13 @@ def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monk
     assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["cuda:triangle"] * 3
     assert len(json.loads((tmp_path / "choice.json").read_text())) == 2  # two shape groups
     for case in ({"wrong": "cuda:triangle"}, {"raise": "cuda:triangle"}):
-        monkeypatch.setattr(bc, "_memory", {})
+        monkeypatch.setattr(_measure, "_memory", {})
         (tmp_path / "choice.json").unlink()
         behaviour.clear()
         behaviour.update(ms={"triton": 2.0, "cuda:gemm": 1.5, "cuda:triangle": 1.0}, **case)
         assert bc.choose(weights, bases, True, "tf32", run, candidates) == ["cuda:gemm"] * 3, case
     # only the first candidate is left: it is the fallback
-    monkeypatch.setattr(bc, "_memory", {})
+    monkeypatch.setattr(_measure, "_memory", {})
     (tmp_path / "choice.json").unlink()
     behaviour.update(ms={"triton": 2.0, "cuda:gemm": 1.0, "cuda:triangle": 1.0})
     behaviour["wrong"] = "cuda:gemm"

@@ -191,14 +191,89 @@ def test_linearized_step_with_kernels_compiles_on_gpu():
     assert rel_err(out, eager) <= TOLERANCES["tf32"]
 
 
-def test_auto_policy_runs_the_dual_linear_on_cublas_and_attention_on_triton():
-    """On CUDA "auto" takes the one-pass attention kernel and leaves the (compute-bound) dual
-    linear to cuBLAS; "triton" forces both kernels; float64 and "torch" never take a kernel."""
-    from fastortho.ops.dual import use_kernel
+def test_auto_policy_measures_the_dual_linear_and_runs_attention_on_triton():
+    """On CUDA "auto" takes the one-pass attention kernel and measures the dual linear per
+    shape; "triton" forces both kernels; float64, CPU and "torch" never take a kernel."""
+    from fastortho.ops.dual import kernel_choice
 
     f32 = [torch.float32]
-    assert use_kernel("attention", "auto", "cuda", f32) and not use_kernel("linear", "auto", "cuda", f32)
-    assert not use_kernel("attention", "auto", "cpu", f32)
-    assert use_kernel("linear", "triton", "cpu", f32) and use_kernel("attention", "triton", "cuda", [torch.bfloat16])
-    assert not use_kernel("linear", "triton", "cuda", [torch.float64])
-    assert not use_kernel("attention", "torch", "cuda", f32)
+    assert kernel_choice("attention", "auto", "cuda", f32) == "triton"
+    assert kernel_choice("linear", "auto", "cuda", f32) == "measure"
+    assert kernel_choice("attention", "auto", "cpu", f32) == kernel_choice("linear", "auto", "cpu", f32) == "torch"
+    assert kernel_choice("linear", "triton", "cpu", f32) == "triton"
+    assert kernel_choice("attention", "triton", "cuda", [torch.bfloat16]) == "triton"
+    assert kernel_choice("linear", "triton", "cuda", [torch.float64]) == "torch"
+    assert kernel_choice("attention", "torch", "cuda", f32) == kernel_choice("linear", "torch", "cuda", f32) == "torch"
+
+
+@pytest.fixture
+def measured_linear(tmp_path, monkeypatch):
+    """The "auto" measurement of the dual linear made to run on CPU: the policy answers
+    "measure", the cache lives in tmp_path, and the timing is stubbed (the candidates still
+    run, the Triton one under the interpreter, so agreement is checked for real)."""
+    from fastortho.ops import _measure, dual
+
+    monkeypatch.setattr(dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch")
+    monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
+    monkeypatch.setattr(_measure, "_memory", {})
+    monkeypatch.setattr(dual, "_linear_choices", {})
+    state = {"ms": {}, "timed": [], "fused": 0}
+    real_fused = dual._fused_linear
+
+    def fused(*args):
+        state["fused"] += 1
+        y, dy = real_fused(*args)
+        return (y, dy * 1.5) if state.get("wrong") else (y, dy)
+
+    def timed(candidate, run):
+        state["timed"].append(candidate)
+        return state["ms"][candidate], [run()[1]]
+    monkeypatch.setattr(dual, "_fused_linear", fused)
+    monkeypatch.setattr(dual, "_time_linear", timed)
+    return dual, state, tmp_path / "choice.json"
+
+
+@pytest.mark.parametrize("faster", ["triton", "torch"])
+def test_auto_dual_linear_takes_the_measured_faster_path(measured_linear, faster):
+    import json
+
+    dual, state, path = measured_linear
+    state["ms"] = {"triton": 1.0, "torch": 2.0} if faster == "triton" else {"triton": 2.0, "torch": 1.0}
+    x, dx, w, dw, b, db = randn(6, 2, 9, seed=1), randn(6, 2, 9, seed=2), randn(5, 9, seed=3), randn(5, 9, seed=4), \
+        randn(5, seed=5), randn(5, seed=6)
+    ref = dual._library_linear(x.double(), dx.double(), w.double(), dw.double(), b.double(), db.double())
+    for _ in range(3):
+        y, dy = dual.dual_linear(x, dx, w, dw, b, db)
+        assert rel_err(y, ref[0]) <= TOL and rel_err(dy, ref[1]) <= TOL
+    assert state["timed"] == ["torch", "triton"]  # measured once, both candidates
+    assert state["fused"] == (1 + 3 if faster == "triton" else 1)  # the (stubbed) measurement runs it once
+    table = json.loads(path.read_text())
+    assert table == {"dual_linear:torch|triton:12x9x5:torch.float32:xwbd": faster}
+    # a new process reads the choice from disk and measures nothing
+    dual._linear_choices.clear()
+    from fastortho.ops import _measure
+    _measure._memory.clear()
+    dual.dual_linear(x, dx, w, dw, b, db)
+    assert state["timed"] == ["torch", "triton"]
+
+
+def test_auto_dual_linear_never_takes_a_disagreeing_kernel(measured_linear):
+    dual, state, path = measured_linear
+    state.update(ms={"triton": 1.0, "torch": 2.0}, wrong=True)
+    x, w, dw = randn(4, 8, seed=1), randn(3, 8, seed=2), randn(3, 8, seed=3)
+    dual.dual_linear(x, None, w, dw)
+    assert state["fused"] == 1 and dual._linear_choices[dual._linear_key(x, None, w, dw, None, None)] == "torch"
+
+
+def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear, monkeypatch):
+    """Inside vmap (tau-Jp's batched tangents) or while compiling, an unmeasured shape takes
+    the library path and records nothing, so a later eager call measures it."""
+    dual, state, path = measured_linear
+    state["ms"] = {"triton": 1.0, "torch": 2.0}
+    x, w = randn(4, 8, seed=1), randn(3, 8, seed=2)
+    dws = randn(2, 3, 8, seed=3)
+    torch.vmap(lambda dw: dual.dual_linear(x, None, w, dw)[1])(dws)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dual.dual_linear(x, None, w, dws[0])
+    assert state["timed"] == [] and state["fused"] == 0 and not path.exists() and not dual._linear_choices
+    monkeypatch.undo()

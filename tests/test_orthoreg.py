@@ -533,10 +533,10 @@ def test_replaced_parameters_are_detected_not_silently_regularized():
 
 
 def test_a_malformed_backend_choice_cache_is_measured_again(tmp_path, monkeypatch):
-    from fastortho.ops.orthoreg import autotune
+    from fastortho.ops import _measure
 
     for content in ("[]", "null", '{"key": 3}'):
         path = tmp_path / f"choice-{len(content)}.json"
         path.write_text(content)
-        monkeypatch.setattr(autotune, "_memory", {})
-        assert autotune._load(path) == {}
+        monkeypatch.setattr(_measure, "_memory", {})
+        assert _measure.load_table(path) == {}

@@ -26,32 +26,88 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ..._config import kernel_policy
 from .._common import triton_available
 
-# Ops whose Triton kernel "auto" picks on CUDA. The dual linear is not one: at ViT shapes it is
-# compute-bound, so sharing the x0 / W0 loads gains nothing, and the kernel waits on every
-# tensor-core product (checked statically) and runs IEEE fp32 on FMA; cuBLAS (one GEMM and an
-# accumulating one) serves it unless set_kernels("triton") forces the kernel.
+# On CUDA under "auto": the attention tangent runs its one-pass Triton kernel; the dual linear
+# is measured per shape (below), since at ViT shapes it is compute-bound and sharing the x0 / W0
+# loads may gain nothing against cuBLAS (one GEMM and an accumulating one).
 AUTO_KERNELS = ("attention",)
+MEASURED_KERNELS = ("linear",)
 
 
-def use_kernel(op: str, policy: str, device_type: str, dtypes) -> bool:
-    """Whether a dual ``op`` ("linear", "attention") runs its Triton kernel under ``policy``."""
+def kernel_choice(op: str, policy: str, device_type: str, dtypes) -> str:
+    """How a dual ``op`` ("linear", "attention") runs under ``policy``: "triton" (its kernel),
+    "torch" (library ops: cuBLAS on CUDA), or "measure" (the faster of the two for this shape,
+    measured once: :func:`linear_runs_triton`)."""
     if policy == "torch":
-        return False
+        return "torch"
     if any(d not in (torch.float32, torch.float16, torch.bfloat16) for d in dtypes):
-        return False  # float64 (the reference precision) stays on PyTorch ops
+        return "torch"  # float64 (the reference precision) stays on PyTorch ops
     if policy == "triton":
-        return True
-    return op in AUTO_KERNELS and device_type == "cuda" and triton_available()
+        return "triton"
+    if device_type != "cuda" or not triton_available():
+        return "torch"
+    if op in AUTO_KERNELS:
+        return "triton"
+    return "measure" if op in MEASURED_KERNELS else "torch"
 
 
 def _kernel_ok(op: str, *tensors: Tensor | None) -> bool:
     """Whether this call goes to a Triton kernel under the current policy (fastortho.set_kernels)."""
     ts = [t for t in tensors if t is not None]
-    return use_kernel(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts])
+    return kernel_choice(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts]) == "triton"
+
+
+# (device, M, K, N, dtype, which tangent parts) -> "triton" | "torch", for this process
+_linear_choices: dict[tuple, str] = {}
+
+
+def _linear_key(x, dx, weight, dweight, bias, dbias) -> tuple:
+    parts = "".join(n for n, t in (("x", dx), ("w", dweight), ("b", bias), ("d", dbias)) if t is not None)
+    return (str(x.device), x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], str(_compute_dtype(x)), parts)
+
+
+def _time_linear(candidate: str, run) -> tuple[float, list[Tensor]]:
+    """Median ms of one dual linear by ``candidate`` and its tangent (a seam for CPU tests)."""
+    from .._measure import median_ms
+
+    ms, (_, dy) = median_ms(run)
+    return ms, [dy]
+
+
+def linear_runs_triton(x, dx, weight, dweight, bias=None, dbias=None) -> bool:
+    """Under "auto" on CUDA, whether the fused Triton kernel serves this dual linear: the faster
+    of it and cuBLAS on this shape, dtype and set of tangent parts, measured once on the
+    caller's tensors (without autograd) and cached on disk (``fastortho/ops/_measure.py``).
+    Where measuring cannot run (CUDA-graph capture, compilation, inside vmap, or
+    ``FASTORTHO_AUTOTUNE=0``) an unmeasured shape takes cuBLAS."""
+    from ..._config import autotune_enabled
+    from .._measure import cache_file, fastest, load_table, save_table
+
+    key = _linear_key(x, dx, weight, dweight, bias, dbias)
+    choice = _linear_choices.get(key)
+    if choice is not None:
+        return choice == "triton"
+    path = cache_file(x.device)
+    table = load_table(path)
+    dev, m, k, n, dtype, parts = key
+    stored = f"dual_linear:torch|triton:{m}x{k}x{n}:{dtype}:{parts}"
+    if stored not in table:
+        tensors = [t for t in (x, dx, weight, dweight, bias, dbias) if t is not None]
+        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or not autotune_enabled() or capturing \
+                or any(is_functorch_wrapped_tensor(t) for t in tensors):
+            return False  # not recorded: a later eager call measures
+        runs = {"torch": lambda: _library_linear(x, dx, weight, dweight, bias, dbias),
+                "triton": lambda: _fused_linear(x, dx, weight, dweight, bias, dbias)}
+        with torch.no_grad():
+            fastest(stored, ("torch", "triton"), lambda c: _time_linear(c, runs[c]), table)
+        save_table(path)
+    _linear_choices[key] = table[stored]
+    return table[stored] == "triton"
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -85,11 +141,18 @@ def add_terms(*terms: Tensor | None) -> Tensor | None:
 def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | None,
                 bias: Tensor | None = None, dbias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``y = x W^T + b``, ``dy = x dW^T + dx W^T + db`` (docs/design.md section 1): the tangent
-    as one GEMM and one accumulating GEMM (cuBLAS on CUDA); with ``set_kernels("triton")`` one
-    fused Triton kernel computes both, each ``x`` and ``W`` tile loaded once."""
-    if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape) \
-            and _kernel_ok("linear", x, dx, weight, dweight):
-        return _fused_linear(x, dx, weight, dweight, bias, dbias)
+    as one GEMM and one accumulating GEMM (cuBLAS on CUDA), or one fused Triton kernel that
+    computes both with each ``x`` and ``W`` tile loaded once: forced by
+    ``set_kernels("triton")``, chosen per shape by measurement under "auto" on CUDA."""
+    if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape):
+        ts = [t for t in (x, dx, weight, dweight) if t is not None]
+        how = kernel_choice("linear", kernel_policy(), x.device.type, [t.dtype for t in ts])
+        if how == "triton" or (how == "measure" and linear_runs_triton(x, dx, weight, dweight, bias, dbias)):
+            return _fused_linear(x, dx, weight, dweight, bias, dbias)
+    return _library_linear(x, dx, weight, dweight, bias, dbias)
+
+
+def _library_linear(x, dx, weight, dweight, bias, dbias):
     with torch.no_grad():
         y = F.linear(x, weight, bias)
     if dweight is not None and dx is not None and dx.shape == x.shape and x.dim() >= 2:
