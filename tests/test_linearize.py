@@ -19,6 +19,7 @@ open_clip = pytest.importorskip("open_clip")
 from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 
 F64_TOL = TOL["float64"]
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def small_vit(act=nn.GELU, seed=0):
@@ -237,7 +238,7 @@ def test_float32_and_autocast_run_close_to_float64():
 
 def test_memory_linearized_step_keeps_only_primal_activations():
     """Bytes autograd saves for backward (parameters and th0 excluded): the linearized step
-    stays within 1.15x of an ordinary step; torch.func.jvp keeps far more."""
+    stays within 1.10x of an ordinary step; torch.func.jvp keeps far more."""
     model = small_vit().train()
     x = torch.randn(8, 3, 32, 32)
     statics = list(model.parameters()) + list(model.buffers())
@@ -252,7 +253,7 @@ def test_memory_linearized_step_keeps_only_primal_activations():
         primal, tangent = ref.jvp_linearized(model, th0, tau, x)
         return (primal + tangent).square().sum()
     reference = saved_activation_bytes(jvp_step, statics)
-    assert ours <= 1.15 * ordinary, (ours, ordinary)
+    assert ours <= 1.10 * ordinary, (ours, ordinary)  # issue 18: <= 1.10x (measured 1.05x)
     assert reference >= 1.5 * ordinary, (reference, ordinary)
 
 
@@ -438,3 +439,63 @@ def test_linearized_step_dispatches_at_most_twice_the_ops_of_an_ordinary_step():
     ordinary(), linearized()  # first calls build caches
     plain, ours = count_aten_ops(ordinary)["total"], count_aten_ops(linearized)["total"]
     assert ours <= 2.0 * plain, (ours, plain)
+
+
+def test_attention_backward_reads_the_kept_output_instead_of_recomputing_it(monkeypatch):
+    """nn.MultiheadAttention under linearize: the attention tangent's backward reads O through
+    a view of the output projection's input (kept by that projection anyway) instead of
+    computing P V again: one batched product fewer per block, the same gradients, no more
+    bytes saved."""
+    from fastortho.ops import dual
+    from fastortho.testing import count_aten_ops
+
+    model = small_vit().double().eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    lin, _ = linearized_pair(model)
+    statics = list(model.parameters()) + list(model.buffers()) + list(lin.buffers())
+
+    def grads_and_backward_bmms():
+        lin.zero_grad(set_to_none=True)
+        loss = lin(x).square().sum()
+        bmms = count_aten_ops(loss.backward)["by_op"].get("bmm", 0)
+        return [p.grad.clone() for p in lin.parameters() if p.requires_grad], bmms
+
+    kept, kept_bmms = grads_and_backward_bmms()
+    kept_bytes = saved_activation_bytes(lambda: lin(x).square().sum(), statics)
+    apply = dual.AttentionTangent.apply
+    monkeypatch.setattr(dual.AttentionTangent, "apply", lambda *a: apply(*a[:-1], False))
+    recomputed, recomputed_bmms = grads_and_backward_bmms()
+    assert kept_bmms == recomputed_bmms - len(model.transformer.resblocks), (kept_bmms, recomputed_bmms)
+    assert all(rel_err(a, b) <= F64_TOL for a, b in zip(kept, recomputed))
+    assert kept_bytes <= saved_activation_bytes(lambda: lin(x).square().sum(), statics)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
+@pytest.mark.parametrize("keep_o", [False, True])
+def test_attention_tangent_under_autocast_keeps_half_operands(keep_o, device):
+    """Under bf16 autocast the attention tangent's products take bf16 operands with fp32
+    accumulation (no fp32 copies of Q, K, V are saved) and stay within the bf16 tolerance of
+    float64, forward and gradient."""
+    from fastortho.ops.dual import AttentionTangent, attention_tangent
+
+    gen = torch.Generator().manual_seed(3)
+    N, H, L, D = 2, 3, 17, 8
+    q, k, v, dq, dk, dv = (torch.randn(N, H, L, D, generator=gen) for _ in range(6))
+    g = torch.randn(N, H, L, D, generator=gen)
+    c = D ** -0.5
+    o64 = torch.softmax(q.double() @ k.double().transpose(-1, -2) * c, -1) @ v.double()
+    t64 = [t.double().requires_grad_(True) for t in (dq, dk, dv)]
+    expected = attention_tangent(q.double(), k.double(), v.double(), o64, *t64, None, c)
+    expected.backward(g.double())
+    half = [t.to(device, torch.bfloat16) for t in (q, k, v)]
+    tans = [t.to(device, torch.bfloat16).requires_grad_(True) for t in (dq, dk, dv)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = AttentionTangent.apply(*half, o64.to(device, torch.bfloat16), *tans, None, c, keep_o)
+    out.backward(g.to(device, torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert {t.dtype for t in saved if t.numel() >= N * H * L * D} == {torch.bfloat16}
+    assert rel_err(out.cpu(), expected) <= TOL["bf16"]
+    for got, want in zip(tans, t64):
+        assert rel_err(got.grad.cpu(), want.grad) <= TOL["bf16"]

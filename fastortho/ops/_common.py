@@ -107,14 +107,31 @@ def fp32_matmul(precision: str, device_type: str) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=None)
-def _bmm_has_out_dtype(device_type: str) -> bool:
-    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for bf16 on this device type
-    (CUDA in recent PyTorch); probed once, lazily."""
+def _bmm_has_out_dtype(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``torch.bmm`` and ``torch.baddbmm`` take ``out_dtype=torch.float32`` for ``dtype``
+    operands on this device type (CUDA in recent PyTorch); probed once, lazily."""
     try:
-        a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device=device_type)
-        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        a = torch.ones(1, 2, 2, dtype=dtype, device=device_type)
+        c = torch.zeros(1, 2, 2, device=device_type)
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32 \
+            and torch.baddbmm(c, a, a, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+
+
+def mm_accumulate_fp32(a: Tensor, b: Tensor, add: Tensor | None = None) -> Tensor:
+    """``a @ b (+ add)`` batched over 3-D operands. Half operands stay half and are accumulated
+    and returned in fp32 (cuBLAS with ``out_dtype`` on CUDA; elsewhere the exact emulation: fp32
+    products of the half values); fp32 and float64 operands as they are."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        b = b.to(a.dtype)
+        if a.device.type == "cuda" and _bmm_has_out_dtype("cuda", a.dtype):
+            if add is None:
+                return torch.bmm(a, b, out_dtype=torch.float32)
+            return torch.baddbmm(add.float(), a, b, out_dtype=torch.float32)
+        a, b = a.float(), b.float()
+    b = b.to(a.dtype)
+    return torch.bmm(a, b) if add is None else torch.baddbmm(add.to(a.dtype), a, b)
 
 
 def bmm(a: Tensor, b: Tensor, precision: str) -> Tensor:

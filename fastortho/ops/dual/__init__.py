@@ -29,7 +29,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ..._config import kernel_policy
-from .._common import triton_available
+from .._common import mm_accumulate_fp32, triton_available
 
 # On CUDA under "auto": the attention tangent runs its one-pass Triton kernel; the dual linear
 # is measured per shape (below), since at ViT shapes it is compute-bound and sharing the x0 / W0
@@ -335,80 +335,94 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype, attend_when_true: boo
     return mask.to(dtype)
 
 
-def _up(t: Tensor) -> Tensor:
-    """Half-precision values in fp32; fp32 and fp64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def _operand_dtype(t: Tensor) -> torch.dtype:
+    """The attention tangent's operand format: under autocast its dtype (half operands, fp32
+    accumulation, as the primal attention runs); otherwise the input's own (float64 stays)."""
+    if t.dtype != torch.float64 and torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``[..., L, D]`` as ``[B, L, D]`` (one copy if the heads are a permuted view): batched
-    products on 3-D tensors are one ``bmm`` each, where ``matmul`` on 4-D views expands,
+def _rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[..., L, D]`` as ``[B, L, D]`` in ``dtype`` (one copy if the heads are a permuted view):
+    batched products on 3-D tensors are one ``bmm`` each, where ``matmul`` on 4-D views expands,
     copies and reshapes per call."""
-    return _up(t).reshape(-1, t.shape[-2], t.shape[-1])
+    return t.to(dtype).reshape(-1, t.shape[-2], t.shape[-1])
 
 
 def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, lead: tuple) -> Tensor:
-    """Softmax of ``c Q K^T + mask`` for ``[B, L, D]`` rows; ``lead`` is the leading shape the
-    mask broadcasts against."""
-    s = torch.bmm(q, k.transpose(1, 2)) * scale
+    """Softmax of ``c Q K^T + mask`` for ``[B, L, D]`` rows, in fp32 (float64 for float64
+    rows); ``lead`` is the leading shape the mask broadcasts against."""
+    s = mm_accumulate_fp32(q, k.transpose(1, 2)) * scale
     if mask is not None:
         s = (s.view(*lead, *s.shape[1:]) + mask).view(s.shape)
     return torch.softmax(s, dim=-1)
 
 
 def _tangent_rows(q, k, v, o, dq, dk, dv, mask, scale, lead):
+    """``dO`` (fp32 for half rows) from ``[B, L, D]`` rows in one operand format: the products
+    take half operands (``P`` and ``P * dS`` rounded to it, as flash attention rounds ``P``)
+    and accumulate in fp32; the softmax and the elementwise terms are fp32."""
     p = _probs(q, k, mask, scale, lead)
-    ds = torch.baddbmm(torch.bmm(dq, k.transpose(1, 2)), q, dk.transpose(1, 2)) * scale
+    ds = mm_accumulate_fp32(q, dk.transpose(1, 2), mm_accumulate_fp32(dq, k.transpose(1, 2))) * scale
     z = p * ds
     # (P * dS) V + P dV - rowsum(P * dS) O
-    return torch.addcmul(torch.baddbmm(torch.bmm(p, dv), z, v), z.sum(-1, keepdim=True), o, value=-1.0)
+    pv = mm_accumulate_fp32(z.to(q.dtype), v, mm_accumulate_fp32(p.to(q.dtype), dv))
+    return torch.addcmul(pv, z.sum(-1, keepdim=True), o, value=-1.0)
 
 
 def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
     """The tangent of ``O = softmax(c Q K^T + mask) V`` (docs/design.md section 1):
     ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
-    Plain differentiable ops (used without autograd, e.g. under vmap); fp32 inside."""
-    dtype, shape, lead = q.dtype, q.shape, tuple(q.shape[:-2])
-    with torch.autocast(q.device.type, enabled=False):  # keep the fp32 upcast under autocast
-        do = _tangent_rows(*(_rows(t) for t in (q, k, v, o, dq, dk, dv)), mask, scale, lead)
+    Plain differentiable ops (used without autograd, e.g. under vmap); operands in the
+    autocast dtype under autocast, fp32 accumulation (:func:`_tangent_rows`)."""
+    dtype, shape, lead = _operand_dtype(q), q.shape, tuple(q.shape[:-2])
+    with torch.autocast(q.device.type, enabled=False):  # the operand format is chosen here, not recast
+        do = _tangent_rows(*(_rows(t, dtype) for t in (q, k, v, o, dq, dk, dv)), mask, scale, lead)
     return do.view(shape).to(dtype)
 
 
 class AttentionTangent(torch.autograd.Function):
     """``(dQ, dK, dV) -> dO`` at fixed primal ``Q, K, V, O``, with the gradient of that linear
     map: ``g_S = P * (g V^T - rowsum(g * O))`` (the flash-attention backward's ``dS``),
-    ``grad dQ = c g_S K``, ``grad dK = c g_S^T Q``, ``grad dV = P^T g``. Only the primal
-    ``Q, K, V`` are saved (as the ``[B, L, D]`` rows the products use); ``P`` and ``O = P V``
-    are recomputed in backward (``O`` is kept by the next layer in another layout; saving it
-    here would hold it twice)."""
+    ``grad dQ = c g_S K``, ``grad dK = c g_S^T Q``, ``grad dV = P^T g``. The primal ``Q, K, V``
+    are saved (as the ``[B, L, D]`` rows the products use) and ``P`` is recomputed in
+    backward. ``O`` is saved only with ``keep_o`` (the caller's ``O`` is a view of a tensor
+    kept anyway, e.g. the output projection's input, so saving it costs nothing); otherwise
+    backward recomputes ``O = P V`` rather than hold a second copy. Operands in the autocast
+    dtype under autocast, fp32 accumulation."""
 
     @staticmethod
-    def forward(ctx, q, k, v, o, dq, dk, dv, mask, scale):
-        lead = tuple(q.shape[:-2])
+    def forward(ctx, q, k, v, o, dq, dk, dv, mask, scale, keep_o=False):
+        lead, dtype = tuple(q.shape[:-2]), _operand_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
-            q3, k3, v3 = _rows(q), _rows(k), _rows(v)
-            do = _tangent_rows(q3, k3, v3, _rows(o), _rows(dq), _rows(dk), _rows(dv), mask, scale, lead)
-        ctx.save_for_backward(q3, k3, v3, mask)
+            q3, k3, v3 = _rows(q, dtype), _rows(k, dtype), _rows(v, dtype)
+            do = _tangent_rows(q3, k3, v3, _rows(o, dtype), _rows(dq, dtype), _rows(dk, dtype), _rows(dv, dtype),
+                               mask, scale, lead)
+        ctx.save_for_backward(q3, k3, v3, mask, o if keep_o else None)
         ctx.scale, ctx.lead = scale, lead
         ctx.shapes = (dq.shape, dk.shape, dv.shape)
         ctx.dtypes = (dq.dtype, dk.dtype, dv.dtype)
-        return do.view(q.shape).to(q.dtype)
+        return do.view(q.shape).to(dtype)
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, mask = ctx.saved_tensors
+        q, k, v, mask, o = ctx.saved_tensors
         c = ctx.scale
         with torch.autocast(q.device.type, enabled=False):
-            g = _rows(g)
+            g = _rows(g, q.dtype)
             p = _probs(q, k, mask, c, ctx.lead)
-            o = torch.bmm(p, v)
-            grad_dv = torch.bmm(p.transpose(1, 2), g)
-            gs = p * (torch.bmm(g, v.transpose(1, 2)) - (g * o).sum(-1, keepdim=True))
-            grad_dq = torch.bmm(gs, k) * c
-            grad_dk = torch.bmm(gs.transpose(1, 2), q) * c
+            if o is None:
+                rowsum = (g * mm_accumulate_fp32(p.to(q.dtype), v)).sum(-1, keepdim=True)
+            else:  # O in the caller's layout: the row sums without reshaping it
+                rowsum = (g.view(o.shape).to(p.dtype) * o).sum(-1, keepdim=True).view(*g.shape[:-1], 1)
+            grad_dv = mm_accumulate_fp32(p.transpose(1, 2).to(q.dtype), g)
+            gs = p * (mm_accumulate_fp32(g, v.transpose(1, 2)) - rowsum)
+            grad_dq = mm_accumulate_fp32(gs.to(q.dtype), k) * c
+            grad_dk = mm_accumulate_fp32(gs.transpose(1, 2).to(q.dtype), q) * c
         (sq, sk, sv), (tq, tk, tv) = ctx.shapes, ctx.dtypes
         return (None, None, None, None, grad_dq.view(sq).to(tq), grad_dk.view(sk).to(tk), grad_dv.view(sv).to(tv),
-                None, None)
+                None, None, None)
 
 
 def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
@@ -417,30 +431,24 @@ def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
     return additive_mask(keep, torch.float32, attend_when_true=True)
 
 
-def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Scaled dot-product attention and its tangent. On CUDA (policy "auto"), without a mask
-    other than causal: one Triton kernel computes ``O`` and ``dO`` in one pass. Otherwise the
-    primal by ``F.scaled_dot_product_attention`` (any backend: flash, memory-efficient, math)
-    and the tangent by the one-pass formula in PyTorch ops."""
-    if dropout_p:
-        raise NotImplementedError("attention dropout (dropout_p > 0) in a linearized model: the tangent "
-                                  "would need the primal's dropout mask; use eval mode or dropout_p=0")
-    if enable_gqa:
-        raise NotImplementedError("grouped-query attention (enable_gqa=True) in a linearized model")
-    has_tangent = not (dq is None and dk is None and dv is None)
-    if has_tangent and attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 \
-            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and _kernel_ok("attention", q, k, v, dq, dk, dv):
-        from .triton_backend import FusedAttentionTangent
+def _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale):
+    """``(O, dO)`` from the one-pass Triton kernel where the policy takes it for this call
+    (CUDA under "auto", no mask other than causal, head size <= 128); otherwise None."""
+    if not (attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and _kernel_ok("attention", q, k, v, dq, dk, dv)):
+        return None
+    from .triton_backend import FusedAttentionTangent
 
-        dtype = _compute_dtype(q)
-        zeros = torch.zeros((), dtype=dtype, device=q.device)
-        tans = [(t if t is not None else zeros.expand(ref.shape)).to(dtype) for t, ref in ((dq, q), (dk, k), (dv, v))]
-        o, do, _ = FusedAttentionTangent.apply(q.to(dtype), k.to(dtype), v.to(dtype), *tans, scale, is_causal)
-        return o, do
-    with torch.no_grad():
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    if not has_tangent:
-        return o, None
+    dtype = _compute_dtype(q)
+    zeros = torch.zeros((), dtype=dtype, device=q.device)
+    tans = [(t if t is not None else zeros.expand(ref.shape)).to(dtype) for t, ref in ((dq, q), (dk, k), (dv, v))]
+    o, do, _ = FusedAttentionTangent.apply(q.to(dtype), k.to(dtype), v.to(dtype), *tans, scale, is_causal)
+    return o, do
+
+
+def _sdpa_tangent(q, dq, k, dk, v, dv, o, attn_mask, is_causal, scale, keep_o=False):
+    """``dO`` at the primal ``O`` by PyTorch ops (differentiable in the tangents where they
+    require grad); ``keep_o``: ``O`` is a view of a tensor the caller keeps (AttentionTangent)."""
     c = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = additive_mask(attn_mask, mask_dtype, attend_when_true=True)
@@ -452,8 +460,33 @@ def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=Fals
     dk = dk if dk is not None else zeros.expand(k.shape)
     dv = dv if dv is not None else zeros.expand(v.shape)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (dq, dk, dv)):
-        return o, AttentionTangent.apply(q, k, v, o, dq, dk, dv, mask, c)
-    return o, attention_tangent(q, k, v, o, dq, dk, dv, mask, c)
+        return AttentionTangent.apply(q, k, v, o, dq, dk, dv, mask, c, keep_o)
+    return attention_tangent(q, k, v, o, dq, dk, dv, mask, c)
+
+
+def _check_sdpa(dropout_p, enable_gqa):
+    if dropout_p:
+        raise NotImplementedError("attention dropout (dropout_p > 0) in a linearized model: the tangent "
+                                  "would need the primal's dropout mask; use eval mode or dropout_p=0")
+    if enable_gqa:
+        raise NotImplementedError("grouped-query attention (enable_gqa=True) in a linearized model")
+
+
+def dual_sdpa(q, dq, k, dk, v, dv, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention and its tangent. On CUDA (policy "auto"), without a mask
+    other than causal: one Triton kernel computes ``O`` and ``dO`` in one pass. Otherwise the
+    primal by ``F.scaled_dot_product_attention`` (any backend: flash, memory-efficient, math)
+    and the tangent by the one-pass formula in PyTorch ops."""
+    _check_sdpa(dropout_p, enable_gqa)
+    has_tangent = not (dq is None and dk is None and dv is None)
+    fused = _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale) if has_tangent else None
+    if fused is not None:
+        return fused
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if not has_tangent:
+        return o, None
+    return o, _sdpa_tangent(q, dq, k, dk, v, dv, o, attn_mask, is_causal, scale)
 
 
 def _chunk3(t: Tensor | None, dim: int = 0) -> tuple:
@@ -511,12 +544,23 @@ def dual_multi_head_attention(query, key, value, num_heads, in_proj, in_proj_bia
     if key_padding_mask is not None:
         kp = additive_mask(key_padding_mask, q.dtype, attend_when_true=False).view(N, 1, 1, S)
         mask = kp if mask is None else mask + kp
-    o, do = dual_sdpa(q, dq, k, dk, v, dv, attn_mask=mask, is_causal=is_causal and mask is None)
-
     def merge(t: Tensor | None) -> Tensor | None:  # (N, H, L, hd) -> (L, N, E)
         return None if t is None else t.permute(2, 0, 1, 3).reshape(L, N, E)
 
-    out, dout = dual_linear(merge(o), merge(do), *out_proj, *out_proj_bias)
+    causal = is_causal and mask is None
+    has_tangent = not (dq is None and dk is None and dv is None)
+    fused = _fused_sdpa(q, dq, k, dk, v, dv, mask, causal, None) if has_tangent else None
+    if fused is not None:
+        attended, dattended = merge(fused[0]), merge(fused[1])
+    else:
+        with torch.no_grad():
+            attended = merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+        # The tangent sees O as a view of the output projection's input, which that projection's
+        # tangent keeps for its backward when its weight is tuned: the attention backward then
+        # reads it rather than computing P V again (and holds no second copy).
+        dattended = merge(_sdpa_tangent(q, dq, k, dk, v, dv, heads(attended, L), mask, causal, None,
+                                        keep_o=out_proj[1] is not None)) if has_tangent else None
+    out, dout = dual_linear(attended, dattended, *out_proj, *out_proj_bias)
     if not batched:
         out, dout = out.squeeze(1), (dout.squeeze(1) if dout is not None else None)
     return out, dout
