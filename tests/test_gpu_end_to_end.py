@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastortho as fo
-from conftest import TOL, rel_err
+from conftest import TOL, rel_err, requires_cuda
 from fastortho import reference as ref
 from test_linearize import perturb, reference_grads, small_vit
 
@@ -67,3 +67,53 @@ def test_taujp_regularizer(mode, ieee_products):
         assert rel_err(value, expected) <= TOL["fp32-network"], step
         grads = {n: p.grad for n, p in lin.model.named_parameters()}
         assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+@requires_cuda
+def test_linearized_training_step_replays_as_a_cuda_graph(ieee_products):
+    """The whole linearized step (forward, backward, AdamW with capturable=True) makes no host
+    synchronization once warm and, captured into one CUDA graph, trains as the eager step does:
+    the fast path for a host-bound step (docs/design.md section 5)."""
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randn(4, 3, 32, 32, generator=gen).to(DEVICE) for _ in range(4)]
+    runs = {}
+    for how in ("eager", "graph"):
+        lin, _, _ = pair(seed=2)
+        params = [p for p in lin.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
+        static_x = batches[0].clone()
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            loss = lin(static_x).square().mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: caches, the dual linear's measurement, optimizer state
+            for b in batches[:2]:
+                static_x.copy_(b)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        if how == "eager":
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for b in batches[2:]:
+                    static_x.copy_(b)
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for b in batches[2:]:
+                static_x.copy_(b)
+                graph.replay()
+        torch.cuda.synchronize()
+        runs[how] = [p.detach().clone() for p in params]
+    for eager, replayed in zip(runs["eager"], runs["graph"]):
+        assert rel_err(replayed, eager) <= TOL["fp32-network"]
