@@ -80,7 +80,8 @@ def plan(dry: bool, out: Path) -> list[Step]:
                  [py, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", "-m", "gpu", "tests/"]]
     else:
         tests = [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *KERNEL_TESTS],
-                 [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_orthoreg.py"]]
+                 [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_orthoreg.py",
+                  "tests/test_linearize.py"]]
     steps.append(Step("correctness", 170, tests))
     sanitize = [py, "bench/sanitize_kernels.py"]
     tool = shutil.which("compute-sanitizer")

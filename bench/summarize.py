@@ -61,12 +61,14 @@ def main(path: str) -> None:
                 print(f"| {e['policy']} | {t * 1e3:.3f} | {e['flop'] / t / 1e12:.1f} | {t / e['floor_s']:.2f} | {speed} |")
             print()
         elif group.startswith("linearized-step"):
-            plain = next((r for r in rows if r["extra_info"]["kind"] == "ordinary"), None)
+            by_kind = {r["extra_info"]["kind"]: r for r in rows}
             measure = rows[0]["extra_info"]["memory_measure"]
             print(f"| step | median ms | x ordinary | memory MB ({measure}) | x ordinary | GPU-busy ms | ATen ops |")
             print("|---|---|---|---|---|---|---|")
             for r in rows:
                 e, t = r["extra_info"], r["stats"]["median"]
+                # a captured step is compared with the captured ordinary step
+                plain = by_kind.get("ordinary-graph" if e["kind"].endswith("-graph") else "ordinary")
                 tp = plain["stats"]["median"] if plain else None
                 mp = plain["extra_info"]["peak_memory_bytes"] if plain else None
                 busy = f"{e['gpu_busy_s'] * 1e3:.1f}" if "gpu_busy_s" in e else "-"

@@ -34,6 +34,8 @@ TAUJP_BATCH = {"ViT-B-32": 16, "ViT-B-16": 8, "ViT-L-14": 4} if DEVICE == "cuda"
 OTHER_TASKS = 8
 PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
 STEPS = ["ordinary", "fastortho", "fastortho-torch-ops", "torch.func.jvp"]
+# the whole step (forward, backward, AdamW capturable) replayed as one CUDA graph: no host cost
+GRAPH_STEPS = ["ordinary-graph", "fastortho-graph"] if DEVICE == "cuda" else []
 ROUNDS = int(os.environ.get("FASTORTHO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
 
 
@@ -56,7 +58,9 @@ def _tf32_off():
         torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
-def make_step(kind, model, x, precision):
+def make_step(kind, model, x, precision, capturable=False):
+    if kind.endswith("-graph"):
+        return make_graph_step(kind.removesuffix("-graph"), model, x, precision)
     statics = list(model.parameters()) + list(model.buffers())  # weights, not activations
     if kind == "ordinary":
         params = list(model.parameters())
@@ -81,20 +85,45 @@ def make_step(kind, model, x, precision):
             tau = {n: p - th0[n] for n, p in model.named_parameters()}
             primal, tangent = ref.jvp_linearized(model, th0, tau, x)
             return (primal + tangent).float().square().mean()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, capturable=capturable)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def once():
+        opt.zero_grad(set_to_none=not capturable)  # a captured step keeps its .grad buffers
         with autocast(precision):
             value = loss()
         value.backward()
         opt.step()
+
+    def step():
+        once()
+        sync()
+    step.once, step.eager = once, True
+    return step, loss, statics
+
+
+def make_graph_step(kind, model, x, precision):
+    """``kind``'s step captured once into a CUDA graph (after two eager steps on a side stream,
+    as CUDA-graph capture requires); the benchmark replays it on the same static batch."""
+    eager, loss, statics = make_step(kind, model, x, precision, capturable=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            eager.once()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager.once()
+
+    def step():
+        graph.replay()
         sync()
     return step, loss, statics
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("kind", STEPS)
+@pytest.mark.parametrize("kind", STEPS + GRAPH_STEPS)
 def test_linearized_step(benchmark, vit, kind, precision):
     name, model = vit
     _tf32_off()
@@ -114,7 +143,8 @@ def test_linearized_step(benchmark, vit, kind, precision):
             info["peak_memory_bytes"] = saved_activation_bytes(loss, statics)
         info["memory_measure"] = "activation bytes saved for backward"
     # ATen ops one step dispatches (forward, backward, optimizer): what the host must issue
-    info["aten_ops"] = count_aten_ops(step)["total"]
+    # (a replayed graph issues none)
+    info["aten_ops"] = count_aten_ops(step)["total"] if getattr(step, "eager", False) else 0
     # the pretrained copy th0 both linearized steps hold besides the model (not in the proxy)
     info["th0_bytes"] = 0 if kind == "ordinary" else sum(p.numel() * p.element_size() for p in model.parameters())
     benchmark.group = f"linearized-step-{name}-{precision}"
