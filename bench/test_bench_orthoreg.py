@@ -53,8 +53,9 @@ def workload(name):
         # read W and W0 twice, write the gradient once (fp32)
         "bytes": 5 * 4 * numel,
         # triton-scratch: read W and W0, write D, read D for the Gram and the gradient, write the
-        # gradient: 24 B per element with an fp32 scratch (tf32), 18 B with bf16
-        "bytes_scratch_fp32": (8 + 3 * 4 + 4) * numel, "bytes_scratch_bf16": (8 + 3 * 2 + 4) * numel,
+        # gradient: 24 B per element with an fp32 scratch (ieee), 18 B with a 16-bit one (bf16,
+        # and tf32's scaled fp16)
+        "bytes_scratch_fp32": (8 + 3 * 4 + 4) * numel, "bytes_scratch_16bit": (8 + 3 * 2 + 4) * numel,
     }
     return model, base, info
 
@@ -106,8 +107,10 @@ def test_orthoreg_penalty_fwd_bwd(benchmark, vit, impl, ceilings, monkeypatch):
         step = fastortho_step(model, base, BACKEND_OF.get(impl, impl), precision)
     peak = ceilings[precision]
     nbytes = info["bytes"]
-    if impl == "triton-scratch":  # the floor of that design's own traffic
-        nbytes = info["bytes_scratch_bf16" if precision == "bf16" else "bytes_scratch_fp32"]
+    if impl == "triton-scratch":  # the floor of that design's own traffic and products
+        sixteen = precision in ("bf16", "tf32")  # tf32 mode: fp16 operands, at the 16-bit rate
+        nbytes = info["bytes_scratch_16bit" if sixteen else "bytes_scratch_fp32"]
+        peak = ceilings["bf16"] if sixteen else peak
     floor = max(info["flop_min"] / peak, nbytes / ceilings["bandwidth"])
     benchmark.group = f"orthoreg-{info['model']}"
     benchmark.extra_info.update(info, impl=impl, precision=precision, peak_flops=peak,

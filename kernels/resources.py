@@ -90,27 +90,38 @@ def orthoreg_cases(configs: dict, precision: str = "tf32"):
 
 
 def scratch_cases(precision: str = "tf32"):
-    """The scratch OrthoReg passes: the delta pass (fp32 and bf16 scratch) and the Gram in the
-    mode's operand format (``precision``) and in bf16."""
+    """The scratch OrthoReg passes: the delta pass for each scratch format (fp32, bf16, and the
+    "tf32" mode's scaled fp16 with its fix-up), the Gram in the mode's operand format
+    (``precision``) and in bf16, and the "tf32" mode's gradient."""
     from . import orthoreg_scratch as S
     from ._common import H100
 
     common = {"layer_table": "*i64", "tile_table": "*i32", "num_tiles": "i32"}
-    for out, to_bf16 in (("fp32", False), ("bf16", True)):
-        cfg = S.default_config("bf16" if to_bf16 else precision, H100)
-        params = {**_types("w_base w0_base", "*fp32"), "x_ptr": f"*{out}", **common,
-                  **_types("NF BR BC TO_BF16 EMULATE_BF16", "")}
-        consts = {"NF": S.LAYER_FIELDS, "BR": cfg.delta_rows, "BC": cfg.delta_cols, "TO_BF16": to_bf16,
-                  "EMULATE_BF16": False}
-        yield f"orthoreg scratch delta {out}", S.delta_kernel, params, consts, dict(num_warps=cfg.delta_warps,
-                                                                                     num_stages=1), ()
+    for fmt, mode, fixup in (("fp32", "ieee", False), ("bf16", "bf16", False), ("fp16", "tf32", False),
+                             ("fp16", "tf32", True)):
+        cfg = S.default_config(mode, H100)
+        params = {**_types("w_base w0_base", "*fp32"), "x_ptr": f"*{fmt}", **common,
+                  **_types("scale_ptr used_ptr", "*fp32"), "stats_ptr": "*i32",
+                  **_types("NF BR BC FORMAT EMULATE_BF16 FIXUP", "")}
+        consts = {"NF": S.LAYER_FIELDS, "BR": cfg.delta_rows, "BC": cfg.delta_cols, "FORMAT": fmt,
+                  "EMULATE_BF16": False, "FIXUP": fixup}
+        yield (f"orthoreg scratch delta {fmt}{' fix-up' if fixup else ''}", S.delta_kernel, params, consts,
+               dict(num_warps=cfg.delta_warps, num_stages=1), ())
     for mode in dict.fromkeys((precision, "bf16")):
         cfg = S.default_config(mode, H100)
-        params = {"x_ptr": "*bf16" if mode == "bf16" else "*fp32", **common, **_types("gmi_ptr partial_ptr", "*fp32"),
-                  **_types("NF BT BK PRECISION EMULATE_BF16", "")}
-        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.gram_block, "BK": cfg.gram_k, "PRECISION": mode, "EMULATE_BF16": False}
+        fmt = {"bf16": "bf16", "tf32": "fp16"}.get(mode, "fp32")
+        params = {"x_ptr": f"*{fmt}", **common, **_types("gmi_ptr partial_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32",
+                  **_types("NF BT BK PRECISION EMULATE_BF16 SCALED", "")}
+        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.gram_block, "BK": cfg.gram_k, "PRECISION": mode, "EMULATE_BF16": False,
+                  "SCALED": mode == "tf32"}
         yield (f"orthoreg scratch gram {mode}", S.scratch_gram_kernel, params, consts,
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
+    cfg = S.default_config("tf32", H100)
+    params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
+              **common, **_types("NF BT BN BK", "")}
+    consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k}
+    yield ("orthoreg scratch grad tf32", S.scratch_grad_kernel, params, consts,
+           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
 
 
 def gpu_launch_cases(precision: str = "tf32"):

@@ -1,13 +1,18 @@
 """The "triton-scratch" backend of the OrthoReg penalty (docs/design.md section 6): ``D`` is
 written once per step, as ``X^T`` in the mode's operand format, into a one-step scratch buffer
-(``fastortho/kernels/orthoreg_scratch.py``: one delta launch, one pipelined upper-triangle Gram
-launch); the gradient ``c X (G - I)`` is one cuBLAS batched product per shape group on views of
-that scratch, the factor ``c`` folded into the small ``k x k`` matrix first.
+(``fastortho/kernels/orthoreg_scratch.py``: one delta launch, plus a fix-up launch for the
+"tf32" mode's scaled fp16, and one pipelined upper-triangle Gram launch). The gradient
+``c X (G - I)``: in "bf16" and "ieee" one cuBLAS batched product per shape group on views of
+that scratch, the factor ``c`` folded into the small ``k x k`` matrix first; in "tf32" one
+grouped Triton launch over the fp16 scratch that undoes its scale in the epilogue (cuBLAS would
+need ``c (G - I) / s`` in fp16, which underflows for small updates).
 
-- ``fastortho::ortho_scratch_gram``: per-layer values, the scratch and ``G - I``;
+- ``fastortho::ortho_scratch_gram``: per-layer values, the scratch, ``G - I``, and in "tf32"
+  mode the per-layer scales and statistics;
 - ``fastortho::ortho_scratch_grad``: per shape group the stacked gradients.
 
-Between the passes the scratch (2 B per element in bf16, 4 B in fp32) and ``G - I`` are held.
+Between the passes the scratch (2 B per element in bf16 and fp16, 4 B in fp32) and ``G - I``
+are held.
 """
 from __future__ import annotations
 
@@ -28,18 +33,36 @@ def _layout(shapes):
     return scratch_layout(tuple((int(r), int(c)) for r, c in shapes))
 
 
-def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward: per-layer penalties, the scratch of ``X^T`` and the buffer of ``G - I``."""
+def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
+               precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward: per-layer penalties, the scratch of ``X^T``, the buffer of ``G - I``, and the
+    "tf32" mode's per-layer scales and statistics (empty in the other modes)."""
     from ...kernels.orthoreg_scratch import scratch_penalty
 
-    sq, gmi, x = scratch_penalty(weights, bases, precision)
-    return (sq if squared else sq.sqrt()), x, gmi
+    sq, gmi, x, used, stats = scratch_penalty(weights, bases, precision)
+    return (sq if squared else sq.sqrt()), x, gmi, used, stats
+
+
+def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int]) -> Tensor:
+    """"tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
+    rows, cols]`` per group at the layout's ``group_o``), one Triton launch over the scaled fp16
+    scratch. ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
+    from ...kernels.orthoreg_scratch import scratch_grads
+
+    pairs = tuple((int(r), int(c)) for r, c in zip(shapes[0::2], shapes[1::2]))
+    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), pairs)
+
+
+def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
+    """:func:`flat_grads`' buffer as ``[L_g, rows, cols]`` per shape group."""
+    layout = _layout(shapes)
+    return [flat[o0:o0 + len(idx) * r * c].view(len(idx), r, c) for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)]
 
 
 def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
-    """Per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G - I))`` for tall
-    layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS reads the
-    transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
+    """"bf16" / "ieee": per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
+    I))`` for tall layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS
+    reads the transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
     layout = _layout(shapes)
     coefs = to_group_order(coef, layout.groups)
     out = []
@@ -54,14 +77,24 @@ def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precisi
 
 ortho_scratch_gram = torch.library.custom_op("fastortho::ortho_scratch_gram", gram_parts, mutates_args=())
 ortho_scratch_grad = torch.library.custom_op("fastortho::ortho_scratch_grad", group_grads, mutates_args=())
+ortho_scratch_grad_fp16 = torch.library.custom_op("fastortho::ortho_scratch_grad_fp16", flat_grads, mutates_args=())
 
 
 @ortho_scratch_gram.register_fake
 def _(weights, bases, squared, precision):
+    from ...kernels.orthoreg_scratch import scratch_dtype
+
     layout = _layout(weight_shapes(weights))
-    dtype = torch.bfloat16 if precision == "bf16" and weights[0].device.type == "cuda" else torch.float32
-    return (weights[0].new_empty(len(weights), dtype=torch.float32), weights[0].new_empty(layout.x_numel, dtype=dtype),
-            weights[0].new_empty(layout.g_numel, dtype=torch.float32))
+    w, layers = weights[0], len(weights) if precision == "tf32" else 0
+    return (w.new_empty(len(weights), dtype=torch.float32),
+            w.new_empty(layout.x_numel, dtype=scratch_dtype(precision, w.device)),
+            w.new_empty(layout.g_numel, dtype=torch.float32), w.new_empty(layers, dtype=torch.float32),
+            w.new_empty(2 * layers, dtype=torch.int32))
+
+
+@ortho_scratch_grad_fp16.register_fake
+def _(x, gmi, used, stats, coef, shapes):
+    return x.new_empty(_layout(shapes).o_numel, dtype=torch.float32)
 
 
 @ortho_scratch_grad.register_fake
@@ -72,18 +105,22 @@ def _(x, gmi, coef, shapes, precision):
 
 def _setup_context(ctx, inputs, output):
     weights, _, squared, precision = inputs
-    values, x, gmi = output
+    values, x, gmi, used, stats = output
     ctx.shapes = [int(v) for s in weight_shapes(weights) for v in s]
     ctx.dtypes = [w.dtype for w in weights]
     ctx.squared, ctx.precision = squared, precision
-    ctx.save_for_backward(values, x, gmi)
+    ctx.save_for_backward(values, x, gmi, used, stats)
 
 
 @without_autocast
-def _backward(ctx, grad_values, _grad_x, _grad_gmi):
-    values, x, gmi = ctx.saved_tensors
+def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
+    values, x, gmi, used, stats = ctx.saved_tensors
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
-    buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
+    if ctx.precision == "tf32":
+        flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
+        buffers = group_views(flat, ctx.shapes)
+    else:
+        buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
     layout = _layout(ctx.shapes)
     grads: list[Tensor | None] = [None] * len(ctx.dtypes)
     for buf, (_, idx) in zip(buffers, layout.groups):
