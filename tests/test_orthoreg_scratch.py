@@ -1,5 +1,6 @@
 """The "triton-scratch" OrthoReg backend (D written once per step into a one-step scratch,
-pipelined upper-triangle Gram, gradient on cuBLAS) against reference.py in float64: under
+pipelined upper-triangle Gram, gradient on cuBLAS or, in tf32 mode's scaled fp16, one Triton
+launch) against reference.py in float64: under
 TRITON_INTERPRET=1 on a CPU, for real on a GPU; every output NaN-poisoned (tests/conftest.py).
 The backend-level tests shared with "triton" (awkward and mixed shapes, every mode, 16-bit
 weights, model level) are parametrized over both in tests/test_orthoreg_triton.py."""

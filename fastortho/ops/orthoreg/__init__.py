@@ -15,10 +15,12 @@ Which file holds what (read top-down):
                         kernels and launchers are in ``fastortho/kernels/orthoreg.py``
                         (``gram_penalty_kernel`` / ``gram_penalty``, ``penalty_grad_kernel``
                         / ``penalty_grad``)
-- ``scratch_backend.py`` ``D`` written once per step into a 16-bit (bf16) or fp32 scratch, the
-                        pipelined upper-triangle Gram (``fastortho/kernels/orthoreg_scratch.py``)
-                        and the gradient on cuBLAS: ``fastortho::ortho_scratch_gram`` /
-                        ``ortho_scratch_grad``, fakes, one autograd definition
+- ``scratch_backend.py`` ``D`` written once per step into a 16-bit (bf16; tf32 mode: scaled
+                        fp16) or fp32 scratch, the pipelined upper-triangle Gram
+                        (``fastortho/kernels/orthoreg_scratch.py``) and the gradient on cuBLAS
+                        (tf32 mode: one Triton launch): ``fastortho::ortho_scratch_gram`` /
+                        ``ortho_scratch_grad`` / ``ortho_scratch_grad_fp16``, fakes, one
+                        autograd definition
 - ``cuda_backend.py``   the C++ extension's ``fastortho::ortho_penalty_grouped`` (``csrc/``)
                         with its autograd Function
 - ``autotune.py``       the measured per-shape-group choice among Triton and the CUDA forms,
