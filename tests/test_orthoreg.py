@@ -426,13 +426,19 @@ def host_reads_forbidden(monkeypatch):
     return forbid
 
 
-@pytest.mark.parametrize("kind", ["dense", "lora"])
+@pytest.mark.parametrize("kind", ["dense", "lora", "scratch-tf32"])
 def test_steady_state_step_reads_nothing_on_the_host(kind, host_reads_forbidden):
-    """OrthoReg forward + backward with check_finite on (the default) after a first call."""
+    """OrthoReg forward + backward with check_finite on (the default) after a first call
+    (scratch-tf32: the scaled fp16 scratch, whose scales live on the device)."""
     model = TinyBlock()
     if kind == "lora":
         fo.add_lora(model, "qkvo", rank=4)
         reg = fo.OrthoReg(model, lam=0.5)
+    elif kind == "scratch-tf32":
+        pytest.importorskip("triton")
+        base = fo.snapshot(model)
+        perturbed(model)
+        reg = fo.OrthoReg(model, base, lam=0.5, backend="triton-scratch", precision="tf32")
     else:
         base = fo.snapshot(model)
         perturbed(model)
@@ -468,12 +474,12 @@ def test_deferred_finite_check_names_the_layer_and_the_call():
         reg.monitor.check()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-scratch"])
 def test_precision_follows_autocast_and_nothing_is_recast(backend):
     """Under bf16 autocast precision=None is "bf16"; an explicit precision wins, and no
-    backend's products are recast by autocast (ieee stays ieee accurate), values and gradients,
-    with backward also run inside the autocast block."""
-    if backend == "triton":
+    backend's products are recast by autocast (ieee stays ieee accurate, tf32 tf32 accurate),
+    values and gradients, with backward also run inside the autocast block."""
+    if backend.startswith("triton"):
         pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(31)
     weights, bases = random_layers([(40, 24), (17, 33)], scale=0.1, generator=gen)
@@ -494,11 +500,12 @@ def test_precision_follows_autocast_and_nothing_is_recast(backend):
     explicit = ortho_penalty([w.clone() for w in weights], bases, squared=True, precision="bf16", backend=backend)
     assert torch.allclose(values, explicit, rtol=1e-6)
     assert rel_err(values, ref_values) <= TOL["bf16"]
-    mode, values, grads = run("ieee")
-    assert mode == "ieee"
-    assert rel_err(values, ref_values) <= TOL["ieee"]
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) <= TOL["ieee"]
+    for explicit_mode in ("ieee", "tf32"):
+        mode, values, grads = run(explicit_mode)
+        assert mode == explicit_mode
+        assert rel_err(values, ref_values) <= TOL[explicit_mode]
+        for g, rg in zip(grads, ref_grads):
+            assert rel_err(g, rg) <= TOL[explicit_mode]
 
 
 def test_lora_precision_follows_autocast_and_nothing_is_recast():

@@ -160,12 +160,13 @@ def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
-def test_vit_shape_sets_on_gpu(name, precision):
+def test_vit_shape_sets_on_gpu(name, precision, backend):
     shapes = vit_weight_shapes(name)
     weights, bases = layers(shapes, seed=8, precision=precision)
-    values, grads = fast_values_and_grads(weights, bases, True, precision, backend="triton")
+    values, grads = fast_values_and_grads(weights, bases, True, precision, backend=backend)
     ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
     assert rel_err(values, ref_values) <= TOL[precision]
     for s, g, rg in zip(shapes, grads, ref_grads):
