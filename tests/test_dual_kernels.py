@@ -277,3 +277,32 @@ def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear
     dual.dual_linear(x, None, w, dws[0])
     assert state["timed"] == [] and state["fused"] == 0 and not path.exists() and not dual._linear_choices
     monkeypatch.undo()
+
+
+@requires_cuda
+def test_auto_dual_linear_measures_on_the_gpu(tmp_path, monkeypatch):
+    """On a GPU under "auto": the first dual linear of a shape times cuBLAS and the Triton
+    kernel, records the choice in the cache file, and either way the result is exact."""
+    import json
+
+    from fastortho.ops import _measure, dual
+
+    monkeypatch.setenv("FASTORTHO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_measure, "_memory", {})
+    monkeypatch.setattr(dual, "_linear_choices", {})
+    set_kernels("auto")
+    x, dx = randn(256, 768, seed=1), randn(256, 768, seed=2)
+    w, dw, b, db = randn(3072, 768, seed=3), randn(3072, 768, seed=4), randn(3072, seed=5), randn(3072, seed=6)
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        y, dy = dual.dual_linear(x, dx, w, dw, b, db)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+    expected = (x.double() @ dw.double().T + dx.double() @ w.double().T + db.double())
+    assert rel_err(dy, expected) <= TOL
+    files = list(tmp_path.glob("backend-choice-*.json"))
+    assert len(files) == 1
+    table = json.loads(files[0].read_text())
+    assert list(table) == ["dual_linear:torch|triton:256x768x3072:torch.float32:xwbd"]
+    assert table[next(iter(table))] in ("torch", "triton")
