@@ -77,9 +77,9 @@ _settings = {"kernels": "auto", "exchange": "auto"}
 
 def set_kernels(policy: str) -> None:
     """Which implementation the dual (linearized) linear and attention functions use: "auto"
-    (on CUDA the one-pass Triton attention tangent, and for the dual linear the faster of
-    cuBLAS and its Triton kernel, measured once per shape and cached; PyTorch ops elsewhere), "triton" (both Triton kernels everywhere; on a CPU only under
-    TRITON_INTERPRET=1), "torch" (PyTorch ops)."""
+    (on CUDA, per op and shape, the faster of its Triton kernel and the PyTorch path, measured
+    once and cached; PyTorch ops elsewhere), "triton" (both Triton kernels everywhere; on a
+    CPU only under TRITON_INTERPRET=1), "torch" (PyTorch ops)."""
     if policy not in KERNEL_POLICIES:
         raise ValueError(f"policy: expected one of {KERNEL_POLICIES}, got {policy!r}")
     _settings["kernels"] = policy

@@ -191,14 +191,13 @@ def test_linearized_step_with_kernels_compiles_on_gpu():
     assert rel_err(out, eager) <= TOLERANCES["tf32"]
 
 
-def test_auto_policy_measures_the_dual_linear_and_runs_attention_on_triton():
-    """On CUDA "auto" takes the one-pass attention kernel and measures the dual linear per
-    shape; "triton" forces both kernels; float64, CPU and "torch" never take a kernel."""
+def test_auto_policy_measures_both_kernels_per_shape():
+    """On CUDA "auto" measures the dual linear and the attention tangent per shape against the
+    PyTorch path; "triton" forces both kernels; float64, CPU and "torch" never take a kernel."""
     from fastortho.ops.dual import kernel_choice
 
     f32 = [torch.float32]
-    assert kernel_choice("attention", "auto", "cuda", f32) == "triton"
-    assert kernel_choice("linear", "auto", "cuda", f32) == "measure"
+    assert kernel_choice("attention", "auto", "cuda", f32) == kernel_choice("linear", "auto", "cuda", f32) == "measure"
     assert kernel_choice("attention", "auto", "cpu", f32) == kernel_choice("linear", "auto", "cpu", f32) == "torch"
     assert kernel_choice("linear", "triton", "cpu", f32) == "triton"
     assert kernel_choice("attention", "triton", "cuda", [torch.bfloat16]) == "triton"
@@ -216,7 +215,7 @@ def measured_linear(tmp_path, monkeypatch):
     monkeypatch.setattr(dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch")
     monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(_measure, "_memory", {})
-    monkeypatch.setattr(dual, "_linear_choices", {})
+    monkeypatch.setattr(dual, "_choices", {})
     state = {"ms": {}, "timed": [], "fused": 0}
     real_fused = dual._fused_linear
 
@@ -225,11 +224,11 @@ def measured_linear(tmp_path, monkeypatch):
         y, dy = real_fused(*args)
         return (y, dy * 1.5) if state.get("wrong") else (y, dy)
 
-    def timed(candidate, run):
+    def timed(op, candidate, run):
         state["timed"].append(candidate)
-        return state["ms"][candidate], [run()[1]]
+        return state["ms"][candidate], run()
     monkeypatch.setattr(dual, "_fused_linear", fused)
-    monkeypatch.setattr(dual, "_time_linear", timed)
+    monkeypatch.setattr(dual, "_time_dual", timed)
     return dual, state, tmp_path / "choice.json"
 
 
@@ -250,7 +249,7 @@ def test_auto_dual_linear_takes_the_measured_faster_path(measured_linear, faster
     table = json.loads(path.read_text())
     assert table == {"dual_linear:torch|triton:12x9x5:torch.float32:xwbd": faster}
     # a new process reads the choice from disk and measures nothing
-    dual._linear_choices.clear()
+    dual._choices.clear()
     from fastortho.ops import _measure
     _measure._memory.clear()
     dual.dual_linear(x, dx, w, dw, b, db)
@@ -262,7 +261,7 @@ def test_auto_dual_linear_never_takes_a_disagreeing_kernel(measured_linear):
     state.update(ms={"triton": 1.0, "torch": 2.0}, wrong=True)
     x, w, dw = randn(4, 8, seed=1), randn(3, 8, seed=2), randn(3, 8, seed=3)
     dual.dual_linear(x, None, w, dw)
-    assert state["fused"] == 1 and dual._linear_choices[dual._linear_key(x, None, w, dw, None, None)] == "torch"
+    assert state["fused"] == 1 and dual._choices[("linear", "cpu", dual._linear_key(x, None, w, dw, None, None))] == "torch"
 
 
 def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear, monkeypatch):
@@ -275,7 +274,7 @@ def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear
     torch.vmap(lambda dw: dual.dual_linear(x, None, w, dw)[1])(dws)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     dual.dual_linear(x, None, w, dws[0])
-    assert state["timed"] == [] and state["fused"] == 0 and not path.exists() and not dual._linear_choices
+    assert state["timed"] == [] and state["fused"] == 0 and not path.exists() and not dual._choices
     monkeypatch.undo()
 
 
@@ -289,7 +288,7 @@ def test_auto_dual_linear_measures_on_the_gpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FASTORTHO_CACHE", str(tmp_path))
     monkeypatch.setattr(_measure, "_memory", {})
-    monkeypatch.setattr(dual, "_linear_choices", {})
+    monkeypatch.setattr(dual, "_choices", {})
     set_kernels("auto")
     x, dx = randn(256, 768, seed=1), randn(256, 768, seed=2)
     w, dw, b, db = randn(3072, 768, seed=3), randn(3072, 768, seed=4), randn(3072, seed=5), randn(3072, seed=6)
@@ -306,3 +305,44 @@ def test_auto_dual_linear_measures_on_the_gpu(tmp_path, monkeypatch):
     table = json.loads(files[0].read_text())
     assert list(table) == ["dual_linear:torch|triton:256x768x3072:torch.float32:xwbd"]
     assert table[next(iter(table))] in ("torch", "triton")
+
+
+@pytest.mark.parametrize("faster", ["triton", "torch"])
+def test_auto_attention_takes_the_measured_faster_path(tmp_path, monkeypatch, faster):
+    """The attention tangent's measured choice (CPU-testable with the timing stubbed; both
+    candidates run, forward and backward, the Triton one under the interpreter): the faster is
+    recorded and used; the caller's random state and graph are untouched by the measurement."""
+    import json
+
+    from fastortho.ops import _measure, dual
+
+    monkeypatch.setattr(dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "attention" else "torch")
+    monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
+    monkeypatch.setattr(_measure, "_memory", {})
+    monkeypatch.setattr(dual, "_choices", {})
+    timed, fused_calls = [], []
+    ms = {"triton": 1.0, "torch": 2.0} if faster == "triton" else {"triton": 2.0, "torch": 1.0}
+
+    def time_dual(op, candidate, run):
+        timed.append(candidate)
+        return ms[candidate], run()
+    real = dual._run_fused_sdpa
+    monkeypatch.setattr(dual, "_time_dual", time_dual)
+    monkeypatch.setattr(dual, "_run_fused_sdpa", lambda *a: fused_calls.append(1) or real(*a))
+    q, k, v = randn(1, 2, 19, 16, seed=1), randn(1, 2, 23, 16, seed=2), randn(1, 2, 23, 16, seed=3)
+    tans = [randn(1, 2, n, 16, seed=s).requires_grad_(True) for n, s in ((19, 4), (23, 5), (23, 6))]
+    rng = torch.get_rng_state()
+    o, do = dual.dual_sdpa(q, tans[0], k, tans[1], v, tans[2])
+    assert torch.equal(torch.get_rng_state(), rng)
+    do.square().sum().backward()
+    assert timed == ["torch", "triton"] and len(fused_calls) == 1 + (faster == "triton")
+    table = json.loads((tmp_path / "choice.json").read_text())
+    assert table == {"dual_attention:torch|triton:1x2x19x16x23x16:torch.float32:qkv:full": faster}
+    t64 = [t.detach().double().requires_grad_(True) for t in tans]
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    o64 = torch.softmax(q64 @ k64.transpose(-1, -2) / 4.0, -1) @ v64
+    expected = attention_tangent(q64, k64, v64, o64, *t64, None, 0.25)
+    expected.square().sum().backward()
+    assert rel_err(o, o64) <= TOL and rel_err(do, expected) <= TOL
+    for t, r in zip(tans, t64):
+        assert rel_err(t.grad, r.grad) <= TOL

@@ -31,17 +31,17 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from ..._config import kernel_policy
 from .._common import mm_accumulate_fp32, triton_available
 
-# On CUDA under "auto": the attention tangent runs its one-pass Triton kernel; the dual linear
-# is measured per shape (below), since at ViT shapes it is compute-bound and sharing the x0 / W0
-# loads may gain nothing against cuBLAS (one GEMM and an accumulating one).
-AUTO_KERNELS = ("attention",)
-MEASURED_KERNELS = ("linear",)
+# On CUDA under "auto" both ops with a Triton kernel are measured per shape against the PyTorch
+# path: the dual linear is compute-bound at ViT shapes, where sharing the x0 / W0 loads may gain
+# nothing against cuBLAS (one GEMM and an accumulating one); the attention tangent's one-pass
+# kernel competes with SDPA plus batched products in the autocast dtype.
+MEASURED_KERNELS = ("linear", "attention")
 
 
 def kernel_choice(op: str, policy: str, device_type: str, dtypes) -> str:
     """How a dual ``op`` ("linear", "attention") runs under ``policy``: "triton" (its kernel),
     "torch" (library ops: cuBLAS on CUDA), or "measure" (the faster of the two for this shape,
-    measured once: :func:`linear_runs_triton`)."""
+    measured once: :func:`measured_triton`)."""
     if policy == "torch":
         return "torch"
     if any(d not in (torch.float32, torch.float16, torch.bfloat16) for d in dtypes):
@@ -50,64 +50,72 @@ def kernel_choice(op: str, policy: str, device_type: str, dtypes) -> str:
         return "triton"
     if device_type != "cuda" or not triton_available():
         return "torch"
-    if op in AUTO_KERNELS:
-        return "triton"
     return "measure" if op in MEASURED_KERNELS else "torch"
 
 
-def _kernel_ok(op: str, *tensors: Tensor | None) -> bool:
-    """Whether this call goes to a Triton kernel under the current policy (fastortho.set_kernels)."""
+def _kernel_how(op: str, *tensors: Tensor | None) -> str:
+    """:func:`kernel_choice` for this call under the current policy (fastortho.set_kernels)."""
     ts = [t for t in tensors if t is not None]
-    return kernel_choice(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts]) == "triton"
+    return kernel_choice(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts])
 
 
-# (device, M, K, N, dtype, which tangent parts) -> "triton" | "torch", for this process
-_linear_choices: dict[tuple, str] = {}
+# (op, device, shape and dtype key) -> "triton" | "torch", for this process
+_choices: dict[tuple, str] = {}
+
+
+def _time_dual(op: str, candidate: str, run) -> tuple[float, list[Tensor]]:
+    """Median ms of ``run()`` (one dual ``op`` by ``candidate``) and its outputs to compare (a
+    seam for CPU tests)."""
+    from .._measure import median_ms
+
+    ms, outs = median_ms(run)
+    return ms, list(outs)
+
+
+def measured_triton(op: str, key: tuple, tensors: list[Tensor], runs: dict) -> bool:
+    """Under "auto" on CUDA, whether ``op``'s Triton kernel serves this call: the faster of it
+    and the PyTorch path (``runs["triton"]`` / ``runs["torch"]``: callables returning the
+    outputs to compare) on this ``key`` (shape, dtype, which tangents), measured once on the
+    caller's tensors and cached on disk (``fastortho/ops/_measure.py``). Where measuring cannot
+    run (CUDA-graph capture, compilation, inside vmap, or ``FASTORTHO_AUTOTUNE=0``) an
+    unmeasured shape takes the PyTorch path and nothing is recorded."""
+    from ..._config import autotune_enabled
+    from .._measure import cache_file, fastest, load_table, save_table
+
+    device = tensors[0].device
+    choice = _choices.get((op, str(device), key))
+    if choice is not None:
+        return choice == "triton"
+    path = cache_file(device)
+    table = load_table(path)
+    stored = f"dual_{op}:torch|triton:" + ":".join(map(str, key))
+    if stored not in table:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or not autotune_enabled() or capturing \
+                or any(is_functorch_wrapped_tensor(t) for t in tensors):
+            return False  # not recorded: a later eager call measures
+        fastest(stored, ("torch", "triton"), lambda c: _time_dual(op, c, runs[c]), table)
+        save_table(path)
+    _choices[(op, str(device), key)] = table[stored]
+    return table[stored] == "triton"
 
 
 def _linear_key(x, dx, weight, dweight, bias, dbias) -> tuple:
     parts = "".join(n for n, t in (("x", dx), ("w", dweight), ("b", bias), ("d", dbias)) if t is not None)
-    return (str(x.device), x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], str(_compute_dtype(x)), parts)
-
-
-def _time_linear(candidate: str, run) -> tuple[float, list[Tensor]]:
-    """Median ms of one dual linear by ``candidate`` and its tangent (a seam for CPU tests)."""
-    from .._measure import median_ms
-
-    ms, (_, dy) = median_ms(run)
-    return ms, [dy]
+    return (f"{x.numel() // x.shape[-1]}x{x.shape[-1]}x{weight.shape[0]}", str(_compute_dtype(x)), parts)
 
 
 def linear_runs_triton(x, dx, weight, dweight, bias=None, dbias=None) -> bool:
-    """Under "auto" on CUDA, whether the fused Triton kernel serves this dual linear: the faster
-    of it and cuBLAS on this shape, dtype and set of tangent parts, measured once on the
-    caller's tensors (without autograd) and cached on disk (``fastortho/ops/_measure.py``).
-    Where measuring cannot run (CUDA-graph capture, compilation, inside vmap, or
-    ``FASTORTHO_AUTOTUNE=0``) an unmeasured shape takes cuBLAS."""
-    from ..._config import autotune_enabled
-    from .._measure import cache_file, fastest, load_table, save_table
-
-    key = _linear_key(x, dx, weight, dweight, bias, dbias)
-    choice = _linear_choices.get(key)
-    if choice is not None:
-        return choice == "triton"
-    path = cache_file(x.device)
-    table = load_table(path)
-    dev, m, k, n, dtype, parts = key
-    stored = f"dual_linear:torch|triton:{m}x{k}x{n}:{dtype}:{parts}"
-    if stored not in table:
-        tensors = [t for t in (x, dx, weight, dweight, bias, dbias) if t is not None]
-        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or not autotune_enabled() or capturing \
-                or any(is_functorch_wrapped_tensor(t) for t in tensors):
-            return False  # not recorded: a later eager call measures
-        runs = {"torch": lambda: _library_linear(x, dx, weight, dweight, bias, dbias),
-                "triton": lambda: _fused_linear(x, dx, weight, dweight, bias, dbias)}
-        with torch.no_grad():
-            fastest(stored, ("torch", "triton"), lambda c: _time_linear(c, runs[c]), table)
-        save_table(path)
-    _linear_choices[key] = table[stored]
-    return table[stored] == "triton"
+    """:func:`measured_triton` for a dual linear, forward only (both paths' backwards are the
+    same two GEMMs), without autograd."""
+    def timed(run):
+        def once():
+            with torch.no_grad():
+                return [run(x, dx, weight, dweight, bias, dbias)[1]]
+        return once
+    tensors = [t for t in (x, dx, weight, dweight, bias, dbias) if t is not None]
+    return measured_triton("linear", _linear_key(x, dx, weight, dweight, bias, dbias), tensors,
+                           {"torch": timed(_library_linear), "triton": timed(_fused_linear)})
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -145,8 +153,7 @@ def dual_linear(x: Tensor, dx: Tensor | None, weight: Tensor, dweight: Tensor | 
     computes both with each ``x`` and ``W`` tile loaded once: forced by
     ``set_kernels("triton")``, chosen per shape by measurement under "auto" on CUDA."""
     if (dx is not None or dweight is not None) and (dx is None or dx.shape == x.shape):
-        ts = [t for t in (x, dx, weight, dweight) if t is not None]
-        how = kernel_choice("linear", kernel_policy(), x.device.type, [t.dtype for t in ts])
+        how = _kernel_how("linear", x, dx, weight, dweight)
         if how == "triton" or (how == "measure" and linear_runs_triton(x, dx, weight, dweight, bias, dbias)):
             return _fused_linear(x, dx, weight, dweight, bias, dbias)
     return _library_linear(x, dx, weight, dweight, bias, dbias)
@@ -431,12 +438,7 @@ def _causal_mask(q: Tensor, k: Tensor) -> Tensor:
     return additive_mask(keep, torch.float32, attend_when_true=True)
 
 
-def _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale):
-    """``(O, dO)`` from the one-pass Triton kernel where the policy takes it for this call
-    (CUDA under "auto", no mask other than causal, head size <= 128); otherwise None."""
-    if not (attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
-            and _kernel_ok("attention", q, k, v, dq, dk, dv)):
-        return None
+def _run_fused_sdpa(q, dq, k, dk, v, dv, is_causal, scale):
     from .triton_backend import FusedAttentionTangent
 
     dtype = _compute_dtype(q)
@@ -444,6 +446,46 @@ def _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale):
     tans = [(t if t is not None else zeros.expand(ref.shape)).to(dtype) for t, ref in ((dq, q), (dk, k), (dv, v))]
     o, do, _ = FusedAttentionTangent.apply(q.to(dtype), k.to(dtype), v.to(dtype), *tans, scale, is_causal)
     return o, do
+
+
+def _run_torch_sdpa(q, dq, k, dk, v, dv, is_causal, scale):
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    return o, _sdpa_tangent(q, dq, k, dk, v, dv, o, None, is_causal, scale)
+
+
+def attention_runs_triton(q, dq, k, dk, v, dv, is_causal, scale) -> bool:
+    """:func:`measured_triton` for the attention tangent: forward and the backward of the
+    tangent map (the two paths' backwards differ), on detached copies of the tangents with a
+    fixed incoming gradient, so the caller's graph and random state are untouched."""
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    g = torch.randn(q.shape[:-1] + v.shape[-1:], generator=gen, device=q.device, dtype=_compute_dtype(q))
+
+    def timed(run):
+        def once():
+            leaves = [None if t is None else t.detach().requires_grad_(True) for t in (dq, dk, dv)]
+            with torch.enable_grad():
+                _, do = run(q, leaves[0], k, leaves[1], v, leaves[2], is_causal, scale)
+                do.backward(g.to(do.dtype))
+            return [do.detach(), *(leaf.grad for leaf in leaves if leaf is not None)]
+        return once
+    parts = "".join(n for n, t in (("q", dq), ("k", dk), ("v", dv)) if t is not None)
+    key = ("x".join(map(str, (*q.shape, k.shape[-2], v.shape[-1]))), str(_compute_dtype(q)), parts,
+           "causal" if is_causal else "full")
+    tensors = [t for t in (q, dq, k, dk, v, dv) if t is not None]
+    return measured_triton("attention", key, tensors, {"torch": timed(_run_torch_sdpa), "triton": timed(_run_fused_sdpa)})
+
+
+def _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale):
+    """``(O, dO)`` from the one-pass Triton kernel where the policy takes it for this call
+    (no mask other than causal, head size <= 128; forced by "triton", measured faster under
+    "auto" on CUDA); otherwise None."""
+    if not (attn_mask is None and q.shape[-1] <= 128 and q.dim() >= 3 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        return None
+    how = _kernel_how("attention", q, k, v, dq, dk, dv)
+    if how == "triton" or (how == "measure" and attention_runs_triton(q, dq, k, dk, v, dv, is_causal, scale)):
+        return _run_fused_sdpa(q, dq, k, dk, v, dv, is_causal, scale)
+    return None
 
 
 def _sdpa_tangent(q, dq, k, dk, v, dv, o, attn_mask, is_causal, scale, keep_o=False):
