@@ -247,7 +247,7 @@ def test_auto_dual_linear_takes_the_measured_faster_path(measured_linear, faster
     assert state["timed"] == ["torch", "triton"]  # measured once, both candidates
     assert state["fused"] == (1 + 3 if faster == "triton" else 1)  # the (stubbed) measurement runs it once
     table = json.loads(path.read_text())
-    assert table == {"dual_linear:torch|triton:12x9x5:torch.float32:xwbd": faster}
+    assert table == {"dual_linear:torch|triton:12:9:5:float32:1x1x1x1": faster}
     # a new process reads the choice from disk and measures nothing
     dual._choices.clear()
     from fastortho.ops import _measure
@@ -261,7 +261,7 @@ def test_auto_dual_linear_never_takes_a_disagreeing_kernel(measured_linear):
     state.update(ms={"triton": 1.0, "torch": 2.0}, wrong=True)
     x, w, dw = randn(4, 8, seed=1), randn(3, 8, seed=2), randn(3, 8, seed=3)
     dual.dual_linear(x, None, w, dw)
-    assert state["fused"] == 1 and dual._choices[("linear", "cpu", dual._linear_key(x, None, w, dw, None, None))] == "torch"
+    assert state["fused"] == 1 and dual._choices[("linear", x.device, dual._linear_key(x, None, w, dw, None, None))] == "torch"
 
 
 def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear, monkeypatch):
@@ -303,7 +303,7 @@ def test_auto_dual_linear_measures_on_the_gpu(tmp_path, monkeypatch):
     files = list(tmp_path.glob("backend-choice-*.json"))
     assert len(files) == 1
     table = json.loads(files[0].read_text())
-    assert list(table) == ["dual_linear:torch|triton:256x768x3072:torch.float32:xwbd"]
+    assert list(table) == ["dual_linear:torch|triton:256:768:3072:float32:1x1x1x1"]
     assert table[next(iter(table))] in ("torch", "triton")
 
 
@@ -337,7 +337,7 @@ def test_auto_attention_takes_the_measured_faster_path(tmp_path, monkeypatch, fa
     do.square().sum().backward()
     assert timed == ["torch", "triton"] and len(fused_calls) == 1 + (faster == "triton")
     table = json.loads((tmp_path / "choice.json").read_text())
-    assert table == {"dual_attention:torch|triton:1x2x19x16x23x16:torch.float32:qkv:full": faster}
+    assert table == {"dual_attention:torch|triton:1x2x19x16:23:16:float32:1x1x1:0": faster}
     t64 = [t.detach().double().requires_grad_(True) for t in tans]
     q64, k64, v64 = q.double(), k.double(), v.double()
     o64 = torch.softmax(q64 @ k64.transpose(-1, -2) / 4.0, -1) @ v64

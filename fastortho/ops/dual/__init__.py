@@ -59,7 +59,7 @@ def _kernel_how(op: str, *tensors: Tensor | None) -> str:
     return kernel_choice(op, kernel_policy(), ts[0].device.type, [t.dtype for t in ts])
 
 
-# (op, device, shape and dtype key) -> "triton" | "torch", for this process
+# (op, device, key of plain values: shape, dtype, tangent parts) -> "triton" | "torch", this process
 _choices: dict[tuple, str] = {}
 
 
@@ -72,6 +72,15 @@ def _time_dual(op: str, candidate: str, run) -> tuple[float, list[Tensor]]:
     return ms, list(outs)
 
 
+def _key_text(v) -> str:
+    """A key value as the cache file spells it: tuples joined by "x", flags 1 / 0, dtypes bare."""
+    if isinstance(v, tuple):
+        return "x".join(_key_text(e) for e in v)
+    if isinstance(v, bool):
+        return str(int(v))
+    return str(v).removeprefix("torch.")
+
+
 def measured_triton(op: str, key: tuple, tensors: list[Tensor], runs: dict) -> bool:
     """Under "auto" on CUDA, whether ``op``'s Triton kernel serves this call: the faster of it
     and the PyTorch path (``runs["triton"]`` / ``runs["torch"]``: callables returning the
@@ -79,30 +88,32 @@ def measured_triton(op: str, key: tuple, tensors: list[Tensor], runs: dict) -> b
     caller's tensors and cached on disk (``fastortho/ops/_measure.py``). Where measuring cannot
     run (CUDA-graph capture, compilation, inside vmap, or ``FASTORTHO_AUTOTUNE=0``) an
     unmeasured shape takes the PyTorch path and nothing is recorded."""
+    device = tensors[0].device
+    choice = _choices.get((op, device, key))
+    if choice is not None:
+        return choice == "triton"
+    if torch.compiler.is_compiling():
+        return False  # no file reads while tracing; not recorded, so a later eager call measures
     from ..._config import autotune_enabled
     from .._measure import cache_file, fastest, load_table, save_table
 
-    device = tensors[0].device
-    choice = _choices.get((op, str(device), key))
-    if choice is not None:
-        return choice == "triton"
     path = cache_file(device)
     table = load_table(path)
-    stored = f"dual_{op}:torch|triton:" + ":".join(map(str, key))
+    stored = f"dual_{op}:torch|triton:" + ":".join(_key_text(v) for v in key)
     if stored not in table:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or not autotune_enabled() or capturing \
-                or any(is_functorch_wrapped_tensor(t) for t in tensors):
+        if not autotune_enabled() or capturing or any(is_functorch_wrapped_tensor(t) for t in tensors):
             return False  # not recorded: a later eager call measures
         fastest(stored, ("torch", "triton"), lambda c: _time_dual(op, c, runs[c]), table)
         save_table(path)
-    _choices[(op, str(device), key)] = table[stored]
+    _choices[(op, device, key)] = table[stored]
     return table[stored] == "triton"
 
 
 def _linear_key(x, dx, weight, dweight, bias, dbias) -> tuple:
-    parts = "".join(n for n, t in (("x", dx), ("w", dweight), ("b", bias), ("d", dbias)) if t is not None)
-    return (f"{x.numel() // x.shape[-1]}x{x.shape[-1]}x{weight.shape[0]}", str(_compute_dtype(x)), parts)
+    """(M, K, N, dtype, which tangent parts): plain values, cheap to hash on every call."""
+    parts = (dx is not None, dweight is not None, bias is not None, dbias is not None)
+    return (x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], _compute_dtype(x), parts)
 
 
 def linear_runs_triton(x, dx, weight, dweight, bias=None, dbias=None) -> bool:
@@ -469,9 +480,8 @@ def attention_runs_triton(q, dq, k, dk, v, dv, is_causal, scale) -> bool:
                 do.backward(g.to(do.dtype))
             return [do.detach(), *(leaf.grad for leaf in leaves if leaf is not None)]
         return once
-    parts = "".join(n for n, t in (("q", dq), ("k", dk), ("v", dv)) if t is not None)
-    key = ("x".join(map(str, (*q.shape, k.shape[-2], v.shape[-1]))), str(_compute_dtype(q)), parts,
-           "causal" if is_causal else "full")
+    key = (tuple(q.shape), k.shape[-2], v.shape[-1], _compute_dtype(q), (dq is not None, dk is not None, dv is not None),
+           bool(is_causal))
     tensors = [t for t in (q, dq, k, dk, v, dv) if t is not None]
     return measured_triton("attention", key, tensors, {"torch": timed(_run_torch_sdpa), "triton": timed(_run_fused_sdpa)})
 
