@@ -39,9 +39,11 @@ GRAPH_STEPS = ["ordinary-graph", "fastortho-graph"] if DEVICE == "cuda" else []
 ROUNDS = int(os.environ.get("FASTORTHO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
 
 
-def autocast(precision):
+def autocast(precision, cache=True):
+    """bf16 autocast; ``cache=False`` for a step captured into a CUDA graph (autocast's cache
+    of cast weights must not outlive the capture, as PyTorch's CUDA-graph notes require)."""
     if precision == "bf16":
-        return torch.autocast(DEVICE, dtype=torch.bfloat16)
+        return torch.autocast(DEVICE, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -89,7 +91,7 @@ def make_step(kind, model, x, precision, capturable=False):
 
     def once():
         opt.zero_grad(set_to_none=not capturable)  # a captured step keeps its .grad buffers
-        with autocast(precision):
+        with autocast(precision, cache=not capturable):
             value = loss()
         value.backward()
         opt.step()
