@@ -69,7 +69,7 @@ def _check_tf32_against_reference(weights, bases, coef, sq, grads):
 
 
 def test_tf32_scratch_is_scaled_fp16_and_rescaled_only_when_needed():
-    """"tf32" mode: X^T is fp16 times a per-layer power of two kept between calls. Each call
+    """In "tf32" mode X^T is fp16 times a per-layer power of two kept between calls. Each call
     records max |D|; a layer whose old scale no longer fits (the first call, D grown past the
     window, or shrunk far below it) is rewritten with a scale from the new maximum, the others
     keep theirs. Values and gradients stay within the tf32 tolerance at every step, including

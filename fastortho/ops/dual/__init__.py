@@ -81,16 +81,16 @@ def _key_text(v) -> str:
     return str(v).removeprefix("torch.")
 
 
-def measured_triton(op: str, key: tuple, tensors: list[Tensor], runs: dict) -> bool:
+def measured_triton(op: str, key: tuple, device: torch.device, candidates) -> bool:
     """Under "auto" on CUDA, whether ``op``'s Triton kernel serves this call: the faster of it
-    and the PyTorch path (``runs["triton"]`` / ``runs["torch"]``: callables returning the
-    outputs to compare) on this ``key`` (shape, dtype, which tangents), measured once on the
-    caller's tensors and cached on disk (``fastortho/ops/_measure.py``). Where measuring cannot
-    run (CUDA-graph capture, compilation, inside vmap, or ``FASTORTHO_AUTOTUNE=0``) an
-    unmeasured shape takes the PyTorch path and nothing is recorded."""
-    device = tensors[0].device
+    and the PyTorch path on this ``key`` (shape, dtype, which tangents), measured once on the
+    caller's tensors and cached on disk (``fastortho/ops/_measure.py``). ``candidates()``
+    (called only to measure) returns the call's tensors and ``{"torch": run, "triton": run}``,
+    callables returning the outputs to compare. Where measuring cannot run (CUDA-graph
+    capture, compilation, inside vmap, or ``FASTORTHO_AUTOTUNE=0``) an unmeasured shape takes
+    the PyTorch path and nothing is recorded."""
     choice = _choices.get((op, device, key))
-    if choice is not None:
+    if choice is not None:  # every call after the first: one dict lookup
         return choice == "triton"
     if torch.compiler.is_compiling():
         return False  # no file reads while tracing; not recorded, so a later eager call measures
@@ -101,6 +101,7 @@ def measured_triton(op: str, key: tuple, tensors: list[Tensor], runs: dict) -> b
     table = load_table(path)
     stored = f"dual_{op}:torch|triton:" + ":".join(_key_text(v) for v in key)
     if stored not in table:
+        tensors, runs = candidates()
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not autotune_enabled() or capturing or any(is_functorch_wrapped_tensor(t) for t in tensors):
             return False  # not recorded: a later eager call measures
@@ -119,14 +120,15 @@ def _linear_key(x, dx, weight, dweight, bias, dbias) -> tuple:
 def linear_runs_triton(x, dx, weight, dweight, bias=None, dbias=None) -> bool:
     """:func:`measured_triton` for a dual linear, forward only (both paths' backwards are the
     same two GEMMs), without autograd."""
-    def timed(run):
-        def once():
-            with torch.no_grad():
-                return [run(x, dx, weight, dweight, bias, dbias)[1]]
-        return once
-    tensors = [t for t in (x, dx, weight, dweight, bias, dbias) if t is not None]
-    return measured_triton("linear", _linear_key(x, dx, weight, dweight, bias, dbias), tensors,
-                           {"torch": timed(_library_linear), "triton": timed(_fused_linear)})
+    def candidates():
+        def timed(run):
+            def once():
+                with torch.no_grad():
+                    return [run(x, dx, weight, dweight, bias, dbias)[1]]
+            return once
+        tensors = [t for t in (x, dx, weight, dweight, bias, dbias) if t is not None]
+        return tensors, {"torch": timed(_library_linear), "triton": timed(_fused_linear)}
+    return measured_triton("linear", _linear_key(x, dx, weight, dweight, bias, dbias), x.device, candidates)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -469,21 +471,23 @@ def attention_runs_triton(q, dq, k, dk, v, dv, is_causal, scale) -> bool:
     """:func:`measured_triton` for the attention tangent: forward and the backward of the
     tangent map (the two paths' backwards differ), on detached copies of the tangents with a
     fixed incoming gradient, so the caller's graph and random state are untouched."""
-    gen = torch.Generator(device=q.device).manual_seed(0)
-    g = torch.randn(q.shape[:-1] + v.shape[-1:], generator=gen, device=q.device, dtype=_compute_dtype(q))
+    def candidates():
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        g = torch.randn(q.shape[:-1] + v.shape[-1:], generator=gen, device=q.device, dtype=_compute_dtype(q))
 
-    def timed(run):
-        def once():
-            leaves = [None if t is None else t.detach().requires_grad_(True) for t in (dq, dk, dv)]
-            with torch.enable_grad():
-                _, do = run(q, leaves[0], k, leaves[1], v, leaves[2], is_causal, scale)
-                do.backward(g.to(do.dtype))
-            return [do.detach(), *(leaf.grad for leaf in leaves if leaf is not None)]
-        return once
+        def timed(run):
+            def once():
+                leaves = [None if t is None else t.detach().requires_grad_(True) for t in (dq, dk, dv)]
+                with torch.enable_grad():
+                    _, do = run(q, leaves[0], k, leaves[1], v, leaves[2], is_causal, scale)
+                    do.backward(g.to(do.dtype))
+                return [do.detach(), *(leaf.grad for leaf in leaves if leaf is not None)]
+            return once
+        tensors = [t for t in (q, dq, k, dk, v, dv) if t is not None]
+        return tensors, {"torch": timed(_run_torch_sdpa), "triton": timed(_run_fused_sdpa)}
     key = (tuple(q.shape), k.shape[-2], v.shape[-1], _compute_dtype(q), (dq is not None, dk is not None, dv is not None),
            bool(is_causal))
-    tensors = [t for t in (q, dq, k, dk, v, dv) if t is not None]
-    return measured_triton("attention", key, tensors, {"torch": timed(_run_torch_sdpa), "triton": timed(_run_fused_sdpa)})
+    return measured_triton("attention", key, q.device, candidates)
 
 
 def _fused_sdpa(q, dq, k, dk, v, dv, attn_mask, is_causal, scale):

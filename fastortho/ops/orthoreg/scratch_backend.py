@@ -44,7 +44,7 @@ def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
 
 
 def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int]) -> Tensor:
-    """"tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
+    """In "tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
     rows, cols]`` per group at the layout's ``group_o``), one Triton launch over the scaled fp16
     scratch. ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
     from ...kernels.orthoreg_scratch import scratch_grads
@@ -60,7 +60,7 @@ def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
 
 
 def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
-    """"bf16" / "ieee": per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
+    """In "bf16" and "ieee" mode: per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
     I))`` for tall layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS
     reads the transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
     layout = _layout(shapes)
