@@ -81,7 +81,7 @@ def plan(dry: bool, out: Path) -> list[Step]:
     else:
         tests = [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *KERNEL_TESTS],
                  [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_orthoreg.py",
-                  "tests/test_linearize.py"]]
+                  "tests/test_grad_into.py", "tests/test_linearize.py"]]
     steps.append(Step("correctness", 170, tests))
     sanitize = [py, "bench/sanitize_kernels.py"]
     tool = shutil.which("compute-sanitizer")

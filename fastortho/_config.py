@@ -6,6 +6,9 @@ Environment variables (read when used, so a test or a script may set them at run
 ``FASTORTHO_AUTOTUNE``     ``0``: never time backends; ``backend="auto"`` takes Triton on
                            CUDA and ``"cuda"`` the extension's full-GEMM Gram (default ``1``)
 ``FASTORTHO_CUDA_GRAM``    force the CUDA extension's Gram form: ``gemm``, ``triangle``, ``syrk``
+``FASTORTHO_GRAD_INTO_WEIGHTS`` ``0``: the OrthoReg gradient always goes through autograd,
+                           never straight into ``.grad`` (default ``1``;
+                           ``fastortho/ops/orthoreg/into_grad.py``)
 ``FASTORTHO_CACHE``        folder for the backend-choice cache and the offline demo's
                            encoder (default ``~/.cache/fastortho``)
 ``FASTORTHO_SKIP_CUDA_BUILD`` ``1``: never build the CUDA extension (setup.py reads it too)
@@ -40,6 +43,12 @@ def interpreting() -> bool:
 def autotune_enabled() -> bool:
     """``FASTORTHO_AUTOTUNE`` (default on): whether backends are chosen by measurement."""
     return os.environ.get("FASTORTHO_AUTOTUNE", "1") != "0"
+
+
+def grad_into_weights_enabled() -> bool:
+    """``FASTORTHO_GRAD_INTO_WEIGHTS`` (default on): whether the OrthoReg backward may write its
+    gradient straight into the weights' ``.grad`` where autograd allows."""
+    return os.environ.get("FASTORTHO_GRAD_INTO_WEIGHTS", "1") != "0"
 
 
 CUDA_GRAMS = ("gemm", "triangle", "syrk")

@@ -190,13 +190,15 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
 
 @triton.jit
 def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, layer_table, tile_table, num_tiles,
-                        NF: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        NF: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        ACCUMULATE: tl.constexpr):
     # One (BN x BT) tile of M X^T = (X M)^T per program step, M = G - I (symmetric), X^T from
     # the fp16 scratch (scale s). M is rounded to fp16 with its own power of two t in
     # registers and is the product's first operand, which a tensor-core product may take from
     # registers; X^T, the second, streams through shared memory by asynchronous copies, so no
     # product waits for a shared-memory store. The epilogue applies c / (s t) and stores into
-    # the layer's gradient: [b, j] for tall layers, [j, b] for wide ones.
+    # the layer's gradient: [b, j] for tall layers, [j, b] for wide ones (ACCUMULATE: added to
+    # what it holds; every element belongs to one tile, so read-modify-write is race-free).
     pid = tl.program_id(0)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         layer, tb, tj, _ = _tile(tile_table, tile)
@@ -218,11 +220,13 @@ def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, 
             acc = tl.dot((m * t).to(tl.float16), xt, acc)
         grad = acc * (1.0 / (s * t)) * tl.load(coef_ptr + layer)
         valid = (offs_j[:, None] < k) & (offs_b[None, :] < big)
-        out = out_ptr + out_off
         if tall != 0:
-            tl.store(out + offs_b[None, :] * k + offs_j[:, None], grad, mask=valid)
+            out = out_ptr + out_off + offs_b[None, :] * k + offs_j[:, None]
         else:
-            tl.store(out + offs_j[:, None] * big + offs_b[None, :], grad, mask=valid)
+            out = out_ptr + out_off + offs_j[:, None] * big + offs_b[None, :]
+        if ACCUMULATE:
+            grad += tl.load(out, mask=valid, other=0.0)
+        tl.store(out, grad, mask=valid)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -472,17 +476,25 @@ def _scratch_gram(x, used, stats, precision, device, cfg, plan) -> tuple[torch.T
 
 
 def scratch_grads(x: torch.Tensor, gmi: torch.Tensor, used: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-                  shapes: tuple[tuple[int, int], ...], *, config: ScratchConfig | None = None) -> torch.Tensor:
+                  shapes: tuple[tuple[int, int], ...], *, config: ScratchConfig | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Pass 3 ("tf32" mode): the flat fp32 buffer of every layer's ``c_l X (G - I)`` as the
     weight's ``rows x cols`` (:class:`ScratchLayout` ``o_offsets``, ``[L_g, rows, cols]`` per
-    group); ``coef``: fp32 ``[L]`` in layer order."""
+    group); ``coef``: fp32 ``[L]`` in layer order. With ``out`` (such a buffer), the gradients
+    are added to it in place and it is returned."""
     device = x.device
     cfg = config or default_config("tf32", device)
     plan = grad_plan(tuple(shapes), cfg, device)
     layers = len(shapes)
-    out = torch.empty(plan.layout.o_numel, dtype=torch.float32, device=device)
+    accumulate = out is not None
+    if accumulate and (out.dtype != torch.float32 or out.numel() != plan.layout.o_numel or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
+                         f"{out.dtype} of {out.numel()}")
+    if not accumulate:
+        out = torch.empty(plan.layout.o_numel, dtype=torch.float32, device=device)
     num_tiles = plan.grad_tiles.shape[0]
     scratch_grad_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
         x, gmi, out, used, stats[layers:], coef, plan.layer_table, plan.grad_tiles, num_tiles, NF=LAYER_FIELDS,
-        BT=cfg.grad_rows, BN=cfg.grad_cols, BK=cfg.grad_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BT=cfg.grad_rows, BN=cfg.grad_cols, BK=cfg.grad_k, ACCUMULATE=accumulate, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out

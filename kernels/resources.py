@@ -118,10 +118,12 @@ def scratch_cases(precision: str = "tf32"):
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
     cfg = S.default_config("tf32", H100)
     params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
-              **common, **_types("NF BT BN BK", "")}
-    consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k}
-    yield ("orthoreg scratch grad tf32", S.scratch_grad_kernel, params, consts,
-           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
+              **common, **_types("NF BT BN BK ACCUMULATE", "")}
+    for accumulate in (False, True):
+        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k,
+                  "ACCUMULATE": accumulate}
+        yield (f"orthoreg scratch grad tf32{' accumulate' if accumulate else ''}", S.scratch_grad_kernel, params,
+               consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
 
 
 def gpu_launch_cases(precision: str = "tf32"):

@@ -216,6 +216,44 @@ def test_ddp_orthoreg_linearized_taujp_equal_single_process(tmp_path):
             assert rel_err(results[rank]["taujp"][n], p.grad) <= 1e-5, (rank, n)
 
 
+def _ddp_accumulation_worker(rank, path, results):
+    """Two micro-steps, the first under no_sync, with plain and bucket-view gradients: the
+    OrthoReg gradient written straight into .grad (into_grad.py) must survive DDP's bucketing."""
+    _init(rank, path)
+    x, y = batch()
+    half = slice(rank * 4, (rank + 1) * 4)
+    out = {}
+    for bucket_view in (False, True):
+        model = tiny_net()
+        base = fo.snapshot(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3)
+        ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+        with ddp.no_sync():
+            (task_loss(ddp, x[half], y[half]) + 0.5 * fo.ortho_loss(model, base)).backward()
+        (task_loss(ddp, x[half], y[half]) + 0.5 * fo.ortho_loss(model, base)).backward()
+        out[bucket_view] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_ddp_gradient_accumulation_with_orthoreg_equals_single_process(tmp_path):
+    results = _spawn(_ddp_accumulation_worker, tmp_path)
+    model = tiny_net()
+    base = fo.snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    x, y = batch()
+    for _ in range(2):
+        (task_loss(model, x, y) + 0.5 * fo.ortho_loss(model, base)).backward()
+    for rank in range(WORLD):
+        for bucket_view in (False, True):
+            for n, p in model.named_parameters():
+                assert rel_err(results[rank][bucket_view][n], p.grad) <= 1e-5, (rank, bucket_view, n)
+
+
 def test_communication_figures():
     from fastortho.distributed import communication_bytes
     from fastortho.testing import vit_weight_shapes

@@ -149,6 +149,23 @@ def bmm(a: Tensor, b: Tensor, precision: str) -> Tensor:
         return torch.bmm(a, b)
 
 
+def bmm_accumulate(out: Tensor, a: Tensor, b: Tensor, precision: str) -> None:
+    """``out += a @ b`` in place (fp32 ``out``), the operands treated per ``precision`` as in
+    :func:`bmm`: one product that reads and writes ``out``, no temporary of its size."""
+    if precision == "bf16":
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        if a.device.type == "cuda" and _bmm_has_out_dtype("cuda"):
+            torch.baddbmm(out, a16, b16, out_dtype=torch.float32, out=out)
+        elif a.device.type == "cuda":
+            out.add_(torch.bmm(a16, b16))
+        else:
+            with fp32_matmul("ieee", a.device.type):
+                out.baddbmm_(a16.float(), b16.float())
+        return
+    with fp32_matmul(precision, a.device.type):
+        out.baddbmm_(a, b)
+
+
 # ----------------------------------------------------------------------------- backends
 
 _triton_available: bool | None = None

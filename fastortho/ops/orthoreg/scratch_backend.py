@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, grad_op, to_group_order, upstream_coefficient, without_autocast
+from . import into_grad
+from .._common import ListOp, bmm, bmm_accumulate, grad_op, to_group_order, upstream_coefficient, without_autocast
 from .torch_backend import weight_shapes
 
 
@@ -43,14 +44,16 @@ def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
     return (sq if squared else sq.sqrt()), x, gmi, used, stats
 
 
-def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int]) -> Tensor:
+def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int],
+               out: Tensor | None = None) -> Tensor:
     """In "tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
     rows, cols]`` per group at the layout's ``group_o``), one Triton launch over the scaled fp16
-    scratch. ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
+    scratch; with ``out`` (eager only) added to that buffer in place. ``shapes``: the layers'
+    ``[r0, c0, r1, c1, ...]``."""
     from ...kernels.orthoreg_scratch import scratch_grads
 
     pairs = tuple((int(r), int(c)) for r, c in zip(shapes[0::2], shapes[1::2]))
-    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), pairs)
+    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), pairs, out=out)
 
 
 def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
@@ -59,20 +62,27 @@ def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
     return [flat[o0:o0 + len(idx) * r * c].view(len(idx), r, c) for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)]
 
 
+def _group_operands(x: Tensor, gmi: Tensor, coefs: list[Tensor], layout, g: int) -> tuple[Tensor, Tensor, bool]:
+    """Group ``g``'s ``X^T`` (a view of the scratch), ``c (G - I)`` and whether it is tall."""
+    ((r, c), idx), x0, g0 = layout.groups[g], layout.group_x[g], layout.group_g[g]
+    k, big, n = min(r, c), max(r, c), len(idx)
+    stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg_scratch.py)
+    xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
+    return xt, gmi[g0:g0 + n * k * k].view(n, k, k) * coefs[g].view(-1, 1, 1), r >= c
+
+
+def _group_grad(x, gmi, coefs, layout, g, precision) -> Tensor:
+    xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
+    return bmm(xt.transpose(1, 2), m, precision) if tall else bmm(m, xt, precision)
+
+
 def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
     """In "bf16" and "ieee" mode: per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
     I))`` for tall layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS
     reads the transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
     layout = _layout(shapes)
     coefs = to_group_order(coef, layout.groups)
-    out = []
-    for ((r, c), idx), x0, g0, cg in zip(layout.groups, layout.group_x, layout.group_g, coefs):
-        k, big, n = min(r, c), max(r, c), len(idx)
-        stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg_scratch.py)
-        xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
-        m = gmi[g0:g0 + n * k * k].view(n, k, k) * cg.view(-1, 1, 1)
-        out.append(bmm(xt.transpose(1, 2), m, precision) if r >= c else bmm(m, xt, precision))
-    return out
+    return [_group_grad(x, gmi, coefs, layout, g, precision) for g in range(len(layout.groups))]
 
 
 ortho_scratch_gram = torch.library.custom_op("fastortho::ortho_scratch_gram", gram_parts, mutates_args=())
@@ -116,17 +126,53 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
     values, x, gmi, used, stats = ctx.saved_tensors
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
+    layout = _layout(ctx.shapes)
+    n = len(ctx.dtypes)
+    grads: list[Tensor | None] = [None] * n
+    direct = into_grad.allowed(ctx, n)
     if ctx.precision == "tf32":
+        # One launch writes every layer: straight into .grad for all layers or for none.
+        offsets = [layout.o_offsets[i] for i in range(n)]
+        mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if direct \
+            else (into_grad.AUTOGRAD, [])
+        if isinstance(mode, Tensor):
+            flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
+            return grads, [None] * n, None, None
         flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
+        views = [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
+        if mode == into_grad.FRESH:
+            into_grad.install(weights, views)
+            return grads, [None] * n, None, None
         buffers = group_views(flat, ctx.shapes)
     else:
-        buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
-    layout = _layout(ctx.shapes)
-    grads: list[Tensor | None] = [None] * len(ctx.dtypes)
+        coefs = to_group_order(coef, layout.groups)
+        plans = [into_grad.plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c) if direct
+                 else (into_grad.AUTOGRAD, []) for (r, c), idx in layout.groups]
+        for g, (mode, weights) in enumerate(plans):
+            if isinstance(mode, Tensor):
+                (r, c), idx = layout.groups[g]
+                xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
+                out = mode.view(len(idx), r, c)
+                if tall:
+                    bmm_accumulate(out, xt.transpose(1, 2), m, ctx.precision)
+                else:
+                    bmm_accumulate(out, m, xt, ctx.precision)
+            elif mode == into_grad.FRESH:
+                into_grad.install(weights, list(_group_grad(x, gmi, coefs, layout, g, ctx.precision)))
+        if not any(into_grad.handed(mode) for mode, _ in plans):
+            return grads, [None] * n, None, None
+        if direct:  # some groups direct: the rest one product each, eager
+            buffers = [_group_grad(x, gmi, coefs, layout, g, ctx.precision)
+                       if into_grad.handed(mode) else None
+                       for g, (mode, _) in enumerate(plans)]
+        else:
+            buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
     for buf, (_, idx) in zip(buffers, layout.groups):
+        if buf is None:
+            continue
         for j, i in enumerate(idx):
             grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
-    return grads, [None] * len(grads), None, None
+    return grads, [None] * n, None, None
 
 
 # scratch_penalty(weights, bases, squared, precision) -> per-layer values.

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, grad_op, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from . import into_grad
+from .._common import ListOp, bmm, bmm_accumulate, grad_op, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
@@ -86,12 +87,16 @@ def gram_minus_identity(weights: list[Tensor], bases: list[Tensor], precision: s
     return to_layer_order(torch.cat(sqs), groups), deltas, gmis
 
 
+def _gram_factors(gmis: list[Tensor], coefs: list[Tensor]) -> list[Tensor]:
+    """Per group ``c (G - I)``: the per-layer factor folded into the small matrix."""
+    return [g * c.view(-1, 1, 1) for g, c in zip(gmis, coefs)]
+
+
 def scaled_grads(deltas: list[Tensor], gmis: list[Tensor], coefs: list[Tensor], precision: str) -> list[Tensor]:
     """Per group ``D (c (G - I))`` (tall) or ``(c (G - I)) D`` (wide): the per-layer factor
     ``c`` is folded into the small ``k x k`` matrix, so the gradient is written once."""
     out = []
-    for d, g, c in zip(deltas, gmis, coefs):
-        gs = g * c.view(-1, 1, 1)
+    for d, gs in zip(deltas, _gram_factors(gmis, coefs)):
         out.append(bmm(d, gs, precision) if d.shape[1] >= d.shape[2] else bmm(gs, d, precision))
     return out
 
@@ -135,6 +140,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, *deltas, *gmis)
 
 
+def _accumulate_grad(out: Tensor, d: Tensor, gs: Tensor, precision: str) -> None:
+    """``out += D (c (G - I))`` (tall) or ``(c (G - I)) D`` (wide), in place."""
+    if d.shape[1] >= d.shape[2]:
+        bmm_accumulate(out, d, gs, precision)
+    else:
+        bmm_accumulate(out, gs, d, precision)
+
+
 @without_autocast
 def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     n = len(ctx.dtypes)
@@ -143,11 +156,26 @@ def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     values, *saved = ctx.saved_tensors
     k = len(ctx.groups)
     coefs = to_group_order(upstream_coefficient(values, grad_values, ctx.squared, 4.0), ctx.groups)
-    buffers = grad_op(ctx, scaled_grads, ortho_grad_torch)(list(saved[:k]), list(saved[k:]), coefs, ctx.precision)
+    deltas, gmis = list(saved[:k]), list(saved[k:])
+    # Per group: straight into .grad where autograd allows (into_grad.py), else to autograd.
+    direct = into_grad.allowed(ctx, n)
+    plans = [into_grad.plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c) if direct
+             else (into_grad.AUTOGRAD, []) for (r, c), idx in ctx.groups]
+    handed = [g for g, (mode, _) in enumerate(plans) if into_grad.handed(mode)]
     grads: list[Tensor | None] = [None] * n
-    for buf, (_, idx) in zip(buffers, ctx.groups):
-        for j, i in enumerate(idx):
-            grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
+    if handed:
+        buffers = grad_op(ctx, scaled_grads, ortho_grad_torch)(
+            [deltas[g] for g in handed], [gmis[g] for g in handed], [coefs[g] for g in handed], ctx.precision)
+        for g, buf in zip(handed, buffers):
+            for j, i in enumerate(ctx.groups[g][1]):
+                grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
+    for g, (mode, weights) in enumerate(plans):
+        if isinstance(mode, Tensor):
+            (r, c), idx = ctx.groups[g]
+            _accumulate_grad(mode.view(len(idx), r, c), deltas[g], _gram_factors([gmis[g]], [coefs[g]])[0],
+                             ctx.precision)
+        elif mode == into_grad.FRESH:
+            into_grad.install(weights, list(scaled_grads([deltas[g]], [gmis[g]], [coefs[g]], ctx.precision)[0]))
     return grads, [None] * n, None, None, None
 
 
