@@ -43,7 +43,7 @@ LIMIT_S = 540
 REQUIRED = ("torch", "triton", "open_clip", "pytest", "pytest_benchmark", "safetensors", "numpy", "tqdm",
             "matplotlib")
 
-KERNEL_TESTS = ["tests/test_orthoreg_scratch.py", "tests/test_orthoreg_triton.py", "tests/test_dual_kernels.py",
+KERNEL_TESTS = ["tests/test_orthoreg_kernels.py", "tests/test_orthoreg_triton.py", "tests/test_dual_kernels.py",
                 "tests/test_lora.py", "tests/test_cuda_ext.py", "tests/test_gpu_end_to_end.py"]
 # In the dry run: the device-generic end-to-end file and one poisoned launch per kernel module
 # (the GPU selection itself is only collected, to prove it exists).

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Families that keep tiles in shared memory across warps (racecheck applies).
-SHARED_MEMORY_FAMILIES = ("orthoreg", "orthoreg_scratch", "attention", "dual_linear")
+SHARED_MEMORY_FAMILIES = ("orthoreg", "attention", "dual_linear")
 
 
 def randn(*shape, seed=0):
@@ -23,18 +23,9 @@ def randn(*shape, seed=0):
 
 
 def orthoreg():
-    from fastortho.kernels import orthoreg as K
-
-    weights, bases = [randn(33, 17, seed=1), randn(17, 40, seed=2)], [randn(33, 17, seed=3), randn(17, 40, seed=4)]
-    sq, gmi = K.gram_penalty(weights, bases, "tf32")
-    grads = K.penalty_grad(weights, bases, gmi, torch.ones(2, device=DEVICE), "tf32")
-    return [sq, grads]
-
-
-def orthoreg_scratch():
-    """Every scratch launch: the delta pass per format (tf32's twice, the fix-up rewriting on a
-    first call), the Gram, and tf32's gradient kernel."""
-    from fastortho.kernels import orthoreg_scratch as S
+    """Every OrthoReg launch: the delta pass per format (tf32's twice, the fix-up rewriting on a
+    first call), the Gram, and tf32's gradient kernel, fresh and accumulating."""
+    from fastortho.kernels import orthoreg as S
 
     weights, bases = [randn(33, 17, seed=1), randn(17, 40, seed=2)], [randn(33, 17, seed=3), randn(17, 40, seed=4)]
     outs = []
@@ -43,7 +34,9 @@ def orthoreg_scratch():
         sq, gmi = S.scratch_gram(weights, bases, x, used, stats, precision)
         outs += [x.float(), sq, gmi]
         if precision == "tf32":
-            outs.append(S.scratch_grads(x, gmi, used, stats, torch.ones(2, device=DEVICE), ((33, 17), (17, 40))))
+            grads = S.scratch_grads(x, gmi, used, stats, torch.ones(2, device=DEVICE), ((33, 17), (17, 40)))
+            outs.append(S.scratch_grads(x, gmi, used, stats, torch.ones(2, device=DEVICE), ((33, 17), (17, 40)),
+                                        out=grads))
     return outs
 
 
@@ -85,7 +78,7 @@ def cuda_ext():
     return outs
 
 
-FAMILIES = {"orthoreg": orthoreg, "orthoreg_scratch": orthoreg_scratch, "lora": lora, "dual_linear": dual_linear, "attention": attention,
+FAMILIES = {"orthoreg": orthoreg, "lora": lora, "dual_linear": dual_linear, "attention": attention,
             "cuda_ext": cuda_ext}
 
 

@@ -1,12 +1,11 @@
 """What every Triton kernel compiles to on a GPU target, without a GPU
-(``fastortho.kernels.resources``): per kernel at its CUDA launch configuration, and the OrthoReg
-phases at every configuration the GPU sweep times, the ptxas registers and spills, shared
+(``fastortho.kernels.resources``): per kernel at its CUDA launch configuration, the ptxas registers and spills, shared
 memory (against the 227 KiB an sm_90 block may have), pipelined async copies, and the
 tensor-core waits inside the loop (``pendings = 0``: the loop does not overlap its products).
 
 It predicts no time; it is how a register or layout change is checked on a machine with no
-GPU before the GPU sweep and benchmarks time it. For the OrthoReg phases it reproduces what ncu
-measured on an H100 (255 registers, about 52 spilled).
+GPU before the GPU benchmarks time it. For the first OrthoReg Triton design (since removed) it
+reproduced what ncu measured on an H100 (255 registers, about 52 spilled).
 
     python bench/static_kernels.py [--precision tf32] [--json OUT.json]
 """
@@ -17,9 +16,7 @@ from pathlib import Path
 
 import triton
 
-from fastortho.kernels import orthoreg as K
-from fastortho.kernels.resources import SM90_SHARED_LIMIT, compile_report, gpu_launch_cases, orthoreg_cases
-from sweep_orthoreg import CONFIGS as SWEEP_CONFIGS
+from fastortho.kernels.resources import SM90_SHARED_LIMIT, compile_report, gpu_launch_cases
 
 
 def main():
@@ -27,10 +24,8 @@ def main():
     ap.add_argument("--precision", default="tf32", choices=["tf32", "ieee"], help="of the fp32 cases")
     ap.add_argument("--json")
     args = ap.parse_args()
-    sweep = {f"sweep {label}": cfg or K.KernelConfig() for label, cfg in SWEEP_CONFIGS.items() if cfg is not None}
     rows = []
-    for name, fn, params, consts, run, aligned in [*gpu_launch_cases(args.precision),
-                                                   *orthoreg_cases(sweep, args.precision)]:
+    for name, fn, params, consts, run, aligned in gpu_launch_cases(args.precision):
         row = {"kernel": name, **compile_report(fn, params, consts, aligned=aligned, **run)}
         rows.append(row)
         over = "  OVER THE SHARED-MEMORY LIMIT" if row["shared_bytes"] > SM90_SHARED_LIMIT else ""

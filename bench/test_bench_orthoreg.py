@@ -21,10 +21,12 @@ from fastortho.testing import random_layers, vit_weight_shapes
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
 # "cuda" picks its Gram variant per shape group by measurement; "cuda-<gram>" forces one.
 # most important first (a time-limited run keeps what it reached); torch.compile's compile last
-IMPLS = ["released", "torch", "triton", "triton-scratch", "auto", "cuda", "cuda-gemm", "cuda-triangle", "cuda-syrk",
-         "released-compiled"]
+# "triton-accumulate": .grad already holds a gradient (gradient accumulation), so the backward
+# accumulates into it in place; "-autograd": the same through autograd (FASTORTHO_GRAD_INTO_WEIGHTS=0).
+IMPLS = ["released", "torch", "triton", "auto", "triton-accumulate", "triton-accumulate-autograd", "cuda", "cuda-gemm",
+         "cuda-triangle", "cuda-syrk", "released-compiled"]
 # bf16 mode on a GPU for fastortho's own backends (the released code has no such mode)
-BF16_IMPLS = ["torch", "triton", "triton-scratch", "auto"] if DEVICE == "cuda" else []
+BF16_IMPLS = ["torch", "triton", "auto"] if DEVICE == "cuda" else []
 BACKEND_OF = {"cuda-gemm": "cuda", "cuda-triangle": "cuda", "cuda-syrk": "cuda"}
 
 
@@ -45,14 +47,14 @@ def workload(name):
     big_k2 = sum(max(s) * min(s) ** 2 for s in shapes)
     numel = sum(r * c for r, c in shapes)
     info = {
-        "model": name, "layers": len(shapes), "precision": PRECISION, "device": DEVICE,
+        "model": name, "layers": len(shapes), "precision": PRECISION, "device": DEVICE, "numel": numel,
         # dense Gram (2 big k^2) + gradient product (2 big k^2) per layer
         "flop_dense": 4 * big_k2,
         # the least work: half the symmetric Gram + the gradient product
         "flop_min": 3 * big_k2,
         # read W and W0 twice, write the gradient once (fp32)
         "bytes": 5 * 4 * numel,
-        # triton-scratch: read W and W0, write D, read D for the Gram and the gradient, write the
+        # triton: read W and W0, write D, read D for the Gram and the gradient, write the
         # gradient: 24 B per element with an fp32 scratch (ieee), 18 B with a 16-bit one (bf16,
         # and tf32's scaled fp16)
         "bytes_scratch_fp32": (8 + 3 * 4 + 4) * numel, "bytes_scratch_16bit": (8 + 3 * 2 + 4) * numel,
@@ -76,12 +78,13 @@ def released_step(model, base, compiled=False):
     return step
 
 
-def fastortho_step(model, base, backend, precision=PRECISION):
+def fastortho_step(model, base, backend, precision=PRECISION, accumulate=False):
     reg = fo.OrthoReg(model, base, squared=False, precision=precision, backend=backend,
                       check_finite=False)
 
     def step():
-        model.zero_grad(set_to_none=True)
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
         reg().backward()
         sync()
     return step
@@ -101,16 +104,22 @@ def test_orthoreg_penalty_fwd_bwd(benchmark, vit, impl, ceilings, monkeypatch):
             pytest.skip(f"the CUDA extension is not available: {cuda_ext.error()}")
         if impl != "cuda":
             monkeypatch.setenv("FASTORTHO_CUDA_GRAM", impl.partition("-")[2])
+    if impl == "triton-accumulate-autograd":
+        monkeypatch.setenv("FASTORTHO_GRAD_INTO_WEIGHTS", "0")
     if impl.startswith("released"):
         step = released_step(model, base, compiled=impl == "released-compiled")
     else:
-        step = fastortho_step(model, base, BACKEND_OF.get(impl, impl), precision)
+        accumulate = impl.startswith("triton-accumulate")
+        step = fastortho_step(model, base, "triton" if accumulate else BACKEND_OF.get(impl, impl), precision,
+                              accumulate)
     peak = ceilings[precision]
     nbytes = info["bytes"]
-    if impl == "triton-scratch":  # the floor of that design's own traffic and products
+    if impl.startswith("triton"):  # the floor of that design's own traffic and products
         sixteen = precision in ("bf16", "tf32")  # tf32 mode: fp16 operands, at the 16-bit rate
         nbytes = info["bytes_scratch_16bit" if sixteen else "bytes_scratch_fp32"]
         peak = ceilings["bf16"] if sixteen else peak
+        if impl.startswith("triton-accumulate"):  # the product reads the gradient it adds to
+            nbytes += 4 * info["numel"]
     floor = max(info["flop_min"] / peak, nbytes / ceilings["bandwidth"])
     benchmark.group = f"orthoreg-{info['model']}"
     benchmark.extra_info.update(info, impl=impl, precision=precision, peak_flops=peak,

@@ -18,7 +18,7 @@ open_clip = pytest.importorskip("open_clip")
 BATCH = {"ViT-B-32": 128, "ViT-L-14": 32} if DEVICE == "cuda" else {"ViT-B-32": 4}
 # (case id, backend, precision, check_finite)
 CASES = [("none", None, None, False), ("torch-tf32", "torch", "tf32", False), ("triton-tf32", "triton", "tf32", False),
-         ("triton-bf16", "triton", "bf16", False), ("triton-scratch-bf16", "triton-scratch", "bf16", False),
+         ("triton-bf16", "triton", "bf16", False),
          ("auto", "auto", None, False), ("auto+check", "auto", None, True), ("released", None, None, False)]
 
 

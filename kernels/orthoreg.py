@@ -1,25 +1,37 @@
-"""OrthoReg penalty and gradient for every regularized layer of a model, in two grouped,
-persistent Triton launches.
+"""OrthoReg over a one-step scratch copy of the updates (docs/design.md section 6): two grouped
+Triton launches for the value and ``G - I``; the gradient is a cuBLAS batched product per shape
+group (``fastortho/ops/orthoreg/triton_backend.py``), or in "tf32" mode a third launch.
 
-Notation (docs/design.md section 1): a layer's update ``D = W - W0`` (out x in, row-major). ``X`` is
-``D`` for tall layers (out >= in) and ``D^T`` for wide ones, so ``G = X^T X`` is always the
-Gram of the smaller side, ``k x k``, and the gradient is ``grad_X = c X (G - I)``.
+1. :func:`write_deltas`: one persistent launch over tiles of every layer writes ``X^T``
+   (``k x big``, row-major; ``X = D`` for tall layers, ``D^T`` for wide ones, ``D = W - W0``)
+   in the mode's operand format into one flat scratch buffer laid out by shape group
+   (``[L_g, k, big]`` contiguous per group, so the gradient's batched products take views of
+   it): bf16 for "bf16" (kept in fp32 under the interpreter, which has no bf16 arithmetic,
+   rounded by bit arithmetic: the same products), fp32 for "ieee", and for "tf32" fp16 times a
+   per-layer power of two ``s`` (fp16 has tf32's 11-bit significand; the scale keeps the
+   layer's largest element near 2**11, far from fp16's overflow and its subnormals).
+   The scale comes from the previous call's (the plan keeps it), so the write needs no second
+   read of ``W``; the same launch records each layer's ``max |D|``, and a fix-up launch over
+   the same tiles rewrites only the layers whose recorded maximum left the safe window with
+   the old scale (the first call, a ``D`` that grew 8x), with a scale from the new maximum.
+   Its programs decide from values the first launch finished writing, so no program waits.
+2. :func:`scratch_gram`: one persistent launch over the upper-triangle tiles ``ti <= tj`` of
+   every ``G = X^T X``. Both operand tiles are plain loads of rows of ``X^T`` (contiguous along
+   the reduction axis: K-major, what tensor-core products want), so the mainloop is an ordinary
+   pipelined GEMM: loads in flight while the products run (fastortho.kernels.resources checks
+   the sm_90a compile for it). The epilogue undoes the scale (``1 / s**2``, exact), subtracts
+   ``I``, writes the tile's share of ``||G - I||_F^2`` (doubled off the diagonal) to its own
+   slot, and stores the tile of ``G - I`` and its mirror into ``[L_g, k, k]`` per group; in
+   "tf32" mode it also records ``max |G - I|`` per layer.
+3. "tf32" mode only, :func:`scratch_grads`: ``c X (G - I)`` per layer from the fp16 scratch in
+   one grouped launch. cuBLAS cannot take it: its fp16 operand ``c (G - I) / s`` would fall
+   into fp16's subnormals for small updates, and undoing a second scale costs a pass over the
+   gradient. Here ``G - I`` is rounded to fp16 with its own power of two ``t`` (from its
+   recorded maximum) and ``c / (s t)`` is applied in the epilogue.
 
-- Phase 1 (:func:`gram_penalty`): one program per upper-triangle tile ``(ti <= tj)`` of each
-  layer's ``G``. It forms ``D`` tiles on the fly from ``W`` and ``W0`` (``D`` is never written),
-  accumulates ``X^T X`` in fp32, subtracts ``I`` on diagonal tiles, writes the tile of
-  ``G - I`` and its mirror, and writes the tile's share of ``||G - I||_F^2`` (doubled off the
-  diagonal) to its own slot; the per-layer sums are a deterministic gather + sum on the host.
-- Phase 2 (:func:`penalty_grad`): one program per ``(rows, cols)`` tile of each layer's
-  gradient, ``c_l * X (G - I)`` with ``D`` again formed on the fly, stored in the layer's own
-  layout into one flat buffer.
-
-Layers are described by a table of element offsets relative to the first weight / base
-tensor (the launch's pointer arguments), so one launch serves layers of every shape. Programs
-are persistent (about one per SM) and walk a tile table sorted by cost, largest first.
-
-Precision: the modes of docs/design.md section 4, through :func:`._common.operand` and
-:func:`._common.mma`; fp32 accumulation always.
+Traffic per element of the regularized weights: read ``W`` and ``W0`` once (8 B in fp32), write
+``X^T`` once (2 B in bf16 and fp16, 4 B in fp32), read it for the Gram (about ``2 k / BT`` tile
+passes, mostly from L2) and once more for the gradient, write the gradient (4 B).
 """
 from __future__ import annotations
 
@@ -30,315 +42,459 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, operand, persistent_grid
-from .layout import gmi_layout, grad_layout, layer_views, round_up, triangle_tiles
+from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, persistent_grid, round_to_bf16
 
-__all__ = ["KernelConfig", "default_config", "gram_penalty", "penalty_grad", "layer_views", "launch_plan",
-           "gram_penalty_kernel", "penalty_grad_kernel", "LAYER_FIELDS"]
+__all__ = ["ScratchConfig", "default_config", "scratch_layout", "scratch_penalty", "write_deltas", "scratch_gram",
+           "scratch_grads", "scratch_plan", "delta_kernel", "scratch_gram_kernel", "scratch_grad_kernel",
+           "LAYER_FIELDS", "pow2_scale", "keeps_scale", "SCALE_TARGET"]
 
+# w_off, w0_off, cols, k, big, tall, x_off, g_off, row stride of X^T (big padded), gradient offset
+LAYER_FIELDS = 10
 
-# ----------------------------------------------------------------------------- device code
-
-
-@triton.jit
-def _delta_tile(w_ptr, w0_ptr, rows, cols, offs_r, offs_c, cols_stride, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
-    # D[offs_r, offs_c] in fp32. A masked axis reads zeros past the matrix (a reduction axis:
-    # those terms must vanish); an unmasked one clamps its index to the last row / column, so
-    # the tile holds copies of real entries there, which only reach outputs that the caller
-    # masks out (rows / columns of G or of the gradient past k or big). Fewer masks, fewer
-    # registers (a mask costs one per element).
-    if MASK_R:
-        r_ok = offs_r < rows
-    else:
-        offs_r = tl.minimum(offs_r, rows - 1)
-    if MASK_C:
-        c_ok = offs_c < cols
-    else:
-        offs_c = tl.minimum(offs_c, cols - 1)
-    idx = offs_r[:, None] * cols_stride + offs_c[None, :]
-    if MASK_R:
-        if MASK_C:
-            mask = r_ok[:, None] & c_ok[None, :]
-        else:
-            mask = r_ok[:, None]
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        w0 = tl.load(w0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    else:
-        if MASK_C:
-            w = tl.load(w_ptr + idx, mask=c_ok[None, :], other=0.0).to(tl.float32)
-            w0 = tl.load(w0_ptr + idx, mask=c_ok[None, :], other=0.0).to(tl.float32)
-        else:
-            w = tl.load(w_ptr + idx).to(tl.float32)
-            w0 = tl.load(w0_ptr + idx).to(tl.float32)
-    return w - w0
+# "tf32" mode's fp16 scratch: a layer's largest |D| is scaled into [2**11, 2**12) when its scale
+# is (re)chosen; an old scale is kept while that element stays within [2**4, 2**15) (8x growth,
+# 128x shrinkage), and the exponent is clamped to [-60, 60] (1 / s**2 stays a normal fp32).
+SCALE_TARGET, SCALE_KEEP_LOW, SCALE_KEEP_HIGH, SCALE_EXP_LIMIT = 11, 16.0, 32768.0, 60
 
 
 @triton.jit
-def _layer(layer_table, layer, NF: tl.constexpr, ALIGNED: tl.constexpr):
+def _layer(layer_table, layer, NF: tl.constexpr):
     row = layer_table + layer * NF
-    w_off = tl.load(row + 0)
-    w0_off = tl.load(row + 1)
-    # Sizes and in-layer element indices are int32 (the host checks every layer has fewer
-    # than 2**31 elements): 64-bit index tensors cost twice the registers in every tile.
-    cols = tl.load(row + 2).to(tl.int32)
-    k = tl.load(row + 3).to(tl.int32)
-    big = tl.load(row + 4).to(tl.int32)
-    tall = tl.load(row + 5)
-    # G - I is stored with rows padded to kp, a multiple of 16, at 16-aligned offsets, so
-    # its tiles load and store vectorized whatever k is.
-    g_off = tl.multiple_of(tl.load(row + 6), 16)
-    kp = tl.multiple_of(tl.load(row + 7).to(tl.int32), 16)
-    out_off = tl.load(row + 8)
-    if ALIGNED:
-        # Host checked: every weight offset and row length is a multiple of 16 elements.
-        w_off = tl.multiple_of(w_off, 16)
-        w0_off = tl.multiple_of(w0_off, 16)
-        cols = tl.multiple_of(cols, 16)
-        out_off = tl.multiple_of(out_off, 16)
-    return w_off, w0_off, cols, k, big, tall, g_off, kp, out_off
+    # Sizes and in-layer indices are int32 (the host checks every layer has fewer than 2**31
+    # elements); the offsets into the shared buffers stay int64.
+    # Rows of X^T are padded to a multiple of 16 elements at 16-aligned offsets (the host lays
+    # them out so): 16-byte aligned rows let the loads be asynchronous copies for bf16 too.
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2).to(tl.int32), tl.load(row + 3).to(tl.int32),
+            tl.load(row + 4).to(tl.int32), tl.load(row + 5), tl.multiple_of(tl.load(row + 6), 16), tl.load(row + 7),
+            tl.multiple_of(tl.load(row + 8).to(tl.int32), 16), tl.load(row + 9))
 
 
 @triton.jit
-def _gram_tile(w_ptr, w0_ptr, cols, k, big, offs_i, offs_j, TALL: tl.constexpr, DIAG: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-               EMULATE_BF16: tl.constexpr):
-    # sum over b of X[b, i] X[b, j] for the tile (offs_i, offs_j) of G = X^T X. A diagonal
-    # tile (offs_i == offs_j) loads its one block of D once and uses it for both operands.
-    acc = tl.zeros((BT, BT), dtype=tl.float32)
-    for b0 in range(0, big, BK):
-        offs_b = b0 + tl.arange(0, BK)
-        # Only the reduction axis b is masked: entries of G past k are never stored or summed.
-        if TALL:  # X = D: D[b, i], contiguous along i
-            d_i = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_i, cols, True, False)
-            if DIAG:
-                d_j = d_i
-            else:
-                d_j = _delta_tile(w_ptr, w0_ptr, big, k, offs_b, offs_j, cols, True, False)
-            a = tl.trans(d_i)
-            b = d_j
-        else:  # X = D^T: D[i, b], contiguous along b
-            d_i = _delta_tile(w_ptr, w0_ptr, k, big, offs_i, offs_b, cols, False, True)
-            if DIAG:
-                d_j = d_i
-            else:
-                d_j = _delta_tile(w_ptr, w0_ptr, k, big, offs_j, offs_b, cols, False, True)
-            a = d_i
-            b = tl.trans(d_j)
-        acc = mma(operand(a, PRECISION, EMULATE_BF16), operand(b, PRECISION, EMULATE_BF16),
-                   acc, PRECISION, EMULATE_BF16)
-    return acc
+def _pow2_scale(amax):
+    # 2**e with amax * 2**e in [2**11, 2**12) (e from amax's exponent bits; 0 and subnormals get
+    # the largest e), e clamped to [-60, 60]. Exact: products with it only move exponents.
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    es = tl.minimum(tl.maximum(127 + 11 - e, -60), 60)
+    return ((es + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def gram_penalty_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi_ptr, partial_ptr,
-                        NF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+def _keeps_scale(amax, s_prev, s_new):
+    # Whether the scale a delta launch used still serves: set, no element near fp16's overflow,
+    # the largest not so small that precision leaks into subnormals (or nothing to gain).
+    m = amax * s_prev
+    return ((s_prev > 0) & (m < 32768.0) & ((m >= 16.0) | (amax == 0))) | (s_prev == s_new)
+
+
+@triton.jit
+def _tile(tile_table, tile):
+    # A row of a tile table: (layer, block, block, slot) as four int32.
+    row = tile_table + tile * 4
+    return tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def delta_kernel(w_base, w0_base, x_ptr, layer_table, tile_table, num_tiles, scale_ptr, used_ptr, stats_ptr,
+                 NF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, FORMAT: tl.constexpr,
+                 EMULATE_BF16: tl.constexpr, FIXUP: tl.constexpr):
+    # X^T[i, b] = D[b, i] (tall) or D[i, b] (wide), for one (BR x BC) tile of one layer.
+    # FORMAT "fp16" (the scaled scratch): the first launch (FIXUP False) writes D * scale and
+    # records max |D| per layer in stats (int32 bits: order-preserving for values >= 0); the
+    # fix-up launch stores the scale each layer ends with in used and rewrites only tiles of
+    # layers whose old scale no longer serves (the other tiles' loads and stores are masked off).
+    pid = tl.program_id(0)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        layer, ti, tb, _ = _tile(tile_table, tile)
+        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, _o = _layer(layer_table, layer, NF)
+        go = True
+        s = 1.0
+        if FORMAT == "fp16":
+            s = tl.load(scale_ptr + layer)
+            if FIXUP:
+                amax = tl.load(stats_ptr + layer).to(tl.float32, bitcast=True)
+                s_new = _pow2_scale(amax)
+                keep = _keeps_scale(amax, s, s_new)
+                s = tl.where(keep, s, s_new)
+                tl.store(used_ptr + layer, s)
+                go = keep == 0
+        offs_i = ti * BR + tl.arange(0, BR)
+        offs_b = tb * BC + tl.arange(0, BC)
+        mask = (offs_i[:, None] < k) & (offs_b[None, :] < big) & go
+        # the padding columns big..stride are written too, as zeros
+        out_mask = (offs_i[:, None] < k) & (offs_b[None, :] < stride) & go
+        if tall != 0:
+            idx = offs_b[None, :] * cols + offs_i[:, None]
+        else:
+            idx = offs_i[:, None] * cols + offs_b[None, :]
+        d = (tl.load(w_base + w_off + idx, mask=mask, other=0.0).to(tl.float32)
+             - tl.load(w0_base + w0_off + idx, mask=mask, other=0.0).to(tl.float32))
+        out = x_ptr + x_off + offs_i[:, None] * stride + offs_b[None, :]
+        if FORMAT == "fp16":
+            tl.store(out, (d * s).to(tl.float16), mask=out_mask)
+            if not FIXUP:
+                amax_tile = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
+                tl.atomic_max(stats_ptr + layer, amax_tile.to(tl.int32, bitcast=True))
+        elif FORMAT == "bf16":
+            if EMULATE_BF16:
+                tl.store(out, round_to_bf16(d), mask=out_mask)
+            else:
+                tl.store(out, d.to(tl.bfloat16), mask=out_mask)
+        else:
+            tl.store(out, d, mask=out_mask)
+
+
+@triton.jit
+def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, partial_ptr, scale_ptr, gmax_ptr,
+                        NF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                        EMULATE_BF16: tl.constexpr, SCALED: tl.constexpr):
+    # SCALED: X^T holds fp16 values of D * s (delta_kernel); products of fp16 operands are
+    # exact in the fp32 accumulator, and 1 / s**2 undoes the scale exactly.
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(partial_ptr + num_tiles, 0.0)  # the zero slot that pads the per-layer gather
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer = tl.load(tile_table + tile * 4 + 0)
-        ti = tl.load(tile_table + tile * 4 + 1)
-        tj = tl.load(tile_table + tile * 4 + 2)
-        slot = tl.load(tile_table + tile * 4 + 3)
-        w_off, w0_off, cols, k, big, tall, g_off, kp, out_off = _layer(layer_table, layer, NF, ALIGNED)
+        layer, ti, tj, slot = _tile(tile_table, tile)
+        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, _o = _layer(layer_table, layer, NF)
         offs_i = ti * BT + tl.arange(0, BT)
         offs_j = tj * BT + tl.arange(0, BT)
-        w = w_base + w_off
-        w0 = w0_base + w0_off
-        if tall != 0:
-            if ti == tj:
-                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, True, True, BT, BK, PRECISION, EMULATE_BF16)
+        offs_k = tl.arange(0, BK)
+        # Rows past k are clamped to the last row (no mask on them: fewer registers); their
+        # products only reach entries of G past k, which the epilogue zeroes.
+        rows_i = tl.minimum(offs_i, k - 1)
+        rows_j = tl.minimum(offs_j, k - 1)
+        x = x_ptr + x_off
+        a_ptrs = x + rows_i[:, None] * stride + offs_k[None, :]
+        b_ptrs = x + rows_j[:, None] * stride + offs_k[None, :]
+        acc = tl.zeros((BT, BT), dtype=tl.float32)
+        for b0 in range(0, stride, BK):
+            # Only the reduction axis is masked (the row padding holds zeros): nothing past it adds.
+            in_range = (b0 + offs_k)[None, :] < stride
+            a = tl.load(a_ptrs + b0, mask=in_range, other=0.0)
+            b = tl.load(b_ptrs + b0, mask=in_range, other=0.0)
+            if SCALED:
+                acc = tl.dot(a, tl.trans(b), acc)
             else:
-                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, True, False, BT, BK, PRECISION, EMULATE_BF16)
-        else:
-            if ti == tj:
-                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, True, BT, BK, PRECISION, EMULATE_BF16)
-            else:
-                acc = _gram_tile(w, w0, cols, k, big, offs_i, offs_j, False, False, BT, BK, PRECISION, EMULATE_BF16)
-        # past k the tile holds products of clamped copies (see _delta_tile): zeroed there
-        gmi, _ = gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot)
-        # Columns k..kp of a row are padding; this tile's values there are zeros (above), and
-        # writing them keeps the whole buffer defined.
+                acc = mma(a, tl.trans(b), acc, PRECISION, EMULATE_BF16)
+        if SCALED:
+            s = tl.load(scale_ptr + layer)
+            acc = acc * (1.0 / (s * s))
+        gmi, valid = gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot)
+        if SCALED:  # for the gradient's own fp16 scale of G - I (zero outside the layer)
+            gm = tl.max(tl.max(tl.abs(gmi), axis=1), axis=0)
+            tl.atomic_max(gmax_ptr + layer, gm.to(tl.int32, bitcast=True))
         g = gmi_ptr + g_off
-        tl.store(g + offs_i[:, None] * kp + offs_j[None, :], gmi,
-                 mask=(offs_i[:, None] < k) & (offs_j[None, :] < kp))
+        tl.store(g + offs_i[:, None] * k + offs_j[None, :], gmi, mask=valid)
         if ti != tj:
-            tl.store(g + offs_j[:, None] * kp + offs_i[None, :], tl.trans(gmi),
-                     mask=(offs_j[:, None] < k) & (offs_i[None, :] < kp))
+            tl.store(g + offs_j[:, None] * k + offs_i[None, :], tl.trans(gmi), mask=tl.trans(valid))
 
 
 @triton.jit
-def penalty_grad_kernel(w_base, w0_base, layer_table, tile_table, num_tiles, gmi_ptr, coef_ptr,
-                        out_ptr, NF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
-                        ALIGNED: tl.constexpr):
+def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, layer_table, tile_table, num_tiles,
+                        NF: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        ACCUMULATE: tl.constexpr):
+    # One (BN x BT) tile of M X^T = (X M)^T per program step, M = G - I (symmetric), X^T from
+    # the fp16 scratch (scale s). M is rounded to fp16 with its own power of two t in
+    # registers and is the product's first operand, which a tensor-core product may take from
+    # registers; X^T, the second, streams through shared memory by asynchronous copies, so no
+    # product waits for a shared-memory store. The epilogue applies c / (s t) and stores into
+    # the layer's gradient: [b, j] for tall layers, [j, b] for wide ones (ACCUMULATE: added to
+    # what it holds; every element belongs to one tile, so read-modify-write is race-free).
     pid = tl.program_id(0)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer = tl.load(tile_table + tile * 4 + 0)
-        bi = tl.load(tile_table + tile * 4 + 1)
-        bj = tl.load(tile_table + tile * 4 + 2)
-        w_off, w0_off, cols, k, big, tall, g_off, kp, out_off = _layer(layer_table, layer, NF, ALIGNED)
-        c = tl.load(coef_ptr + layer)
-        offs_b = bi * BM + tl.arange(0, BM)  # rows of grad_X (the long side)
-        offs_j = bj * BN + tl.arange(0, BN)  # columns of grad_X (the Gram side)
-        w = w_base + w_off
-        w0 = w0_base + w0_off
+        layer, tb, tj, _ = _tile(tile_table, tile)
+        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, out_off = _layer(layer_table, layer, NF)
+        offs_b = tb * BT + tl.arange(0, BT)
+        offs_j = tj * BN + tl.arange(0, BN)
+        offs_r = tl.arange(0, BK)
+        s = tl.load(scale_ptr + layer)
+        t = _pow2_scale(tl.load(gmax_ptr + layer).to(tl.float32, bitcast=True))
+        x = x_ptr + x_off
         g = gmi_ptr + g_off
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for i0 in range(0, k, BK):
-            offs_i = i0 + tl.arange(0, BK)
-            gm_mask = (offs_i[:, None] < k) & (offs_j[None, :] < k)
-            # G - I is symmetric: read the tile (i, j) from rows j so that it is contiguous
-            # along the reduction axis i (the operand order tf32 tensor-core products want).
-            gm = tl.load(g + offs_j[None, :] * kp + offs_i[:, None], mask=gm_mask, other=0.0)
-            # The reduction axis i is masked; the output rows b are clamped (masked at the store).
-            if tall != 0:
-                x = _delta_tile(w, w0, big, k, offs_b, offs_i, cols, False, True)
-            else:
-                x = tl.trans(_delta_tile(w, w0, k, big, offs_i, offs_b, cols, True, False))
-            acc = mma(operand(x, PRECISION, EMULATE_BF16), operand(gm, PRECISION, EMULATE_BF16),
-                       acc, PRECISION, EMULATE_BF16)
-        acc = acc * c
-        o = out_ptr + out_off
-        # (no variable shared by the two branches: their tile shapes differ when BM != BN)
+        acc = tl.zeros((BN, BT), dtype=tl.float32)
+        for r0 in range(0, k, BK):
+            rows = r0 + offs_r
+            m = tl.load(g + offs_j[:, None] * k + rows[None, :], mask=(offs_j[:, None] < k) & (rows[None, :] < k),
+                        other=0.0)
+            xt = tl.load(x + rows[:, None] * stride + offs_b[None, :],
+                         mask=(rows[:, None] < k) & (offs_b[None, :] < stride), other=0.0)
+            acc = tl.dot((m * t).to(tl.float16), xt, acc)
+        grad = acc * (1.0 / (s * t)) * tl.load(coef_ptr + layer)
+        valid = (offs_j[:, None] < k) & (offs_b[None, :] < big)
         if tall != 0:
-            tl.store(o + offs_b[:, None] * cols + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=(offs_b[:, None] < big) & (offs_j[None, :] < k))
+            out = out_ptr + out_off + offs_b[None, :] * k + offs_j[:, None]
         else:
-            tl.store(o + offs_j[:, None] * cols + offs_b[None, :], tl.trans(acc).to(out_ptr.dtype.element_ty),
-                     mask=(offs_j[:, None] < k) & (offs_b[None, :] < big))
+            out = out_ptr + out_off + offs_j[:, None] * big + offs_b[None, :]
+        if ACCUMULATE:
+            grad += tl.load(out, mask=valid, other=0.0)
+        tl.store(out, grad, mask=valid)
 
 
 # ----------------------------------------------------------------------------- host code
 
-LAYER_FIELDS = 9  # w_off, w0_off, cols, k, big, tall, g_off, kp, out_off
 
+def pow2_scale(amax: float) -> float:
+    """The host mirror of the kernels' scale choice (for tests): ``2**e`` with ``amax * 2**e``
+    in ``[2**11, 2**12)``, ``e`` clamped to ``[-60, 60]`` (0 and fp32 subnormals get 60)."""
+    import math
+
+    if amax != amax or math.isinf(amax):
+        return 2.0 ** -SCALE_EXP_LIMIT
+    if not amax >= 2.0 ** -126:  # zero and fp32 subnormals
+        return 2.0 ** SCALE_EXP_LIMIT
+    e = min(max(SCALE_TARGET - (math.frexp(amax)[1] - 1), -SCALE_EXP_LIMIT), SCALE_EXP_LIMIT)
+    return 2.0 ** e
+
+
+def keeps_scale(amax: float, s_prev: float) -> bool:
+    """The host mirror of whether a layer keeps the scale its delta launch used."""
+    m = amax * s_prev
+    return (s_prev > 0 and m < SCALE_KEEP_HIGH and (m >= SCALE_KEEP_LOW or amax == 0)) or s_prev == pow2_scale(amax)
 
 @dataclass(frozen=True)
-class KernelConfig:
+class ScratchConfig:
     gram_block: int = 128  # BT: Gram tile edge
-    gram_k: int = 32  # BK of phase 1
-    grad_m: int = 128  # BM of phase 2 (long side)
-    grad_n: int = 128  # BN of phase 2 (Gram side)
-    grad_k: int = 32  # BK of phase 2
+    gram_k: int = 32  # BK: reduction step of the Gram
+    delta_rows: int = 64  # BR x BC: tile of the delta pass
+    delta_cols: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    delta_warps: int = 4
     programs_per_sm: int = 1
+    grad_rows: int = 128  # BT x BN: gradient tile ("tf32" mode), BK its reduction step
+    grad_cols: int = 128
+    grad_k: int = 32
 
 
-def default_config(precision: str, device) -> KernelConfig:
-    """The launch configuration on ``device`` (a torch.device or a ``DeviceInfo``)."""
+def default_config(precision: str, device) -> ScratchConfig:
+    """The launch configuration on ``device`` (a torch.device or a ``DeviceInfo``): on a GPU
+    128 x 128 Gram tiles with three pipeline stages (16-bit operands step 64 deep along the
+    reduction, fp32 32: the same bytes per stage)."""
     if not device_info(device).is_cuda:
         # The interpreter: small tiles keep its numpy products cheap on small layers.
-        return KernelConfig(32, 32, 32, 32, 32, num_warps=4, num_stages=1)
-    return KernelConfig()
+        return ScratchConfig(32, 32, 32, 32, num_warps=4, num_stages=1, grad_rows=32, grad_cols=32, grad_k=32)
+    return ScratchConfig(gram_k=32 if precision == "ieee" else 64)
+
+
+def scratch_dtype(precision: str, device) -> torch.dtype:
+    """The format of ``X^T`` in the scratch buffer: bf16 for "bf16" (kept in fp32 under the
+    interpreter, which has no bf16 arithmetic), fp16 times a per-layer power of two for "tf32"
+    (tf32's significand; numpy has fp16, so the interpreter keeps it too), fp32 for "ieee"."""
+    if precision == "bf16":
+        return torch.bfloat16 if device_info(device).is_cuda else torch.float32
+    return torch.float16 if precision == "tf32" else torch.float32
+
+
+def _format(precision: str) -> str:
+    return {"bf16": "bf16", "tf32": "fp16"}.get(precision, "fp32")
 
 
 @dataclass(frozen=True)
-class ShapePlan:
-    """Everything that depends only on the layer shapes and block sizes."""
-    gram_tiles: torch.Tensor  # int32 [T1, 4]: layer, ti, tj, slot (CPU)
-    grad_tiles: torch.Tensor  # int32 [T2, 4]: layer, bi, bj, 0 (CPU)
-    slot_gather: torch.Tensor  # int64 [L, max tiles per layer]; padding -> T1 (a zero slot)
-    g_offsets: tuple[int, ...]
+class ScratchLayout:
+    """Where each layer's ``X^T`` (``k`` rows of ``stride = round_up(big, 16)`` elements, the
+    padding zeros), ``G - I`` (``k x k``) and gradient (``rows x cols``) live, shape group by
+    shape group."""
+    groups: tuple  # ((rows, cols), layer indices) in order of first appearance
+    x_offsets: tuple[int, ...]  # per layer, into the scratch
+    g_offsets: tuple[int, ...]  # per layer, into the G - I buffer
+    o_offsets: tuple[int, ...]  # per layer, into the gradient buffer ("tf32" mode's kernel)
+    group_x: tuple[int, ...]  # per group, its first element in the scratch
+    group_g: tuple[int, ...]
+    group_o: tuple[int, ...]
+    x_numel: int
     g_numel: int
-    out_offsets: tuple[int, ...]
-    out_numel: int
+    o_numel: int
 
 
 @functools.lru_cache(maxsize=64)
-def shape_plan(shapes: tuple[tuple[int, int], ...], gram_block: int, grad_m: int, grad_n: int) -> ShapePlan:
-    g_offsets, g_total = gmi_layout(shapes)
-    out_offsets, out_total = grad_layout(shapes)
-    gram_tiles, gather = triangle_tiles(shapes, gram_block)
-    grad = []
+def scratch_layout(shapes: tuple[tuple[int, int], ...]) -> ScratchLayout:
+    from .layout import round_up
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    x_off, g_off, o_off = [0] * len(shapes), [0] * len(shapes), [0] * len(shapes)
+    group_x, group_g, group_o, xp, gp, op = [], [], [], 0, 0, 0
+    for (r, c), idx in groups.items():
+        k, stride = min(r, c), round_up(max(r, c), 16)
+        group_x.append(xp)
+        group_g.append(gp)
+        group_o.append(op)
+        for i in idx:
+            x_off[i], g_off[i], o_off[i] = xp, gp, op
+            xp, gp, op = xp + k * stride, gp + k * k, op + r * c
+        # each group of X^T and G - I 16-element aligned; the gradient buffer unpadded, since
+        # every element of it is written (ViT shapes keep it aligned anyway)
+        xp, gp = round_up(xp, 16), round_up(gp, 16)
+    return ScratchLayout(tuple((s, tuple(i)) for s, i in groups.items()), tuple(x_off), tuple(g_off), tuple(o_off),
+                         tuple(group_x), tuple(group_g), tuple(group_o), xp, gp, op)
+
+
+@dataclass(frozen=True)
+class ScratchTiles:
+    delta_tiles: torch.Tensor  # int32 [T0, 4]: layer, row block of X^T, column block, 0
+    gram_tiles: torch.Tensor  # int32 [T1, 4]: layer, ti, tj, slot
+    slot_gather: torch.Tensor  # int64 [L, max tiles per layer]; padding -> T1 (a zero slot)
+    grad_tiles: torch.Tensor  # int32 [T2, 4]: layer, block of big, block of k, 0
+
+
+@functools.lru_cache(maxsize=64)
+def scratch_tiles(shapes: tuple[tuple[int, int], ...], cfg: ScratchConfig) -> ScratchTiles:
+    from .layout import triangle_tiles
+
+    delta, grad = [], []
     for layer, (rows, cols) in enumerate(shapes):
         k, big = min(rows, cols), max(rows, cols)
-        grad += [(big * k, layer, bi, bj) for bi in range(-(-big // grad_m)) for bj in range(-(-k // grad_n))]
-    # Largest first, so the persistent programs finish together.
-    grad_sorted = sorted(grad, key=lambda t: -t[0])
-    grad_tiles = torch.tensor([[t[1], t[2], t[3], 0] for t in grad_sorted], dtype=torch.int32).reshape(-1, 4)
-    return ShapePlan(gram_tiles, grad_tiles, gather, tuple(g_offsets), g_total, tuple(out_offsets), out_total)
+        stride = -(-big // 16) * 16
+        delta += [(layer, ti, tb, 0) for ti in range(-(-k // cfg.delta_rows))
+                  for tb in range(-(-stride // cfg.delta_cols))]
+        grad += [(layer, tb, tj, 0) for tb in range(-(-big // cfg.grad_rows)) for tj in range(-(-k // cfg.grad_cols))]
+    gram_tiles, gather = triangle_tiles(shapes, cfg.gram_block)
+    return ScratchTiles(torch.tensor(delta, dtype=torch.int32).reshape(-1, 4), gram_tiles, gather,
+                        torch.tensor(grad, dtype=torch.int32).reshape(-1, 4))
 
 
-class LaunchPlan:
-    """Device-side tables for one set of (weights, bases) tensors; rebuilt only when a
-    tensor's storage moves."""
+def _layer_rows(shapes, layout, w_offsets, w0_offsets) -> list[list[int]]:
+    return [[dw, dw0, c, min(r, c), max(r, c), int(r >= c), layout.x_offsets[i], layout.g_offsets[i],
+             -(-max(r, c) // 16) * 16, layout.o_offsets[i]]
+            for i, ((r, c), dw, dw0) in enumerate(zip(shapes, w_offsets, w0_offsets))]
 
-    def __init__(self, weights: list[torch.Tensor], bases: list[torch.Tensor], cfg: KernelConfig):
+
+class ScratchPlan:
+    """Device tables for one set of (weights, bases) tensors; rebuilt only when a tensor moves.
+    Holds the "tf32" mode's per-layer scales between calls (zero: not chosen yet)."""
+
+    def __init__(self, weights, bases, cfg: ScratchConfig):
         device = weights[0].device
-        shapes = tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
-        self.shape = shape_plan(shapes, cfg.gram_block, cfg.grad_m, cfg.grad_n)
+        self.shapes = tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
+        self.layout = scratch_layout(self.shapes)
+        tiles = scratch_tiles(self.shapes, cfg)
         w_es, w0_es = weights[0].element_size(), bases[0].element_size()
         w_base, w0_base = weights[0].data_ptr(), bases[0].data_ptr()
-        rows = []
-        aligned = True
-        for i, ((r, c), w, w0) in enumerate(zip(shapes, weights, bases)):
+        offsets = []
+        for w, w0 in zip(weights, bases):
             dw, dw0 = w.data_ptr() - w_base, w0.data_ptr() - w0_base
             if dw % w_es or dw0 % w0_es:
                 raise ValueError("weights: tensor storage is not element-aligned")
-            k = min(r, c)
-            rows.append([dw // w_es, dw0 // w0_es, c, k, max(r, c), int(r >= c),
-                         self.shape.g_offsets[i], round_up(k, 16), self.shape.out_offsets[i]])
-            aligned &= (dw // w_es) % 16 == 0 and (dw0 // w0_es) % 16 == 0 and c % 16 == 0
-        aligned &= w_base % 16 == 0 and w0_base % 16 == 0
-        self.aligned = bool(aligned)
+            offsets.append((dw // w_es, dw0 // w0_es))
+        rows = _layer_rows(self.shapes, self.layout, *zip(*offsets))
         self.layer_table = torch.tensor(rows, dtype=torch.int64).to(device)
-        self.gram_tiles = self.shape.gram_tiles.to(device)
-        self.grad_tiles = self.shape.grad_tiles.to(device)
-        self.slot_gather = self.shape.slot_gather.to(device)
+        self.delta_tiles = tiles.delta_tiles.to(device)
+        self.gram_tiles = tiles.gram_tiles.to(device)
+        self.slot_gather = tiles.slot_gather.to(device)
+        self.scale = torch.zeros(len(weights), dtype=torch.float32, device=device)
+
+
+class GradPlan:
+    """The shape-only tables of the "tf32" gradient launch (backward has no weights)."""
+
+    def __init__(self, shapes, cfg: ScratchConfig, device):
+        layout = scratch_layout(shapes)
+        zeros = [0] * len(shapes)
+        self.layout = layout
+        self.layer_table = torch.tensor(_layer_rows(shapes, layout, zeros, zeros), dtype=torch.int64).to(device)
+        self.grad_tiles = scratch_tiles(shapes, cfg).grad_tiles.to(device)
 
 
 _PLANS = PlanCache()
-# The compiled kernel of the latest launch of each phase (registers, spills, shared memory,
-# PTX), for bench/diagnose_orthoreg.py.
-last_launch: dict[str, object] = {}
+_GRAD_PLANS: dict = {}
 
 
-def launch_plan(weights, bases, cfg: KernelConfig) -> LaunchPlan:
+def scratch_plan(weights, bases, cfg: ScratchConfig) -> ScratchPlan:
     """The cached plan for these exact tensors (validated when it is built)."""
-    return pair_plan(_PLANS, weights, bases, cfg, LaunchPlan)
+    return pair_plan(_PLANS, weights, bases, cfg, ScratchPlan)
 
 
-def gram_penalty(weights: list[torch.Tensor], bases: list[torch.Tensor], precision: str, *,
-                 config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1. Returns ``(sq, gmi)``: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat
-    fp32 buffer of every layer's ``G - I`` (layer ``l`` at ``plan.g_offsets[l]``, ``k`` rows
-    of stride ``round_up(k, 16)``, the padding columns zero)."""
-    check_precision(precision)
+def grad_plan(shapes: tuple[tuple[int, int], ...], cfg: ScratchConfig, device) -> GradPlan:
+    key = (shapes, cfg, str(device))
+    plan = _GRAD_PLANS.get(key)
+    if plan is None:
+        if len(_GRAD_PLANS) >= 16:
+            _GRAD_PLANS.pop(next(iter(_GRAD_PLANS)))
+        plan = _GRAD_PLANS[key] = GradPlan(shapes, cfg, device)
+    return plan
+
+
+def _prepare(weights, bases, precision: str, config: ScratchConfig | None):
+    """``(device, config, plan)`` of a launch, the precision checked."""
     device = weights[0].device
-    cfg = config or default_config(precision, device)
-    plan = launch_plan(weights, bases, cfg)
+    cfg = config or default_config(check_precision(precision), device)
+    return device, cfg, scratch_plan(weights, bases, cfg)
+
+
+def scratch_penalty(weights, bases, precision: str, *, config: ScratchConfig | None = None):
+    """Both passes with one plan lookup: ``(||G - I||_F^2 per layer, G - I, the scratch, the
+    per-layer scales used, the statistics)``; the last two are empty outside "tf32" mode
+    (:func:`write_deltas`)."""
+    prepared = _prepare(weights, bases, precision, config)
+    x, used, stats = _write_deltas(weights, bases, precision, *prepared)
+    return (*_scratch_gram(x, used, stats, precision, *prepared), x, used, stats)
+
+
+def write_deltas(weights, bases, precision: str, *, config: ScratchConfig | None = None):
+    """Pass 1: ``(x, used, stats)``: the flat scratch of every layer's ``X^T``
+    (:class:`ScratchLayout`); in "tf32" mode (``x`` holds fp16 ``X^T * used[l]``) the fp32
+    per-layer scales and an int32 ``[2 L]`` buffer whose first half holds the bits of each
+    layer's ``max |D|`` (the second half is the Gram's ``max |G - I|``); empty otherwise."""
+    return _write_deltas(weights, bases, precision, *_prepare(weights, bases, precision, config))
+
+
+def _write_deltas(weights, bases, precision, device, cfg, plan):
+    x = torch.empty(plan.layout.x_numel, dtype=scratch_dtype(precision, device), device=device)
+    layers = len(plan.shapes) if precision == "tf32" else 0
+    used = torch.empty(layers, dtype=torch.float32, device=device)
+    stats = torch.zeros(2 * layers, dtype=torch.int32, device=device)
+    num_tiles = plan.delta_tiles.shape[0]
+    passes = (False, True) if precision == "tf32" else (False,)
+    for fixup in passes:
+        delta_kernel[persistent_grid(num_tiles, device, 4 * cfg.programs_per_sm)](
+            weights[0], bases[0], x, plan.layer_table, plan.delta_tiles, num_tiles, plan.scale, used, stats,
+            NF=LAYER_FIELDS, BR=cfg.delta_rows, BC=cfg.delta_cols, FORMAT=_format(precision),
+            EMULATE_BF16=not device_info(device).is_cuda, FIXUP=fixup, num_warps=cfg.delta_warps)
+    if layers:
+        plan.scale.copy_(used)  # the next call starts from this call's scales
+    return x, used, stats
+
+
+def scratch_gram(weights, bases, x: torch.Tensor, used: torch.Tensor, stats: torch.Tensor, precision: str, *,
+                 config: ScratchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat fp32 buffer of every
+    ``G - I`` (``[L_g, k, k]`` per group, :class:`ScratchLayout`); ``used``, ``stats`` from
+    :func:`write_deltas` (in "tf32" mode this records ``max |G - I|`` in ``stats``)."""
+    return _scratch_gram(x, used, stats, precision, *_prepare(weights, bases, precision, config))
+
+
+def _scratch_gram(x, used, stats, precision, device, cfg, plan) -> tuple[torch.Tensor, torch.Tensor]:
     num_tiles = plan.gram_tiles.shape[0]
-    gmi = torch.empty(plan.shape.g_numel, dtype=torch.float32, device=device)
-    partials = torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
-    last_launch["gram"] = gram_penalty_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
-        weights[0], bases[0], plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials,
-        NF=LAYER_FIELDS, BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision,
-        EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    sq = partials[plan.slot_gather].sum(dim=1)
-    return sq, gmi
+    layers = len(plan.shapes) if precision == "tf32" else 0
+    # one slot per tile and a zero slot that pads the per-layer gather
+    partials, gmi = (torch.empty(n, dtype=torch.float32, device=device) for n in (num_tiles + 1, plan.layout.g_numel))
+    scratch_gram_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
+        x, plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials, used, stats[layers:], NF=LAYER_FIELDS,
+        BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision, EMULATE_BF16=not device_info(device).is_cuda,
+        SCALED=precision == "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return partials[plan.slot_gather].sum(dim=1), gmi
 
 
-def penalty_grad(weights: list[torch.Tensor], bases: list[torch.Tensor], gmi: torch.Tensor,
-                 coef: torch.Tensor, precision: str, *, config: KernelConfig | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Phase 2. ``coef[l] * X (G - I)`` for every layer (``coef`` is the whole per-layer
-    factor, e.g. ``4 * upstream`` for the squared penalty) into one flat buffer, layer ``l``
-    at ``plan.out_offsets[l]`` in its own ``out x in`` layout."""
-    check_precision(precision)
-    device = weights[0].device
-    cfg = config or default_config(precision, device)
-    plan = launch_plan(weights, bases, cfg)
+def scratch_grads(x: torch.Tensor, gmi: torch.Tensor, used: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
+                  shapes: tuple[tuple[int, int], ...], *, config: ScratchConfig | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pass 3 ("tf32" mode): the flat fp32 buffer of every layer's ``c_l X (G - I)`` as the
+    weight's ``rows x cols`` (:class:`ScratchLayout` ``o_offsets``, ``[L_g, rows, cols]`` per
+    group); ``coef``: fp32 ``[L]`` in layer order. With ``out`` (such a buffer), the gradients
+    are added to it in place and it is returned."""
+    device = x.device
+    cfg = config or default_config("tf32", device)
+    plan = grad_plan(tuple(shapes), cfg, device)
+    layers = len(shapes)
+    accumulate = out is not None
+    if accumulate and (out.dtype != torch.float32 or out.numel() != plan.layout.o_numel or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
+                         f"{out.dtype} of {out.numel()}")
+    if not accumulate:
+        out = torch.empty(plan.layout.o_numel, dtype=torch.float32, device=device)
     num_tiles = plan.grad_tiles.shape[0]
-    out = torch.empty(plan.shape.out_numel, dtype=out_dtype or weights[0].dtype, device=device)
-    last_launch["grad"] = penalty_grad_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
-        weights[0], bases[0], plan.layer_table, plan.grad_tiles, num_tiles, gmi,
-        coef.to(torch.float32).contiguous(), out,
-        NF=LAYER_FIELDS, BM=cfg.grad_m, BN=cfg.grad_n, BK=cfg.grad_k, PRECISION=precision,
-        EMULATE_BF16=device.type != "cuda", ALIGNED=plan.aligned,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scratch_grad_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
+        x, gmi, out, used, stats[layers:], coef, plan.layer_table, plan.grad_tiles, num_tiles, NF=LAYER_FIELDS,
+        BT=cfg.grad_rows, BN=cfg.grad_cols, BK=cfg.grad_k, ACCUMULATE=accumulate, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
-

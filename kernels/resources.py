@@ -72,28 +72,11 @@ def _types(names: str, t: str) -> dict:
     return {n: t for n in names.split()}
 
 
-def orthoreg_cases(configs: dict, precision: str = "tf32"):
-    """Both OrthoReg phases for each ``label -> KernelConfig``."""
-    from . import orthoreg as K
-
-    common = {**_types("w_base w0_base", "*fp32"), "layer_table": "*i64", "tile_table": "*i32", "num_tiles": "i32"}
-    base = {"NF": K.LAYER_FIELDS, "PRECISION": precision, "EMULATE_BF16": False, "ALIGNED": True}
-    for label, cfg in configs.items():
-        run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        gram = {**common, **_types("gmi_ptr partial_ptr", "*fp32"), **_types("NF BT BK PRECISION EMULATE_BF16 ALIGNED", "")}
-        yield (f"orthoreg gram [{label}]", K.gram_penalty_kernel, gram, {**base, "BT": cfg.gram_block, "BK": cfg.gram_k},
-               run, ())
-        grad = {**common, **_types("gmi_ptr coef_ptr out_ptr", "*fp32"),
-                **_types("NF BM BN BK PRECISION EMULATE_BF16 ALIGNED", "")}
-        yield (f"orthoreg grad [{label}]", K.penalty_grad_kernel, grad,
-               {**base, "BM": cfg.grad_m, "BN": cfg.grad_n, "BK": cfg.grad_k}, run, ())
-
-
-def scratch_cases(precision: str = "tf32"):
-    """The scratch OrthoReg passes: the delta pass for each scratch format (fp32, bf16, and the
+def orthoreg_cases(precision: str = "tf32"):
+    """The OrthoReg passes: the delta pass for each scratch format (fp32, bf16, and the
     "tf32" mode's scaled fp16 with its fix-up), the Gram in the mode's operand format
     (``precision``) and in bf16, and the "tf32" mode's gradient."""
-    from . import orthoreg_scratch as S
+    from . import orthoreg as S
     from ._common import H100
 
     common = {"layer_table": "*i64", "tile_table": "*i32", "num_tiles": "i32"}
@@ -105,7 +88,7 @@ def scratch_cases(precision: str = "tf32"):
                   **_types("NF BR BC FORMAT EMULATE_BF16 FIXUP", "")}
         consts = {"NF": S.LAYER_FIELDS, "BR": cfg.delta_rows, "BC": cfg.delta_cols, "FORMAT": fmt,
                   "EMULATE_BF16": False, "FIXUP": fixup}
-        yield (f"orthoreg scratch delta {fmt}{' fix-up' if fixup else ''}", S.delta_kernel, params, consts,
+        yield (f"orthoreg delta {fmt}{' fix-up' if fixup else ''}", S.delta_kernel, params, consts,
                dict(num_warps=cfg.delta_warps, num_stages=1), ())
     for mode in dict.fromkeys((precision, "bf16")):
         cfg = S.default_config(mode, H100)
@@ -114,7 +97,7 @@ def scratch_cases(precision: str = "tf32"):
                   **_types("NF BT BK PRECISION EMULATE_BF16 SCALED", "")}
         consts = {"NF": S.LAYER_FIELDS, "BT": cfg.gram_block, "BK": cfg.gram_k, "PRECISION": mode, "EMULATE_BF16": False,
                   "SCALED": mode == "tf32"}
-        yield (f"orthoreg scratch gram {mode}", S.scratch_gram_kernel, params, consts,
+        yield (f"orthoreg gram {mode}", S.scratch_gram_kernel, params, consts,
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
     cfg = S.default_config("tf32", H100)
     params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
@@ -122,7 +105,7 @@ def scratch_cases(precision: str = "tf32"):
     for accumulate in (False, True):
         consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k,
                   "ACCUMULATE": accumulate}
-        yield (f"orthoreg scratch grad tf32{' accumulate' if accumulate else ''}", S.scratch_grad_kernel, params,
+        yield (f"orthoreg grad tf32{' accumulate' if accumulate else ''}", S.scratch_grad_kernel, params,
                consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
 
 
@@ -132,12 +115,9 @@ def gpu_launch_cases(precision: str = "tf32"):
     from . import attention_tangent as AT
     from . import dual_linear as DL
     from . import lora_orthoreg as LO
-    from . import orthoreg as K
 
     cuda = H100  # the device description the launchers read; no CUDA call is made
-    yield from orthoreg_cases({"default": K.default_config(precision, cuda)}, precision)
-
-    yield from scratch_cases(precision)
+    yield from orthoreg_cases(precision)
 
     bm, bn, bk, warps = DL.launch_blocks(cuda)
     strides = "sxm sxk sdxt sdxm sdxk swn swk sdwt sdwn sdwk sdbt syt sym syn sdyt sdym sdyn"

@@ -141,8 +141,8 @@ def test_auto_backend_measures_and_caches(tmp_path, monkeypatch):
     choices = json.loads(files[0].read_text())
     from fastortho.ops.orthoreg import CUDA_CANDIDATES
 
-    assert len(choices) == 2 and set(choices.values()) <= {"triton", *CUDA_CANDIDATES}
-    assert all(key.startswith("triton|triton-scratch|cuda:gemm|cuda:triangle|cuda:syrk:") for key in choices)
+    assert len(choices) == 2 and set(choices.values()) <= {"torch", "triton", *CUDA_CANDIDATES}
+    assert all(key.startswith("torch|triton|cuda:gemm|cuda:triangle|cuda:syrk:") for key in choices)
 
 
 def test_auto_choice_never_picks_a_failing_or_disagreeing_backend(tmp_path, monkeypatch):

@@ -10,10 +10,9 @@ from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
 
 SHAPES = [(33, 17), (17, 33), (33, 17), (1, 37), (17, 33)]
-# (backend, precision): the torch backend, and the scratch backend's cuBLAS-path modes and its
-# one-launch tf32 mode (under the Triton interpreter on a CPU).
-CASES = [("torch", "ieee"), ("torch", "bf16"), ("triton-scratch", "ieee"), ("triton-scratch", "bf16"),
-         ("triton-scratch", "tf32")]
+# (backend, precision): the torch backend, and the Triton backend's cuBLAS-gradient modes and
+# its one-launch tf32 mode (under the Triton interpreter on a CPU).
+CASES = [("torch", "ieee"), ("torch", "bf16"), ("triton", "ieee"), ("triton", "bf16"), ("triton", "tf32")]
 
 
 def _needs(backend):
@@ -213,8 +212,7 @@ def test_penalty_twice_in_one_loss_and_weights_the_task_does_not_use(backend, pr
     _check(weights, expected, precision)
 
 
-@pytest.mark.parametrize("backend,precision", [("torch", "ieee"), ("triton-scratch", "ieee"),
-                                               ("triton-scratch", "tf32")])
+@pytest.mark.parametrize("backend,precision", [("torch", "ieee"), ("triton", "ieee"), ("triton", "tf32")])
 def test_mixed_and_foreign_grads_take_autograd(backend, precision):
     _needs(backend)
     weights, bases, tasks = _layers(12)

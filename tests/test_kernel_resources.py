@@ -18,8 +18,10 @@ NAMES = [case[0] for case in gpu_launch_cases("tf32")]
 # Spill-store bytes per thread that ptxas reports at sm_90a today (triton 3.8), where not zero:
 # a kernel may not spill more than this (every other kernel not at all), so a configuration or
 # code change that adds spills fails here. bench/static_kernels.py prints the whole table.
-SPILL_BUDGET = {"orthoreg gram [default]": 48, "attention fwd d64 fp32": 80, "attention bwd dkdv d64 fp32": 64,
-                "attention fwd d80 fp32": 288, "attention fwd d128 fp32": 288}
+# The tf32 gradient's accumulating variant (gradient accumulation only) holds the old tile and
+# the product at once in its epilogue: 255 registers and 8 B, once per tile, after the loop.
+SPILL_BUDGET = {"attention fwd d64 fp32": 80, "attention bwd dkdv d64 fp32": 64,
+                "attention fwd d80 fp32": 288, "attention fwd d128 fp32": 288, "orthoreg grad tf32 accumulate": 8}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,8 @@ def test_kernel_fits_an_sm90_block(reports, name):
     assert report["spill_store_bytes"] <= SPILL_BUDGET.get(name, 0), report
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("orthoreg scratch gram", "orthoreg scratch grad"))])
-def test_scratch_gram_mainloop_keeps_a_product_in_flight(reports, name):
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("orthoreg gram", "orthoreg grad"))])
+def test_orthoreg_mainloops_keep_a_product_in_flight(reports, name):
     """The Gram over the scratch, and the "tf32" mode's gradient over it, pipeline at sm_90a:
     asynchronous loads, and the only wait for every tensor-core product (pendings = 0) is the
     one after the loop, so inside the loop a product stays in flight while the next tiles load

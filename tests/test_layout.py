@@ -60,8 +60,8 @@ def test_op_package_docstrings_map_every_file():
 def test_design_reading_path_names_what_exists():
     design = (ROOT / "docs" / "design.md").read_text()
     path = design[design.index("Reading path"):]
-    for name, file in (("penalty_grad_kernel", "kernels/orthoreg.py"), ("def penalty_grad", "kernels/orthoreg.py"),
-                       ("fastortho::ortho_grad_triton", "fastortho/ops/orthoreg/triton_backend.py"),
+    for name, file in (("scratch_grad_kernel", "kernels/orthoreg.py"), ("def scratch_grads", "kernels/orthoreg.py"),
+                       ("fastortho::ortho_scratch_grad", "fastortho/ops/orthoreg/triton_backend.py"),
                        ("def _backward", "fastortho/ops/orthoreg/triton_backend.py"),
                        ("def layer_penalty_grad", "fastortho/reference.py"),
                        ("def upstream_coefficient", "fastortho/ops/_common.py")):

@@ -438,7 +438,7 @@ def test_steady_state_step_reads_nothing_on_the_host(kind, host_reads_forbidden)
         pytest.importorskip("triton")
         base = fo.snapshot(model)
         perturbed(model)
-        reg = fo.OrthoReg(model, base, lam=0.5, backend="triton-scratch", precision="tf32")
+        reg = fo.OrthoReg(model, base, lam=0.5, backend="triton", precision="tf32")
     else:
         base = fo.snapshot(model)
         perturbed(model)
@@ -474,7 +474,7 @@ def test_deferred_finite_check_names_the_layer_and_the_call():
         reg.monitor.check()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-scratch"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_precision_follows_autocast_and_nothing_is_recast(backend):
     """Under bf16 autocast precision=None is "bf16"; an explicit precision wins, and no
     backend's products are recast by autocast (ieee stays ieee accurate, tf32 tf32 accurate),

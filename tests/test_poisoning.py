@@ -31,5 +31,5 @@ def test_kernel_outputs_are_poisoned_before_launch():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights, bases = random_layers([(33, 17), (17, 40)])
     before = conftest._POISONED.get("empty", 0)
-    K.gram_penalty([w.to(device) for w in weights], [b.to(device) for b in bases], "ieee")
+    K.scratch_penalty([w.to(device) for w in weights], [b.to(device) for b in bases], "ieee")
     assert conftest._POISONED.get("empty", 0) >= before + 2  # G - I and the per-tile partials

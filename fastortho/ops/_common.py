@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._config import PRECISIONS, interpreting
 
-BACKENDS = ("auto", "triton", "triton-scratch", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
@@ -190,7 +190,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend.startswith("triton"):
+    if backend == "triton":
         if not triton_available():
             raise ValueError(f"backend={backend!r}: triton is not installed; use backend='torch'")
         if device.type != "cuda" and not interpreting():

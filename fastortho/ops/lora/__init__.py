@@ -45,7 +45,7 @@ def _lora_ortho_penalty(As, Bs, scales, squared, precision, backend) -> Tensor:
                          f"{sorted({str(t.device) for t in (*As, *Bs)})}")
     scales = [float(s) for s in scales]
     chosen = resolve_backend(backend, device)
-    if chosen in ("cuda", "triton-scratch"):
+    if chosen == "cuda":
         raise ValueError(f"backend={chosen!r} has no LoRA op (a LoRA update is never formed); use backend='auto', "
                          f"'triton' or 'torch'")
     if chosen == "triton":

@@ -5,31 +5,28 @@ already checked, picks a backend and returns the differentiable per-layer values
 
 Which file holds what (read top-down):
 
-- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "triton-scratch" | "cuda" |
-                        "torch"``, the split by dtype and by backend, DTensor routing
+- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "cuda" | "torch"``, the
+                        split by dtype and by backend, DTensor routing
 - ``torch_backend.py``  batched PyTorch products by shape group: registered ops
                         ``fastortho::ortho_gram_torch`` / ``ortho_grad_torch``, fakes, and the
                         one autograd definition (``_setup_context`` / ``_backward``)
-- ``triton_backend.py`` the registered ops ``fastortho::ortho_gram_triton`` (phase 1) and
-                        ``ortho_grad_triton`` (phase 2), fakes, one autograd definition; the
-                        kernels and launchers are in ``fastortho/kernels/orthoreg.py``
-                        (``gram_penalty_kernel`` / ``gram_penalty``, ``penalty_grad_kernel``
-                        / ``penalty_grad``)
-- ``scratch_backend.py`` ``D`` written once per step into a 16-bit (bf16; tf32 mode: scaled
+- ``triton_backend.py`` ``D`` written once per step into a 16-bit (bf16; tf32 mode: scaled
                         fp16) or fp32 scratch, the pipelined upper-triangle Gram
-                        (``fastortho/kernels/orthoreg_scratch.py``) and the gradient on cuBLAS
-                        (tf32 mode: one Triton launch): ``fastortho::ortho_scratch_gram`` /
+                        (``fastortho/kernels/orthoreg.py``) and the gradient on cuBLAS (tf32
+                        mode: one Triton launch): ``fastortho::ortho_scratch_gram`` /
                         ``ortho_scratch_grad`` / ``ortho_scratch_grad_fp16``, fakes, one
                         autograd definition
+- ``into_grad.py``      when a backward writes the gradient straight into ``.grad``
 - ``cuda_backend.py``   the C++ extension's ``fastortho::ortho_penalty_grouped`` (``csrc/``)
                         with its autograd Function
-- ``autotune.py``       the measured per-shape-group choice among Triton and the CUDA forms,
-                        cached on disk
+- ``autotune.py``       the measured per-shape-group choice among torch, Triton and the CUDA
+                        forms, cached on disk
 - ``sharded.py``        FSDP2 / DTensor weights: partial Grams and one all-reduce
 
 The reference every backend is tested against is ``fastortho/reference.py``
 (``ortho_penalty``, ``layer_penalty_grad``); the tests are ``tests/test_orthoreg.py`` and
-``tests/test_orthoreg_triton.py``; the benchmark ``bench/test_bench_orthoreg.py``. Eager calls
+``tests/test_orthoreg_triton.py`` (backend), ``tests/test_orthoreg_kernels.py`` (kernels),
+``tests/test_grad_into.py``; the benchmark ``bench/test_bench_orthoreg.py``. Eager calls
 skip the custom-op dispatch (``fastortho.ops._common.ListOp``); under torch.compile the
 registered ops run.
 """
@@ -43,7 +40,7 @@ from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
 from .._common import BACKENDS, autocast_off, contiguous, resolve_backend, triton_available
 from .torch_backend import torch_penalty
 
-__all__ = ["BACKENDS", "CUDA_CANDIDATES", "combine", "cuda_candidates", "ortho_penalty", "resolve_backend",
+__all__ = ["AUTO_CANDIDATES", "BACKENDS", "CUDA_CANDIDATES", "combine", "cuda_candidates", "ortho_penalty", "resolve_backend",
            "triton_available"]
 
 
@@ -94,20 +91,17 @@ def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, p
     return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: triton_penalty(ws, bs, squared, precision))
 
 
-def _scratch_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
-    from .scratch_backend import scratch_penalty
-
-    return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: scratch_penalty(ws, bs, squared, precision))
-
-
 def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
     from .cuda_backend import cuda_penalty
 
     return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision, gram))
 
 
-# Triton candidates of backend="auto": the first is the reference every candidate must agree with.
-TRITON_CANDIDATES = ("triton", "triton-scratch")
+# The measured candidates of backend="auto" besides the CUDA forms; the first is the reference
+# every candidate must agree with. (The first Triton design, D formed in registers in both
+# passes, was removed: it measured slower than "torch" on both ViT shape sets, 5.34 vs 4.54 ms
+# and 20.14 vs 8.33 ms on an H100, bench/NOTES.md.)
+AUTO_CANDIDATES = ("torch", "triton")
 # The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
 CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)
 
@@ -119,11 +113,9 @@ def cuda_candidates() -> tuple[str, ...]:
 
 
 def _run(backend: str, weights, bases, squared, precision) -> Tensor:
-    """``backend``: "triton", "triton-scratch", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
+    """``backend``: "triton", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
     if backend == "triton":
         return _triton_penalty(weights, bases, squared, precision)
-    if backend == "triton-scratch":
-        return _scratch_penalty(weights, bases, squared, precision)
     if backend.startswith("cuda"):
         return _cuda_penalty(weights, bases, squared, precision, backend.partition(":")[2] or "gemm")
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
@@ -131,14 +123,14 @@ def _run(backend: str, weights, bases, squared, precision) -> Tensor:
 
 
 def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -> Tensor:
-    """Per shape group the fastest of ``candidates`` (Triton and the CUDA extension's Gram
-    variants for backend="auto", the variants alone for backend="cuda"), measured once and
-    cached on disk (autotune.py)."""
+    """Per shape group the fastest of ``candidates`` (torch, Triton and the CUDA extension's
+    Gram variants for backend="auto", the variants alone for backend="cuda"), measured once
+    and cached on disk (autotune.py)."""
     from .. import cuda_ext
     from .autotune import choose
 
     if any(c.startswith("cuda") for c in candidates) and not cuda_ext.load():
-        candidates = tuple(c for c in candidates if not c.startswith("cuda")) or ("triton",)
+        candidates = tuple(c for c in candidates if not c.startswith("cuda")) or ("torch",)
     if len(candidates) == 1:
         return _run(candidates[0], weights, bases, squared, precision)
     assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision),
@@ -195,5 +187,5 @@ def _ortho_penalty(weights, bases, squared, precision, backend) -> Tensor:
             return _measured(weights, bases, squared, precision, candidates)
         return _run(candidates[0], weights, bases, squared, precision)
     if backend == "auto" and chosen == "triton" and tune:
-        return _measured(weights, bases, squared, precision, TRITON_CANDIDATES + cuda_candidates())
+        return _measured(weights, bases, squared, precision, AUTO_CANDIDATES + cuda_candidates())
     return _run(chosen, weights, bases, squared, precision)

@@ -1,5 +1,6 @@
 """``backend="auto"`` / ``"cuda"`` on CUDA: which implementation runs each shape group of
-layers (the Triton kernels, or the CUDA extension with one of its Gram variants), by
+layers (the torch backend, the Triton kernels, or the CUDA extension with one of its Gram
+variants), by
 measurement, never by guess. Each ``(candidates, shape, count, dtypes, precision, squared)``
 group is timed once (forward + backward on the caller's own tensors, CUDA events, median of 5
 after 2 warm-ups) and the choice cached on disk per device and library versions

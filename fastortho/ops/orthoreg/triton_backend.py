@@ -1,69 +1,179 @@
-"""The "triton" backend of the OrthoReg penalty: two registered ops around the kernels of
-``fastortho.kernels.orthoreg`` (docs/design.md section 3).
+"""The "triton" backend of the OrthoReg penalty (docs/design.md section 6): ``D`` is
+written once per step, as ``X^T`` in the mode's operand format, into a one-step scratch buffer
+(``fastortho/kernels/orthoreg.py``: one delta launch, plus a fix-up launch for the
+"tf32" mode's scaled fp16, and one pipelined upper-triangle Gram launch). The gradient
+``c X (G - I)``: in "bf16" and "ieee" one cuBLAS batched product per shape group on views of
+that scratch, the factor ``c`` folded into the small ``k x k`` matrix first; in "tf32" one
+grouped Triton launch over the fp16 scratch that undoes its scale in the epilogue (cuBLAS would
+need ``c (G - I) / s`` in fp16, which underflows for small updates).
 
-- ``fastortho::ortho_gram_triton`` (forward, phase 1): per-layer penalties and ``G - I``.
-- ``fastortho::ortho_grad_triton`` (backward, phase 2): the gradient of every layer, scaled
-  by the upstream gradient, into one flat buffer whose per-layer views go to autograd.
+- ``fastortho::ortho_scratch_gram``: per-layer values, the scratch, ``G - I``, and in "tf32"
+  mode the per-layer scales and statistics;
+- ``fastortho::ortho_scratch_grad``: per shape group the stacked gradients.
 
-The gradient is computed in backward (not saved from forward), so between the two passes
-only ``G - I`` (``k x k`` per layer) is held. Triton is imported on first use only.
+Between the passes the scratch (2 B per element in bf16 and fp16, 4 B in fp32) and ``G - I``
+are held.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ...kernels.layout import gmi_layout, grad_layout, layer_views
-from .._common import ListOp, grad_op, upstream_coefficient, without_autocast
+from . import into_grad
+from .._common import ListOp, bmm, bmm_accumulate, grad_op, to_group_order, upstream_coefficient, without_autocast
 from .torch_backend import weight_shapes
 
 
-def gram_values(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> tuple[Tensor, Tensor]:
-    """Phase 1: per-layer penalties and the flat buffer of every layer's ``G - I``."""
-    from ...kernels.orthoreg import gram_penalty
+def _layout(shapes):
+    """The scratch layout of ``shapes``: ``(rows, cols)`` pairs, or their flat list ``[r0, c0, ...]``
+    (what the registered op takes)."""
+    from ...kernels.orthoreg import scratch_layout
 
-    sq, gmi = gram_penalty(weights, bases, precision)
-    return (sq if squared else sq.sqrt()), gmi
-
-
-def grad_buffer(weights: list[Tensor], bases: list[Tensor], gmi: Tensor, coef: Tensor, precision: str) -> Tensor:
-    """Phase 2: ``coef[l] * X (G - I)`` of every layer into one flat buffer."""
-    from ...kernels.orthoreg import penalty_grad
-
-    return penalty_grad(weights, bases, gmi, coef, precision)
+    if shapes and isinstance(shapes[0], int):
+        shapes = list(zip(shapes[0::2], shapes[1::2]))
+    return scratch_layout(tuple((int(r), int(c)) for r, c in shapes))
 
 
-ortho_gram_triton = torch.library.custom_op("fastortho::ortho_gram_triton", gram_values, mutates_args=())
-ortho_grad_triton = torch.library.custom_op("fastortho::ortho_grad_triton", grad_buffer, mutates_args=())
+def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
+               precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward: per-layer penalties, the scratch of ``X^T``, the buffer of ``G - I``, and the
+    "tf32" mode's per-layer scales and statistics (empty in the other modes)."""
+    from ...kernels.orthoreg import scratch_penalty
+
+    sq, gmi, x, used, stats = scratch_penalty(weights, bases, precision)
+    return (sq if squared else sq.sqrt()), x, gmi, used, stats
 
 
-@ortho_gram_triton.register_fake
+def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int],
+               out: Tensor | None = None) -> Tensor:
+    """In "tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
+    rows, cols]`` per group at the layout's ``group_o``), one Triton launch over the scaled fp16
+    scratch; with ``out`` (eager only) added to that buffer in place. ``shapes``: the layers'
+    ``[r0, c0, r1, c1, ...]``."""
+    from ...kernels.orthoreg import scratch_grads
+
+    pairs = tuple((int(r), int(c)) for r, c in zip(shapes[0::2], shapes[1::2]))
+    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), pairs, out=out)
+
+
+def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
+    """:func:`flat_grads`' buffer as ``[L_g, rows, cols]`` per shape group."""
+    layout = _layout(shapes)
+    return [flat[o0:o0 + len(idx) * r * c].view(len(idx), r, c) for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)]
+
+
+def _group_operands(x: Tensor, gmi: Tensor, coefs: list[Tensor], layout, g: int) -> tuple[Tensor, Tensor, bool]:
+    """Group ``g``'s ``X^T`` (a view of the scratch), ``c (G - I)`` and whether it is tall."""
+    ((r, c), idx), x0, g0 = layout.groups[g], layout.group_x[g], layout.group_g[g]
+    k, big, n = min(r, c), max(r, c), len(idx)
+    stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg.py)
+    xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
+    return xt, gmi[g0:g0 + n * k * k].view(n, k, k) * coefs[g].view(-1, 1, 1), r >= c
+
+
+def _group_grad(x, gmi, coefs, layout, g, precision) -> Tensor:
+    xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
+    return bmm(xt.transpose(1, 2), m, precision) if tall else bmm(m, xt, precision)
+
+
+def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
+    """In "bf16" and "ieee" mode: per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
+    I))`` for tall layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS
+    reads the transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
+    layout = _layout(shapes)
+    coefs = to_group_order(coef, layout.groups)
+    return [_group_grad(x, gmi, coefs, layout, g, precision) for g in range(len(layout.groups))]
+
+
+ortho_scratch_gram = torch.library.custom_op("fastortho::ortho_scratch_gram", gram_parts, mutates_args=())
+ortho_scratch_grad = torch.library.custom_op("fastortho::ortho_scratch_grad", group_grads, mutates_args=())
+ortho_scratch_grad_fp16 = torch.library.custom_op("fastortho::ortho_scratch_grad_fp16", flat_grads, mutates_args=())
+
+
+@ortho_scratch_gram.register_fake
 def _(weights, bases, squared, precision):
-    values = weights[0].new_empty(len(weights), dtype=torch.float32)
-    return values, weights[0].new_empty(gmi_layout(weight_shapes(weights))[1], dtype=torch.float32)
+    from ...kernels.orthoreg import scratch_dtype
+
+    layout = _layout(weight_shapes(weights))
+    w, layers = weights[0], len(weights) if precision == "tf32" else 0
+    return (w.new_empty(len(weights), dtype=torch.float32),
+            w.new_empty(layout.x_numel, dtype=scratch_dtype(precision, w.device)),
+            w.new_empty(layout.g_numel, dtype=torch.float32), w.new_empty(layers, dtype=torch.float32),
+            w.new_empty(2 * layers, dtype=torch.int32))
 
 
-@ortho_grad_triton.register_fake
-def _(weights, bases, gmi, coef, precision):
-    return weights[0].new_empty(grad_layout(weight_shapes(weights))[1])
+@ortho_scratch_grad_fp16.register_fake
+def _(x, gmi, used, stats, coef, shapes):
+    return x.new_empty(_layout(shapes).o_numel, dtype=torch.float32)
+
+
+@ortho_scratch_grad.register_fake
+def _(x, gmi, coef, shapes, precision):
+    layout = _layout(shapes)
+    return [x.new_empty((len(idx), r, c), dtype=torch.float32) for (r, c), idx in layout.groups]
 
 
 def _setup_context(ctx, inputs, output):
-    weights, bases, squared, precision = inputs
-    values, gmi = output
-    ctx.squared, ctx.precision, ctx.n = squared, precision, len(weights)
-    ctx.shapes = weight_shapes(weights)
-    ctx.save_for_backward(values, gmi, *weights, *bases)
+    weights, _, squared, precision = inputs
+    values, x, gmi, used, stats = output
+    ctx.shapes = [int(v) for s in weight_shapes(weights) for v in s]
+    ctx.dtypes = [w.dtype for w in weights]
+    ctx.squared, ctx.precision = squared, precision
+    ctx.save_for_backward(values, x, gmi, used, stats)
 
 
 @without_autocast
-def _backward(ctx, grad_values, _grad_gmi):
-    values, gmi, *tensors = ctx.saved_tensors
+def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
+    values, x, gmi, used, stats = ctx.saved_tensors
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
-    flat = grad_op(ctx, grad_buffer, ortho_grad_triton)(list(tensors[:ctx.n]), list(tensors[ctx.n:]), gmi, coef,
-                                                        ctx.precision)
-    return layer_views(flat, ctx.shapes, grad_layout(ctx.shapes)[0]), [None] * ctx.n, None, None
+    layout = _layout(ctx.shapes)
+    n = len(ctx.dtypes)
+    grads: list[Tensor | None] = [None] * n
+    direct = into_grad.allowed(ctx, n)
+    if ctx.precision == "tf32":
+        # One launch writes every layer: straight into .grad for all layers or for none.
+        offsets = [layout.o_offsets[i] for i in range(n)]
+        mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if direct \
+            else (into_grad.AUTOGRAD, [])
+        if isinstance(mode, Tensor):
+            flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
+            return grads, [None] * n, None, None
+        flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
+        views = [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
+        if mode == into_grad.FRESH:
+            into_grad.install(weights, views)
+            return grads, [None] * n, None, None
+        buffers = group_views(flat, ctx.shapes)
+    else:
+        coefs = to_group_order(coef, layout.groups)
+        plans = [into_grad.plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c) if direct
+                 else (into_grad.AUTOGRAD, []) for (r, c), idx in layout.groups]
+        for g, (mode, weights) in enumerate(plans):
+            if isinstance(mode, Tensor):
+                (r, c), idx = layout.groups[g]
+                xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
+                out = mode.view(len(idx), r, c)
+                if tall:
+                    bmm_accumulate(out, xt.transpose(1, 2), m, ctx.precision)
+                else:
+                    bmm_accumulate(out, m, xt, ctx.precision)
+            elif mode == into_grad.FRESH:
+                into_grad.install(weights, list(_group_grad(x, gmi, coefs, layout, g, ctx.precision)))
+        if not any(into_grad.handed(mode) for mode, _ in plans):
+            return grads, [None] * n, None, None
+        if direct:  # some groups direct: the rest one product each, eager
+            buffers = [_group_grad(x, gmi, coefs, layout, g, ctx.precision)
+                       if into_grad.handed(mode) else None
+                       for g, (mode, _) in enumerate(plans)]
+        else:
+            buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
+    for buf, (_, idx) in zip(buffers, layout.groups):
+        if buf is None:
+            continue
+        for j, i in enumerate(idx):
+            grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
+    return grads, [None] * n, None, None
 
 
 # triton_penalty(weights, bases, squared, precision) -> per-layer values.
-triton_penalty = ListOp(ortho_gram_triton, gram_values, _setup_context, _backward, num_lists=2)
+triton_penalty = ListOp(ortho_scratch_gram, gram_parts, _setup_context, _backward, num_lists=2)

@@ -1,4 +1,4 @@
-"""The "triton-scratch" OrthoReg backend (D written once per step into a one-step scratch,
+"""The kernels of the "triton" OrthoReg backend (D written once per step into a one-step scratch,
 pipelined upper-triangle Gram, gradient on cuBLAS or, in tf32 mode's scaled fp16, one Triton
 launch) against reference.py in float64: under
 TRITON_INTERPRET=1 on a CPU, for real on a GPU; every output NaN-poisoned (tests/conftest.py).
@@ -11,10 +11,11 @@ from torch import nn
 import fastortho as fo
 from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
 from fastortho import reference as ref
+from fastortho.ops.orthoreg import ortho_penalty
 from test_orthoreg_triton import DEVICE, MIXED, layers
 
 pytest.importorskip("triton")
-from fastortho.kernels import orthoreg_scratch as S  # noqa: E402
+from fastortho.kernels import orthoreg as S  # noqa: E402
 
 # Small tiles: the awkward shapes span several Gram tiles (mirrored off-diagonal tiles, partial
 # edge tiles, clamped rows), several delta tiles, and more tiles than programs.
@@ -149,7 +150,7 @@ LARGE = [(257, 1024), (768, 3072), (3072, 768)] if DEVICE == "cuda" else [(257, 
 
 def test_large_layers():
     weights, bases = layers(LARGE, seed=9)
-    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton-scratch")
+    values, grads = fast_values_and_grads(weights, bases, True, "ieee", backend="triton")
     ref_values, ref_grads = reference_values_and_grads(weights, bases, True)
     assert rel_err(values, ref_values) <= TOL["ieee"]
     for g, rg in zip(grads, ref_grads):
@@ -157,7 +158,7 @@ def test_large_layers():
 
 
 def test_ops_pass_opcheck():
-    from fastortho.ops.orthoreg.scratch_backend import ortho_scratch_grad, ortho_scratch_grad_fp16, ortho_scratch_gram
+    from fastortho.ops.orthoreg.triton_backend import ortho_scratch_grad, ortho_scratch_grad_fp16, ortho_scratch_gram
 
     weights, bases = layers([(9, 5), (5, 9), (9, 5)], seed=7)
     grad_weights = [w.clone().requires_grad_(True) for w in weights]
@@ -175,12 +176,10 @@ def test_ops_pass_opcheck():
             torch.library.opcheck(ortho_scratch_grad, (x, gmi, coef, [9, 5, 5, 9, 9, 5], precision))
 
 
-def test_lora_has_no_scratch_backend():
-    from fastortho.ops.lora import lora_ortho_penalty
-
-    with pytest.raises(ValueError, match="has no LoRA op"):
-        lora_ortho_penalty([torch.ones(2, 8)], [torch.ones(8, 2)], [1.0], squared=True, precision="ieee",
-                           backend="triton-scratch")
+def test_the_removed_backend_name_is_refused():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ortho_penalty([torch.ones(2, 8)], [torch.zeros(2, 8)], squared=True, precision="ieee",
+                      backend="triton-scratch")
 
 
 # ----------------------------------------------------------------- GPU only
@@ -189,8 +188,8 @@ from conftest import requires_cuda  # noqa: E402
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend,precision", [("triton-scratch", "ieee"), ("triton-scratch", "tf32"),
-                                               ("triton", "ieee"), ("torch", "ieee")])
+@pytest.mark.parametrize("backend,precision", [("triton", "ieee"), ("triton", "tf32"), ("triton", "bf16"),
+                                               ("torch", "ieee")])
 def test_steady_state_step_never_synchronizes_and_replays_as_a_cuda_graph(backend, precision):
     """A steady-state OrthoReg forward + backward makes no host synchronization (PyTorch's sync
     debug mode raises on one) and, captured into a CUDA graph, replays to the eager result."""
