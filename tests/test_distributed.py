@@ -114,6 +114,16 @@ def tiny_net():
     return nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 12), nn.GELU(), nn.Linear(12, 3))
 
 
+def tuned_net():
+    """``tiny_net()`` moved away from its snapshot (full tensors, taken first): ``(model, base)``."""
+    model = tiny_net()
+    base = fo.snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    return model, base
+
+
 def batch():
     gen = torch.Generator().manual_seed(5)
     return torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
@@ -128,11 +138,7 @@ def _fsdp_worker(rank, path, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = tiny_net()
-    base = fo.snapshot(model)  # full tensors, taken before sharding
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3)
+    model, base = tuned_net()  # the snapshot's full tensors are taken before sharding
     fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
     x, y = batch()
     half = slice(rank * 4, (rank + 1) * 4)
@@ -148,11 +154,7 @@ def _fsdp_worker(rank, path, results):
 def test_fsdp2_step_with_orthoreg_equals_single_process(tmp_path):
     results = _spawn(_fsdp_worker, tmp_path)
     assert results[0]["calls"] == [(0, 0, 0)]  # FSDP2 shards rows: one sharded call, 3 weights
-    model = tiny_net()
-    base = fo.snapshot(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3)
+    model, base = tuned_net()
     x, y = batch()
     (task_loss(model, x, y) + 0.5 * fo.ortho_loss(model, base)).backward()
     for rank in range(WORLD):
@@ -162,11 +164,7 @@ def test_fsdp2_step_with_orthoreg_equals_single_process(tmp_path):
 
 def _ddp_worker(rank, path, results):
     _init(rank, path)
-    model = tiny_net()
-    base = fo.snapshot(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3)
+    model, base = tuned_net()
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = batch()
     half = slice(rank * 4, (rank + 1) * 4)
@@ -191,11 +189,7 @@ def _ddp_worker(rank, path, results):
 
 def test_ddp_orthoreg_linearized_taujp_equal_single_process(tmp_path):
     results = _spawn(_ddp_worker, tmp_path)
-    model = tiny_net()
-    base = fo.snapshot(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3)
+    model, base = tuned_net()
     x, y = batch()
     (task_loss(model, x, y) + 0.5 * fo.ortho_loss(model, base)).backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
@@ -224,11 +218,7 @@ def _ddp_accumulation_worker(rank, path, results):
     half = slice(rank * 4, (rank + 1) * 4)
     out = {}
     for bucket_view in (False, True):
-        model = tiny_net()
-        base = fo.snapshot(model)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3)
+        model, base = tuned_net()
         ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
         with ddp.no_sync():
             (task_loss(ddp, x[half], y[half]) + 0.5 * fo.ortho_loss(model, base)).backward()
@@ -240,11 +230,7 @@ def _ddp_accumulation_worker(rank, path, results):
 
 def test_ddp_gradient_accumulation_with_orthoreg_equals_single_process(tmp_path):
     results = _spawn(_ddp_accumulation_worker, tmp_path)
-    model = tiny_net()
-    base = fo.snapshot(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3)
+    model, base = tuned_net()
     x, y = batch()
     for _ in range(2):
         (task_loss(model, x, y) + 0.5 * fo.ortho_loss(model, base)).backward()

@@ -172,23 +172,17 @@ def test_backward_inputs_subset_writes_only_those():
             assert w.grad is None
 
 
-def test_tensor_hook_sees_the_whole_gradient():
+@pytest.mark.parametrize("hook", ["tensor", "post-accumulate"])
+def test_hooks_see_the_whole_gradient(hook):
     weights, bases, tasks = _layers(8)
     seen = {}
-    weights[0].register_hook(lambda g: seen.setdefault("g", g.clone()))
+    if hook == "tensor":
+        weights[0].register_hook(lambda g: seen.update(g=g.clone()))
+    else:
+        weights[0].register_post_accumulate_grad_hook(lambda p: seen.update(g=p.grad.clone()))
     _loss(weights, bases, tasks, "torch", "ieee").backward()
     expected = _expected(weights, bases, tasks)
     assert rel_err(seen["g"], expected[0]) <= TOL["ieee"]
-    _check(weights, expected, "ieee")
-
-
-def test_post_accumulate_hook_sees_the_whole_gradient():
-    weights, bases, tasks = _layers(9)
-    seen = {}
-    weights[2].register_post_accumulate_grad_hook(lambda p: seen.update(g=p.grad.clone()))
-    _loss(weights, bases, tasks, "torch", "ieee").backward()
-    expected = _expected(weights, bases, tasks)
-    assert rel_err(seen["g"], expected[2]) <= TOL["ieee"]
     _check(weights, expected, "ieee")
 
 
