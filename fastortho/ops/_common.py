@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -149,13 +150,32 @@ def bmm(a: Tensor, b: Tensor, precision: str) -> Tensor:
         return torch.bmm(a, b)
 
 
+# Whether cuBLAS's fp32-output bf16 baddbmm accepts out= aliasing its input (not checkable
+# without a GPU; the first refusal switches to a product plus an add for the process).
+_inplace_out_dtype_ok = True
+
+
+def _refuse_inplace_out_dtype() -> None:
+    global _inplace_out_dtype_ok
+    _inplace_out_dtype_ok = False
+    warnings.warn("this PyTorch refuses torch.baddbmm(out, ..., out_dtype=torch.float32, out=out); bf16-mode "
+                  "OrthoReg gradients are accumulated into .grad by a product and an add (one pass more)",
+                  RuntimeWarning, stacklevel=3)
+
+
 def bmm_accumulate(out: Tensor, a: Tensor, b: Tensor, precision: str) -> None:
     """``out += a @ b`` in place (fp32 ``out``), the operands treated per ``precision`` as in
     :func:`bmm`: one product that reads and writes ``out``, no temporary of its size."""
     if precision == "bf16":
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         if a.device.type == "cuda" and _bmm_has_out_dtype("cuda"):
-            torch.baddbmm(out, a16, b16, out_dtype=torch.float32, out=out)
+            if _inplace_out_dtype_ok:
+                try:
+                    torch.baddbmm(out, a16, b16, out_dtype=torch.float32, out=out)
+                    return
+                except RuntimeError:  # out= aliasing the input refused: checked before any launch
+                    _refuse_inplace_out_dtype()
+            out.add_(torch.bmm(a16, b16, out_dtype=torch.float32))
         elif a.device.type == "cuda":
             out.add_(torch.bmm(a16, b16))
         else:
