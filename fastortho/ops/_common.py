@@ -186,6 +186,17 @@ def bmm_accumulate(out: Tensor, a: Tensor, b: Tensor, precision: str) -> None:
         out.baddbmm_(a, b)
 
 
+def penalty_product(d: Tensor, m: Tensor, precision: str, out: Tensor | None = None) -> Tensor:
+    """The OrthoReg gradient's product for updates ``d`` ``[L, rows, cols]`` and the small
+    ``m = c (G - I)``: ``d m`` for tall layers, ``m d`` for wide ones; a fresh fp32 buffer, or
+    added to ``out`` in place (:func:`bmm_accumulate`)."""
+    a, b = (d, m) if d.shape[1] >= d.shape[2] else (m, d)
+    if out is None:
+        return bmm(a, b, precision)
+    bmm_accumulate(out, a, b, precision)
+    return out
+
+
 # ----------------------------------------------------------------------------- backends
 
 _triton_available: bool | None = None

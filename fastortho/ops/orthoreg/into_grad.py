@@ -26,6 +26,8 @@ weights, a tensor subclass) takes the ordinary path: the gradient goes to autogr
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -112,3 +114,31 @@ def install(weights: list[Tensor], views: list[Tensor]) -> None:
     """Make each weight's ``.grad`` the given view of a freshly written buffer."""
     for w, v in zip(weights, views):
         w.grad = v
+
+
+def group_gradients(ctx, groups, dtypes: list[torch.dtype], product: Callable, all_products: Callable) -> list:
+    """The backward's per-layer gradients for autograd (None where written into ``.grad``).
+
+    ``groups``: ``((rows, cols), layer indices)`` per shape group, whose gradients are one
+    ``[L_g, rows, cols]`` buffer each. ``product(g, out)``: group ``g``'s buffer, fresh (``out``
+    None) or added to ``out``; eager only. ``all_products()``: every group's buffer at once
+    (the registered op: the path whenever no direct write is allowed, torch.compile included).
+    """
+    n = len(dtypes)
+    if allowed(ctx, n):
+        buffers = []
+        for g, ((r, c), idx) in enumerate(groups):
+            mode, weights = plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c)
+            if isinstance(mode, Tensor):
+                product(g, mode.view(len(idx), r, c))
+            elif mode == FRESH:
+                install(weights, list(product(g, None)))
+            buffers.append(product(g, None) if handed(mode) else None)
+    else:
+        buffers = all_products()
+    grads: list[Tensor | None] = [None] * n
+    for buf, (_, idx) in zip(buffers, groups):
+        if buf is not None:
+            for j, i in enumerate(idx):
+                grads[i] = buf[j] if dtypes[i] == torch.float32 else buf[j].to(dtypes[i])
+    return grads

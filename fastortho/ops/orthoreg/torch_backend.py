@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import into_grad
-from .._common import ListOp, bmm, bmm_accumulate, grad_op, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import ListOp, bmm, grad_op, penalty_product, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
@@ -95,10 +95,7 @@ def _gram_factors(gmis: list[Tensor], coefs: list[Tensor]) -> list[Tensor]:
 def scaled_grads(deltas: list[Tensor], gmis: list[Tensor], coefs: list[Tensor], precision: str) -> list[Tensor]:
     """Per group ``D (c (G - I))`` (tall) or ``(c (G - I)) D`` (wide): the per-layer factor
     ``c`` is folded into the small ``k x k`` matrix, so the gradient is written once."""
-    out = []
-    for d, gs in zip(deltas, _gram_factors(gmis, coefs)):
-        out.append(bmm(d, gs, precision) if d.shape[1] >= d.shape[2] else bmm(gs, d, precision))
-    return out
+    return [penalty_product(d, gs, precision) for d, gs in zip(deltas, _gram_factors(gmis, coefs))]
 
 
 def penalty_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str,
@@ -140,14 +137,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, *deltas, *gmis)
 
 
-def _accumulate_grad(out: Tensor, d: Tensor, gs: Tensor, precision: str) -> None:
-    """``out += D (c (G - I))`` (tall) or ``(c (G - I)) D`` (wide), in place."""
-    if d.shape[1] >= d.shape[2]:
-        bmm_accumulate(out, d, gs, precision)
-    else:
-        bmm_accumulate(out, gs, d, precision)
-
-
 @without_autocast
 def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     n = len(ctx.dtypes)
@@ -157,25 +146,12 @@ def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     k = len(ctx.groups)
     coefs = to_group_order(upstream_coefficient(values, grad_values, ctx.squared, 4.0), ctx.groups)
     deltas, gmis = list(saved[:k]), list(saved[k:])
-    # Per group: straight into .grad where autograd allows (into_grad.py), else to autograd.
-    direct = into_grad.allowed(ctx, n)
-    plans = [into_grad.plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c) if direct
-             else (into_grad.AUTOGRAD, []) for (r, c), idx in ctx.groups]
-    handed = [g for g, (mode, _) in enumerate(plans) if into_grad.handed(mode)]
-    grads: list[Tensor | None] = [None] * n
-    if handed:
-        buffers = grad_op(ctx, scaled_grads, ortho_grad_torch)(
-            [deltas[g] for g in handed], [gmis[g] for g in handed], [coefs[g] for g in handed], ctx.precision)
-        for g, buf in zip(handed, buffers):
-            for j, i in enumerate(ctx.groups[g][1]):
-                grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
-    for g, (mode, weights) in enumerate(plans):
-        if isinstance(mode, Tensor):
-            (r, c), idx = ctx.groups[g]
-            _accumulate_grad(mode.view(len(idx), r, c), deltas[g], _gram_factors([gmis[g]], [coefs[g]])[0],
-                             ctx.precision)
-        elif mode == into_grad.FRESH:
-            into_grad.install(weights, list(scaled_grads([deltas[g]], [gmis[g]], [coefs[g]], ctx.precision)[0]))
+
+    def product(g, out):
+        return penalty_product(deltas[g], _gram_factors([gmis[g]], [coefs[g]])[0], ctx.precision, out)
+
+    grads = into_grad.group_gradients(ctx, ctx.groups, ctx.dtypes, product, lambda: grad_op(
+        ctx, scaled_grads, ortho_grad_torch)(deltas, gmis, coefs, ctx.precision))
     return grads, [None] * n, None, None, None
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import into_grad
-from .._common import ListOp, bmm, bmm_accumulate, grad_op, to_group_order, upstream_coefficient, without_autocast
+from .._common import ListOp, grad_op, penalty_product, to_group_order, upstream_coefficient, without_autocast
 from .torch_backend import weight_shapes
 
 
@@ -62,18 +62,15 @@ def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
     return [flat[o0:o0 + len(idx) * r * c].view(len(idx), r, c) for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)]
 
 
-def _group_operands(x: Tensor, gmi: Tensor, coefs: list[Tensor], layout, g: int) -> tuple[Tensor, Tensor, bool]:
-    """Group ``g``'s ``X^T`` (a view of the scratch), ``c (G - I)`` and whether it is tall."""
+def _group_grad(x, gmi, coefs, layout, g: int, precision: str, out: Tensor | None = None) -> Tensor:
+    """Group ``g``'s gradients from views of the scratch (``D`` is ``X`` or ``X^T`` of the
+    stored ``X^T``), fresh or added to ``out``."""
     ((r, c), idx), x0, g0 = layout.groups[g], layout.group_x[g], layout.group_g[g]
     k, big, n = min(r, c), max(r, c), len(idx)
     stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg.py)
     xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
-    return xt, gmi[g0:g0 + n * k * k].view(n, k, k) * coefs[g].view(-1, 1, 1), r >= c
-
-
-def _group_grad(x, gmi, coefs, layout, g, precision) -> Tensor:
-    xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
-    return bmm(xt.transpose(1, 2), m, precision) if tall else bmm(m, xt, precision)
+    m = gmi[g0:g0 + n * k * k].view(n, k, k) * coefs[g].view(-1, 1, 1)
+    return penalty_product(xt.transpose(1, 2) if r >= c else xt, m, precision, out)
 
 
 def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
@@ -128,48 +125,25 @@ def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
     layout = _layout(ctx.shapes)
     n = len(ctx.dtypes)
-    grads: list[Tensor | None] = [None] * n
-    direct = into_grad.allowed(ctx, n)
-    if ctx.precision == "tf32":
-        # One launch writes every layer: straight into .grad for all layers or for none.
-        offsets = [layout.o_offsets[i] for i in range(n)]
-        mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if direct \
-            else (into_grad.AUTOGRAD, [])
-        if isinstance(mode, Tensor):
-            flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
-            return grads, [None] * n, None, None
-        flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
-        views = [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
-        if mode == into_grad.FRESH:
-            into_grad.install(weights, views)
-            return grads, [None] * n, None, None
-        buffers = group_views(flat, ctx.shapes)
-    else:
+    if ctx.precision != "tf32":
         coefs = to_group_order(coef, layout.groups)
-        plans = [into_grad.plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c) if direct
-                 else (into_grad.AUTOGRAD, []) for (r, c), idx in layout.groups]
-        for g, (mode, weights) in enumerate(plans):
-            if isinstance(mode, Tensor):
-                (r, c), idx = layout.groups[g]
-                xt, m, tall = _group_operands(x, gmi, coefs, layout, g)
-                out = mode.view(len(idx), r, c)
-                if tall:
-                    bmm_accumulate(out, xt.transpose(1, 2), m, ctx.precision)
-                else:
-                    bmm_accumulate(out, m, xt, ctx.precision)
-            elif mode == into_grad.FRESH:
-                into_grad.install(weights, list(_group_grad(x, gmi, coefs, layout, g, ctx.precision)))
-        if not any(into_grad.handed(mode) for mode, _ in plans):
-            return grads, [None] * n, None, None
-        if direct:  # some groups direct: the rest one product each, eager
-            buffers = [_group_grad(x, gmi, coefs, layout, g, ctx.precision)
-                       if into_grad.handed(mode) else None
-                       for g, (mode, _) in enumerate(plans)]
-        else:
-            buffers = grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision)
-    for buf, (_, idx) in zip(buffers, layout.groups):
-        if buf is None:
-            continue
+        grads = into_grad.group_gradients(
+            ctx, layout.groups, ctx.dtypes, lambda g, out: _group_grad(x, gmi, coefs, layout, g, ctx.precision, out),
+            lambda: grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision))
+        return grads, [None] * n, None, None
+    # "tf32": one launch writes every layer, so straight into .grad for all layers or for none.
+    offsets = list(layout.o_offsets)
+    mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if into_grad.allowed(ctx, n) \
+        else (into_grad.AUTOGRAD, [])
+    if isinstance(mode, Tensor):
+        flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
+        return [None] * n, [None] * n, None, None
+    flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
+    if mode == into_grad.FRESH:
+        into_grad.install(weights, [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)])
+        return [None] * n, [None] * n, None, None
+    grads: list[Tensor | None] = [None] * n
+    for buf, (_, idx) in zip(group_views(flat, ctx.shapes), layout.groups):
         for j, i in enumerate(idx):
             grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
     return grads, [None] * n, None, None
