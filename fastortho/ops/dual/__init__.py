@@ -379,16 +379,22 @@ def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, lead: tuple)
     return torch.softmax(s, dim=-1)
 
 
-def _tangent_rows(q, k, v, o, dq, dk, dv, mask, scale, lead):
-    """``dO`` (fp32 for half rows) from ``[B, L, D]`` rows in one operand format: the products
-    take half operands (``P`` and ``P * dS`` rounded to it, as flash attention rounds ``P``)
-    and accumulate in fp32; the softmax and the elementwise terms are fp32."""
+def _tangent_rows(q, k, v, o, dq, dk, dv, mask, scale, lead, shape, dtype):
+    """``dO`` in ``shape`` and ``dtype`` from ``[B, L, D]`` rows in one operand format: the
+    products take half operands (``P`` and ``P * dS`` rounded to it, as flash attention
+    rounds ``P``) and accumulate in fp32; the softmax and the elementwise terms are fp32.
+
+    The result is the output of its last op, never a view or a no-op cast of an
+    intermediate: torch 2.11's dynamo drops the gradient of an autograd.Function whose
+    forward returns such an alias (docs/design.md section 7)."""
     p = _probs(q, k, mask, scale, lead)
     ds = mm_accumulate_fp32(q, dk.transpose(1, 2), mm_accumulate_fp32(dq, k.transpose(1, 2))) * scale
     z = p * ds
-    # (P * dS) V + P dV - rowsum(P * dS) O
+    # (P * dS) V + P dV - rowsum(P * dS) O, the last term written straight in the output's shape
     pv = mm_accumulate_fp32(z.to(q.dtype), v, mm_accumulate_fp32(p.to(q.dtype), dv))
-    return torch.addcmul(pv, z.sum(-1, keepdim=True), o, value=-1.0)
+    rowsum = z.sum(-1, keepdim=True)
+    do = torch.addcmul(pv.view(shape), rowsum.view(*shape[:-1], 1), o.view(shape), value=-1.0)
+    return do if do.dtype == dtype else do.to(dtype)
 
 
 def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
@@ -396,10 +402,9 @@ def attention_tangent(q, k, v, o, dq, dk, dv, mask, scale):
     ``dS = c (dQ K^T + Q dK^T)``, ``dO = (P * dS) V - rowsum(P * dS) O + P dV``.
     Plain differentiable ops (used without autograd, e.g. under vmap); operands in the
     autocast dtype under autocast, fp32 accumulation (:func:`_tangent_rows`)."""
-    dtype, shape, lead = _operand_dtype(q), q.shape, tuple(q.shape[:-2])
+    dtype, lead = _operand_dtype(q), tuple(q.shape[:-2])
     with torch.autocast(q.device.type, enabled=False):  # the operand format is chosen here, not recast
-        do = _tangent_rows(*(_rows(t, dtype) for t in (q, k, v, o, dq, dk, dv)), mask, scale, lead)
-    return do.view(shape).to(dtype)
+        return _tangent_rows(*(_rows(t, dtype) for t in (q, k, v, o, dq, dk, dv)), mask, scale, lead, o.shape, dtype)
 
 
 class AttentionTangent(torch.autograd.Function):
@@ -418,12 +423,12 @@ class AttentionTangent(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             q3, k3, v3 = _rows(q, dtype), _rows(k, dtype), _rows(v, dtype)
             do = _tangent_rows(q3, k3, v3, _rows(o, dtype), _rows(dq, dtype), _rows(dk, dtype), _rows(dv, dtype),
-                               mask, scale, lead)
+                               mask, scale, lead, o.shape, dtype)
         ctx.save_for_backward(q3, k3, v3, mask, o if keep_o else None)
         ctx.scale, ctx.lead = scale, lead
         ctx.shapes = (dq.shape, dk.shape, dv.shape)
         ctx.dtypes = (dq.dtype, dk.dtype, dv.dtype)
-        return do.view(q.shape).to(dtype)
+        return do  # fresh: see _tangent_rows
 
     @staticmethod
     def backward(ctx, g):
