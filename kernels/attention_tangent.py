@@ -185,15 +185,17 @@ def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, caus
     qf, kf, vf, dqf, dkf, dvf = (_flat(t) for t in (q, k, v, dq, dk, dv))
     BH = qf.shape[0]
     c = scale if scale is not None else 1.0 / math.sqrt(D)
-    o = torch.empty_like(qf)
-    do = torch.empty_like(qf)
+    # outputs allocated in their final (contiguous) shape and returned as they are: never a
+    # view of a buffer (torch 2.11's dynamo loses the gradient of a Function returning one)
+    o = torch.empty(shape, dtype=q.dtype, device=q.device)
+    do = torch.empty(shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((BH, L), dtype=torch.float32, device=q.device)
     cfg = launch_config(q.device, D)
     grid = (triton.cdiv(L, cfg["BM"]), BH)
     attention_tangent_fwd[grid](qf, kf, vf, dqf, dkf, dvf, o, do, lse, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"],
                                 BD=cfg["BD"], CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
-    return o.view(shape), do.view(shape), lse
+    return o, do, lse
 
 
 def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, causal: bool = False):
@@ -203,7 +205,7 @@ def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, caus
     BH = qf.shape[0]
     c = scale if scale is not None else 1.0 / math.sqrt(D)
     delta = torch.empty((BH, L), dtype=torch.float32, device=q.device)
-    gdq, gdk, gdv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+    gdq, gdk, gdv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     cfg = launch_config(q.device, D)
     prec = dot_precision(q.dtype)
     attention_tangent_bwd_dq[(triton.cdiv(L, cfg["BM"]), BH)](
@@ -212,4 +214,4 @@ def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, caus
     attention_tangent_bwd_dkdv[(triton.cdiv(S, cfg["BN"]), BH)](
         qf, kf, vf, gf, lse, delta, gdk, gdv, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], CAUSAL=causal,
         PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return gdq.view(q.shape), gdk.view(k.shape), gdv.view(v.shape)
+    return gdq, gdk, gdv
