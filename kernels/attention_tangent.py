@@ -156,14 +156,18 @@ def attention_tangent_bwd_dkdv(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, g
 _WIDE_STAGE_BYTES, _WIDE_FIXED_BYTES = 65536, 65536
 
 
-def launch_config(device, head_dim: int) -> dict:
-    """Blocks, warps and stages on ``device`` (a torch.device or a ``DeviceInfo``)."""
+def launch_config(device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Blocks, warps and stages on ``device`` (a torch.device or a ``DeviceInfo``) for
+    ``dtype`` operands."""
     info = device_info(device)
     bd = max(16, triton.next_power_of_2(head_dim))
     if not info.is_cuda:
         return dict(BM=16, BN=16, BD=bd, num_warps=4, num_stages=1)
     if bd <= 64:
-        return dict(BM=64, BN=64, BD=bd, num_warps=4, num_stages=3)
+        # fp32 operands at BN=64 spill at sm_90a (forward 116 B per thread on triton 3.6, 80 B on
+        # 3.8; dK/dV 128 / 64 B); BN=32 spills on neither version and halves the shared memory
+        # of the forward (tests/test_kernel_resources.py). 16-bit operands fit at BN=64.
+        return dict(BM=64, BN=32 if dtype == torch.float32 else 64, BD=bd, num_warps=4, num_stages=3)
     # Head dims 65-128: three stages need 256 KiB, beyond the 227 KiB of an H100 block (the
     # launch would fail); two stages and 8 warps fit (192 KiB) and spill least
     # (tests/test_kernel_resources.py checks the budget at sm_90a).
@@ -190,7 +194,7 @@ def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, caus
     o = torch.empty(shape, dtype=q.dtype, device=q.device)
     do = torch.empty(shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((BH, L), dtype=torch.float32, device=q.device)
-    cfg = launch_config(q.device, D)
+    cfg = launch_config(q.device, D, q.dtype)
     grid = (triton.cdiv(L, cfg["BM"]), BH)
     attention_tangent_fwd[grid](qf, kf, vf, dqf, dkf, dvf, o, do, lse, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"],
                                 BD=cfg["BD"], CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
@@ -206,7 +210,7 @@ def attention_tangent_backward(q, k, v, lse, g, scale: float | None = None, caus
     c = scale if scale is not None else 1.0 / math.sqrt(D)
     delta = torch.empty((BH, L), dtype=torch.float32, device=q.device)
     gdq, gdk, gdv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    cfg = launch_config(q.device, D)
+    cfg = launch_config(q.device, D, q.dtype)
     prec = dot_precision(q.dtype)
     attention_tangent_bwd_dq[(triton.cdiv(L, cfg["BM"]), BH)](
         qf, kf, vf, gf, lse, delta, gdq, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], CAUSAL=causal,

@@ -36,7 +36,7 @@ passes, mostly from L2) and once more for the gradient, write the gradient (4 B)
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -263,6 +263,15 @@ class ScratchConfig:
     grad_rows: int = 128  # BT x BN: gradient tile ("tf32" mode), BK its reduction step
     grad_cols: int = 128
     grad_k: int = 32
+    # BN of the accumulating gradient (gradient accumulation into .grad): its epilogue holds the
+    # old tile beside the product; at 128 x 128 that spills at sm_90a (72 B per thread on
+    # triton 3.6, 8 B on 3.8), at 128 x 64 neither version spills. Halving BN rather than BT
+    # re-reads the fp16 X^T, not the fp32 G - I, twice as often (half the extra bytes).
+    grad_cols_accumulate: int = 64
+
+    def accumulating(self) -> "ScratchConfig":
+        """The configuration of the accumulating gradient launch."""
+        return replace(self, grad_cols=self.grad_cols_accumulate)
 
 
 def default_config(precision: str, device) -> ScratchConfig:
@@ -271,7 +280,8 @@ def default_config(precision: str, device) -> ScratchConfig:
     reduction, fp32 32: the same bytes per stage)."""
     if not device_info(device).is_cuda:
         # The interpreter: small tiles keep its numpy products cheap on small layers.
-        return ScratchConfig(32, 32, 32, 32, num_warps=4, num_stages=1, grad_rows=32, grad_cols=32, grad_k=32)
+        return ScratchConfig(32, 32, 32, 32, num_warps=4, num_stages=1, grad_rows=32, grad_cols=32, grad_k=32,
+                             grad_cols_accumulate=16)
     return ScratchConfig(gram_k=32 if precision == "ieee" else 64)
 
 
@@ -483,10 +493,12 @@ def scratch_grads(x: torch.Tensor, gmi: torch.Tensor, used: torch.Tensor, stats:
     group); ``coef``: fp32 ``[L]`` in layer order. With ``out`` (such a buffer), the gradients
     are added to it in place and it is returned."""
     device = x.device
+    accumulate = out is not None
     cfg = config or default_config("tf32", device)
+    if accumulate:
+        cfg = cfg.accumulating()
     plan = grad_plan(tuple(shapes), cfg, device)
     layers = len(shapes)
-    accumulate = out is not None
     if accumulate and (out.dtype != torch.float32 or out.numel() != plan.layout.o_numel or not out.is_contiguous()):
         raise ValueError(f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
                          f"{out.dtype} of {out.numel()}")

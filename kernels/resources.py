@@ -103,7 +103,8 @@ def orthoreg_cases(precision: str = "tf32"):
     params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
               **common, **_types("NF BT BN BK ACCUMULATE", "")}
     for accumulate in (False, True):
-        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k,
+        run_cfg = cfg.accumulating() if accumulate else cfg
+        consts = {"NF": S.LAYER_FIELDS, "BT": run_cfg.grad_rows, "BN": run_cfg.grad_cols, "BK": run_cfg.grad_k,
                   "ACCUMULATE": accumulate}
         yield (f"orthoreg grad tf32{' accumulate' if accumulate else ''}", S.scratch_grad_kernel, params,
                consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
@@ -112,6 +113,8 @@ def orthoreg_cases(precision: str = "tf32"):
 def gpu_launch_cases(precision: str = "tf32"):
     """``(name, kernel, params, constexprs, launch options, aligned ints)`` for every Triton
     kernel of the package at the configuration its launcher picks on CUDA."""
+    import torch
+
     from . import attention_tangent as AT
     from . import dual_linear as DL
     from . import lora_orthoreg as LO
@@ -132,10 +135,10 @@ def gpu_launch_cases(precision: str = "tf32"):
     sizes = {**_types("L S D", "i32"), "scale": "fp32"}
     flags = _types("BM BN BD CAUSAL PRECISION", "")
     for head_dim in (64, 80, 128):
-        cfg = AT.launch_config(cuda, head_dim)
-        run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         aligned = ("D",) if head_dim % 16 == 0 else ()
         for dtype, prec in (("fp32", precision), ("bf16", "ieee")):
+            cfg = AT.launch_config(cuda, head_dim, torch.float32 if dtype == "fp32" else torch.bfloat16)
+            run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             consts = {"BM": cfg["BM"], "BN": cfg["BN"], "BD": cfg["BD"], "CAUSAL": True, "PRECISION": prec}
             fwd = {**_types("q_ptr k_ptr v_ptr dq_ptr dk_ptr dv_ptr o_ptr do_ptr", f"*{dtype}"), "lse_ptr": "*fp32",
                    **sizes, **flags}

@@ -15,14 +15,14 @@ from fastortho.kernels.resources import SM90_SHARED_LIMIT, gpu_launch_cases  # n
 
 NAMES = [case[0] for case in gpu_launch_cases("tf32")]
 
-# Spill-store bytes per thread that ptxas reports at sm_90a today (triton 3.8), where not zero:
-# a kernel may not spill more than this (every other kernel not at all), so a configuration or
-# code change that adds spills fails here. bench/static_kernels.py prints the whole table.
-# The tf32 gradient's accumulating variant (gradient accumulation only) holds the old tile and
-# the product at once in its epilogue: 255 registers and 8 B, once per tile, after the loop.
-SPILL_BUDGET = {"attention fwd d64 fp32": 80, "attention bwd dkdv d64 fp32": 64,
-                "attention fwd d80 fp32": 288, "attention fwd d128 fp32": 288, "orthoreg grad tf32 accumulate": 8}
-
+# Spill-store bytes per thread that ptxas reports at sm_90a, where not zero: a kernel may not
+# spill more than this (every other kernel not at all), so a configuration or code change that
+# adds spills fails here. The budgets hold on the oldest supported triton (3.6, the GPU image's)
+# and the newest (3.8 today); CI runs this file under both. Register allocation differs by
+# version, so the launchers pick configurations that spill on neither where one exists (the
+# fp32 attention at head dim 64, the accumulating OrthoReg gradient). The fp32 attention forward
+# at head dims 65-128 spills the same 288 B on both. bench/static_kernels.py prints the table.
+SPILL_BUDGET = {"attention fwd d80 fp32": 288, "attention fwd d128 fp32": 288}
 
 @pytest.fixture(scope="module")
 def reports():
