@@ -36,7 +36,7 @@ passes, mostly from L2) and once more for the gradient, write the gradient (4 B)
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -219,14 +219,23 @@ def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, 
                          mask=(rows[:, None] < k) & (offs_b[None, :] < stride), other=0.0)
             acc = tl.dot((m * t).to(tl.float16), xt, acc)
         grad = acc * (1.0 / (s * t)) * tl.load(coef_ptr + layer)
-        valid = (offs_j[:, None] < k) & (offs_b[None, :] < big)
-        if tall != 0:
-            out = out_ptr + out_off + offs_b[None, :] * k + offs_j[:, None]
-        else:
-            out = out_ptr + out_off + offs_j[:, None] * big + offs_b[None, :]
-        if ACCUMULATE:
-            grad += tl.load(out, mask=valid, other=0.0)
-        tl.store(out, grad, mask=valid)
+        # The epilogue in two column halves, stored one after the other: with ACCUMULATE only
+        # half of the old tile is live beside the product. The whole tile at once spilled at
+        # sm_90a (72 B per thread on triton 3.6, 8 B on 3.8); the halves spill on neither and
+        # need fewer layout conversions through shared memory (tests/test_kernel_resources.py).
+        halves = tl.split(tl.permute(tl.reshape(grad, (BN, 2, BT // 2)), (0, 2, 1)))
+        offs_h = tl.arange(0, BT // 2)
+        for h in tl.static_range(2):
+            part = halves[h]
+            cols_b = tb * BT + h * (BT // 2) + offs_h
+            valid = (offs_j[:, None] < k) & (cols_b[None, :] < big)
+            if tall != 0:
+                out = out_ptr + out_off + cols_b[None, :] * k + offs_j[:, None]
+            else:
+                out = out_ptr + out_off + offs_j[:, None] * big + cols_b[None, :]
+            if ACCUMULATE:
+                part += tl.load(out, mask=valid, other=0.0)
+            tl.store(out, part, mask=valid)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -263,15 +272,6 @@ class ScratchConfig:
     grad_rows: int = 128  # BT x BN: gradient tile ("tf32" mode), BK its reduction step
     grad_cols: int = 128
     grad_k: int = 32
-    # BN of the accumulating gradient (gradient accumulation into .grad): its epilogue holds the
-    # old tile beside the product; at 128 x 128 that spills at sm_90a (72 B per thread on
-    # triton 3.6, 8 B on 3.8), at 128 x 64 neither version spills. Halving BN rather than BT
-    # re-reads the fp16 X^T, not the fp32 G - I, twice as often (half the extra bytes).
-    grad_cols_accumulate: int = 64
-
-    def accumulating(self) -> "ScratchConfig":
-        """The configuration of the accumulating gradient launch."""
-        return replace(self, grad_cols=self.grad_cols_accumulate)
 
 
 def default_config(precision: str, device) -> ScratchConfig:
@@ -280,8 +280,7 @@ def default_config(precision: str, device) -> ScratchConfig:
     reduction, fp32 32: the same bytes per stage)."""
     if not device_info(device).is_cuda:
         # The interpreter: small tiles keep its numpy products cheap on small layers.
-        return ScratchConfig(32, 32, 32, 32, num_warps=4, num_stages=1, grad_rows=32, grad_cols=32, grad_k=32,
-                             grad_cols_accumulate=16)
+        return ScratchConfig(32, 32, 32, 32, num_warps=4, num_stages=1, grad_rows=32, grad_cols=32, grad_k=32)
     return ScratchConfig(gram_k=32 if precision == "ieee" else 64)
 
 
@@ -493,12 +492,10 @@ def scratch_grads(x: torch.Tensor, gmi: torch.Tensor, used: torch.Tensor, stats:
     group); ``coef``: fp32 ``[L]`` in layer order. With ``out`` (such a buffer), the gradients
     are added to it in place and it is returned."""
     device = x.device
-    accumulate = out is not None
     cfg = config or default_config("tf32", device)
-    if accumulate:
-        cfg = cfg.accumulating()
     plan = grad_plan(tuple(shapes), cfg, device)
     layers = len(shapes)
+    accumulate = out is not None
     if accumulate and (out.dtype != torch.float32 or out.numel() != plan.layout.o_numel or not out.is_contiguous()):
         raise ValueError(f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
                          f"{out.dtype} of {out.numel()}")

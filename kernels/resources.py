@@ -103,8 +103,7 @@ def orthoreg_cases(precision: str = "tf32"):
     params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
               **common, **_types("NF BT BN BK ACCUMULATE", "")}
     for accumulate in (False, True):
-        run_cfg = cfg.accumulating() if accumulate else cfg
-        consts = {"NF": S.LAYER_FIELDS, "BT": run_cfg.grad_rows, "BN": run_cfg.grad_cols, "BK": run_cfg.grad_k,
+        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k,
                   "ACCUMULATE": accumulate}
         yield (f"orthoreg grad tf32{' accumulate' if accumulate else ''}", S.scratch_grad_kernel, params,
                consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
