@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, reference_values_and_grads, rel_err, requires_cuda
 from fastortho.ops import cuda_ext
 from fastortho.testing import random_layers
+
+from conftest import TOL, reference_values_and_grads, rel_err, requires_cuda
 
 needs_toolkit = pytest.mark.skipif(cuda_ext.cuda_home() is None or torch.version.cuda is None,
                                    reason="no CUDA toolkit (nvcc) or a CPU-only torch: nothing to compile")
@@ -19,12 +20,27 @@ needs_toolkit = pytest.mark.skipif(cuda_ext.cuda_home() is None or torch.version
 @needs_toolkit
 def test_extension_compiles_and_registers_its_ops():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # the lent H100 / H200; one target keeps CI short
-    cuda_ext.build()
+    if cuda_ext.build() == "jit":
+        assert os.path.exists(os.path.join(cuda_ext.build_directory(), "fastortho_cuda.so"))
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastortho::ortho_penalty_grouped", "CUDA")
     schema = str(torch.ops.fastortho.ortho_penalty_grouped.default._schema)
     assert "Tensor[] weights" in schema and 'str gram="gemm"' in schema, schema
     # the extension links the cuBLAS library torch itself loaded (one library, one handle type)
     assert cuda_ext.cublas_library() in cuda_ext.link_flags()
+
+
+def test_build_folder_is_one_per_torch_version(tmp_path, monkeypatch):
+    """torch's extension cache is keyed by Python and CUDA version only; a build of another
+    torch must not be reused, nor its build lock waited on (torch 2.11 hangs on the lock file
+    that newer torch leaves behind)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folders = {}
+    for version in ("2.11.0+cu130", "2.14.1+cu130"):
+        monkeypatch.setattr(torch, "__version__", version)
+        folders[version] = cuda_ext.build_directory()
+    old, new = folders.values()
+    assert old != new and old.startswith(str(tmp_path)) and new.startswith(str(tmp_path))
+    assert "2_11_0" in os.path.basename(old) and "2_14_1" in os.path.basename(new)
 
 
 def test_cublas_library_is_the_one_torch_loaded():
@@ -96,7 +112,9 @@ def test_cuda_backend_matches_reference(precision, squared, gram, monkeypatch):
     monkeypatch.setenv("FASTORTHO_CUDA_GRAM", gram)
     assert cuda_ext.load(), cuda_ext.error()
     gen = torch.Generator().manual_seed(3)
-    scale_for = (lambda s: (0.5 if precision != "ieee" else 1.0) * max(s) ** -0.5)
+    def scale_for(s):
+        return (0.5 if precision != "ieee" else 1.0) * max(s) ** -0.5
+
     weights, bases = [], []
     for s in AWKWARD:
         w, b = random_layers([s], scale=scale_for(s), generator=gen)

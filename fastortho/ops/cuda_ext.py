@@ -141,13 +141,26 @@ def build(verbose: bool = False) -> str:
     os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))
     # One line, so that minutes of compiling are never silent (torch's file lock makes a second
     # process wait for a build in progress, then load its result).
-    log.warning("fastortho: building the CUDA extension (first use, a few minutes; cached in %s)",
-                cpp_extension._get_build_directory("fastortho_cuda", verbose=False))
+    where = build_directory()
+    log.warning("fastortho: building the CUDA extension (first use, a few minutes; cached in %s)", where)
     cpp_extension.load(name="fastortho_cuda", sources=srcs, extra_include_paths=include_dirs(),
                        extra_cflags=["-O2"], extra_cuda_cflags=["-O2"], verbose=verbose,
-                       extra_ldflags=link_flags(), is_python_module=False)
+                       extra_ldflags=link_flags(), is_python_module=False, build_directory=where)
     _state["copy"] = "jit"
     return "jit"
+
+
+def build_directory() -> str:
+    """The JIT build's folder, one per torch version (under torch's extension cache, which is
+    keyed by Python and CUDA version only). Two torch versions must not share one: a library
+    built against one torch's headers does not load into another, and their build locks differ
+    (torch 2.11 treats an existing ``lock`` file as held; newer torch leaves that file behind
+    after an OS-level lock), so an older torch waits forever on a newer one's folder."""
+    import torch
+    from torch.utils import cpp_extension
+
+    version = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
+    return cpp_extension._get_build_directory(f"fastortho_cuda_torch{version}", verbose=False)
 
 
 def load() -> bool:
