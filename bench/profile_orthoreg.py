@@ -21,7 +21,7 @@ def main(name: str) -> None:
     for backend in ("torch", "triton"):
         reg = fo.OrthoReg(model, base, squared=False, precision="tf32", backend=backend, check_finite=False)
 
-        def step():
+        def step(reg=reg):
             model.zero_grad(set_to_none=True)
             reg().backward()
 

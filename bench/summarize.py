@@ -58,7 +58,9 @@ def main(path: str) -> None:
             for r in rows:
                 e, t = r["extra_info"], r["stats"]["median"]
                 speed = f"{torch_t / t:.2f}x" if torch_t else "-"
-                print(f"| {e['policy']} | {t * 1e3:.3f} | {e['flop'] / t / 1e12:.1f} | {t / e['floor_s']:.2f} | {speed} |")
+                print(
+                    f"| {e['policy']} | {t * 1e3:.3f} | {e['flop'] / t / 1e12:.1f} | {t / e['floor_s']:.2f} | {speed} |"
+                )
             print()
         elif group.startswith("linearized-step"):
             by_kind = {r["extra_info"]["kind"]: r for r in rows}

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, sync
 from fastortho import set_kernels
 from fastortho.ops.dual import dual_linear, dual_sdpa
+
+from conftest import DEVICE, sync
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="kernels are timed on a GPU only")
 

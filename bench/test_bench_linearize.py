@@ -22,15 +22,24 @@ import pytest
 import torch
 
 import fastortho as fo
-from conftest import DEVICE, bench_models, gpu_busy_seconds, sync
 from fastortho import reference as ref
 from fastortho import set_kernels
 from fastortho.testing import count_aten_ops, saved_activation_bytes
 
+from conftest import DEVICE, bench_models, gpu_busy_seconds, sync
+
 open_clip = pytest.importorskip("open_clip")
 
-BATCH = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 32} if DEVICE == "cuda" else {"ViT-B-32": 8, "ViT-B-16": 4, "ViT-L-14": 2}
-TAUJP_BATCH = {"ViT-B-32": 16, "ViT-B-16": 8, "ViT-L-14": 4} if DEVICE == "cuda" else {"ViT-B-32": 2, "ViT-B-16": 1, "ViT-L-14": 1}
+BATCH = (
+    {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 32}
+    if DEVICE == "cuda"
+    else {"ViT-B-32": 8, "ViT-B-16": 4, "ViT-L-14": 2}
+)
+TAUJP_BATCH = (
+    {"ViT-B-32": 16, "ViT-B-16": 8, "ViT-L-14": 4}
+    if DEVICE == "cuda"
+    else {"ViT-B-32": 2, "ViT-B-16": 1, "ViT-L-14": 1}
+)
 OTHER_TASKS = 8
 PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
 STEPS = ["ordinary", "fastortho", "fastortho-torch-ops", "torch.func.jvp"]

@@ -13,10 +13,11 @@ import contextlib
 import pytest
 import torch
 
-from conftest import DEVICE, sync
 from fastortho import reference as ref
-from fastortho.ops.lora import lora_ortho_penalty
 from fastortho.ops._common import fp32_matmul
+from fastortho.ops.lora import lora_ortho_penalty
+
+from conftest import DEVICE, sync
 
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"
 WIDTH, BLOCKS = 1024, 24
@@ -51,7 +52,7 @@ def cost(layout, rank):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layout,rank", CASES, ids=[f"{l}-r{r}" for l, r in CASES])
+@pytest.mark.parametrize("layout,rank", CASES, ids=[f"{lay}-r{r}" for lay, r in CASES])
 def test_lora_penalty_fwd_bwd(benchmark, impl, layout, rank, ceilings):
     if impl == "triton" and DEVICE != "cuda":
         pytest.skip("Triton is timed on a GPU only (the CPU runs it in the interpreter)")

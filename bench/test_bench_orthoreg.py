@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
 from fastortho.ops._common import fp32_matmul
 from fastortho.testing import random_layers, vit_weight_shapes
+
+from conftest import DEVICE, bench_models, sync
 
 # The precision every timed case uses: tf32 on a GPU (the targets of docs/design.md section 6), fp32 on a CPU.
 PRECISION = "tf32" if DEVICE == "cuda" else "ieee"

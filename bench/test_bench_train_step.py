@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fastortho as fo
-from conftest import DEVICE, bench_models, sync
 from fastortho import reference as ref
+
+from conftest import DEVICE, bench_models, sync
 
 open_clip = pytest.importorskip("open_clip")
 

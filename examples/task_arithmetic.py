@@ -64,9 +64,11 @@ def main(out: Path) -> None:
     for method, lam in (("fine-tuned", 0.0), ("fine-tuned + OrthoReg", 0.05)):
         tvs = {}
         for t, name in enumerate(tqdm(TASKS, desc=f"fine-tuning ({method})")):
-            tvs[name] = fo.TaskVector.from_models(pretrained, finetune(pretrained, t, lam),
-                                                  metadata={"method": "nonlinear", "regularizer": "orthoreg" if lam else "none",
-                                                            "lambda": lam})
+            tvs[name] = fo.TaskVector.from_models(
+                pretrained,
+                finetune(pretrained, t, lam),
+                metadata={"method": "nonlinear", "regularizer": "orthoreg" if lam else "none", "lambda": lam},
+            )
         merged = fo.task_addition(pretrained, tvs, evaluate, progress=False)
         print(f"{method}: alpha={merged.alpha:.2f} " + " ".join(f"{k}={v:.3f}" for k, v in merged.test.items()))
         results[f"merged, {method}"] = {t: merged.test[f"{t}:top1"] for t in TASKS}

@@ -1,19 +1,43 @@
 """fastortho: fused kernels for weight-disentanglement regularizers in task arithmetic."""
+from . import analysis  # (plots import matplotlib only when drawn)
 from ._config import set_exchange, set_kernels
 from ._files import RunLockedError
 from ._version import __version__
 from .layers import select_parameters
 from .linearize import LinearizedModel, linearize
-from .lora import (LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters,
-                   lora_delta_weights, merge_lora)
+from .lora import LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters, lora_delta_weights, merge_lora
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
 from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_matrix, task_addition, task_negation
 from .taujp import TauJpRegularizer, taujp_loss, taujp_matrix
-from . import analysis  # noqa: E402  (plots import matplotlib only when drawn)
 
-__all__ = ["AdditionResult", "NegationResult", "RunLockedError", "TaskVector", "analysis", "cosine_matrix", "task_addition",
-           "task_negation", "LinearizedModel", "LoRAAdapter", "OrthoReg", "TauJpRegularizer", "linearize", "taujp_loss",
-           "taujp_matrix", "Snapshot", "TrainableReport", "add_lora", "attention_only",
-           "lora_adapters", "lora_delta_weights", "merge_lora", "ortho_loss", "select_parameters",
-           "set_exchange", "set_kernels", "snapshot", "__version__"]
+__all__ = [
+    "AdditionResult",
+    "NegationResult",
+    "RunLockedError",
+    "TaskVector",
+    "analysis",
+    "cosine_matrix",
+    "task_addition",
+    "task_negation",
+    "LinearizedModel",
+    "LoRAAdapter",
+    "OrthoReg",
+    "TauJpRegularizer",
+    "linearize",
+    "taujp_loss",
+    "taujp_matrix",
+    "Snapshot",
+    "TrainableReport",
+    "add_lora",
+    "attention_only",
+    "lora_adapters",
+    "lora_delta_weights",
+    "merge_lora",
+    "ortho_loss",
+    "select_parameters",
+    "set_exchange",
+    "set_kernels",
+    "snapshot",
+    "__version__",
+]

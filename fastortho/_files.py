@@ -23,8 +23,8 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -179,7 +179,7 @@ class RunLock:
         self.folder, self.what = Path(folder), what
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         import fcntl
 
         check_writable(self.folder, self.what)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,7 +152,9 @@ def vector_angles(delta: Tensor) -> np.ndarray:
     return torch.rad2deg(torch.arccos(cos[iu[0], iu[1]])).numpy()
 
 
-def weight_angles(task_vector: Mapping[str, Tensor], layers: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+def weight_angles(
+    task_vector: Mapping[str, Tensor], layers: Callable[[str], bool] | None = None
+) -> dict[str, np.ndarray]:
     """:func:`vector_angles` of every 2-D entry of a task vector (``layers(name)`` filters)."""
     out = {k: vector_angles(v) for k, v in task_vector.items()
            if v.dim() == 2 and min(v.shape) > 1 and (layers is None or layers(k))}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from .commands import ablate, eval as eval_command, finetune
+from .commands import ablate, finetune
+from .commands import eval as eval_command
 
 COMMANDS = {"finetune": finetune.main, "eval": eval_command.main, "ablate": ablate.main}
 

@@ -7,8 +7,8 @@ checkpoint read with ``weights_only=True``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -270,8 +270,18 @@ class ClipBenchmark:
 
     name = "clip8"
 
-    def __init__(self, model_name: str, weights_path, data_root, device="cpu", tasks: Sequence[str] | None = None,
-                 templates: Sequence[str] = TEMPLATES, *, pretrained: str | None = None, allow_torchscript: bool = False):
+    def __init__(
+        self,
+        model_name: str,
+        weights_path,
+        data_root,
+        device="cpu",
+        tasks: Sequence[str] | None = None,
+        templates: Sequence[str] = TEMPLATES,
+        *,
+        pretrained: str | None = None,
+        allow_torchscript: bool = False,
+    ):
         from .datasets import CONTROL, TASKS8, classnames, get_dataset
 
         self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights_path, device, pretrained=pretrained,

@@ -29,23 +29,41 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "Cars": Layout("torchvision", {"train": "stanford_cars", "test": "stanford_cars"},
-                   "<root>/stanford_cars/ as torchvision.datasets.StanfordCars expects (devkit/, cars_train/, cars_test/, "
-                   "cars_test_annos_withlabels.mat)"),
+    "Cars": Layout(
+        "torchvision",
+        {"train": "stanford_cars", "test": "stanford_cars"},
+        "<root>/stanford_cars/ as torchvision.datasets.StanfordCars expects (devkit/, cars_train/, cars_test/, "
+        "cars_test_annos_withlabels.mat)",
+    ),
     "DTD": Layout("folder", {"train": "dtd/train", "test": "dtd/test"}, "<root>/dtd/{train,test}/<class>/<image>"),
-    "EuroSAT": Layout("folder", {"train": "EuroSAT_splits/train", "test": "EuroSAT_splits/test"},
-                      "<root>/EuroSAT_splits/{train,test}/<class>/<image>"),
-    "GTSRB": Layout("torchvision", {"train": "gtsrb/GTSRB/Training", "test": "gtsrb/GTSRB/Final_Test/Images"},
-                    "<root>/gtsrb/ as torchvision.datasets.GTSRB(<root>) reads it: GTSRB/Training/<class>/*.ppm, "
-                    "GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv"),
-    "MNIST": Layout("torchvision", {"train": "MNIST", "test": "MNIST"}, "<root>/MNIST/raw/ (torchvision.datasets.MNIST files)"),
-    "RESISC45": Layout("folder", {"train": "resisc45/train", "test": "resisc45/test"},
-                       "<root>/resisc45/{train,test}/<class>/<image>"),
-    "SUN397": Layout("folder", {"train": "sun397/train", "test": "sun397/test"}, "<root>/sun397/{train,test}/<class>/<image>"),
-    "SVHN": Layout("torchvision", {"train": "svhn", "test": "svhn"},
-                   "<root>/svhn/{train,test}_32x32.mat (torchvision.datasets.SVHN files)"),
-    "ImageNet": Layout("folder", {"train": "imagenet/train", "test": "imagenet/val"},
-                       "<root>/imagenet/{train,val}/<wnid>/<image>"),
+    "EuroSAT": Layout(
+        "folder",
+        {"train": "EuroSAT_splits/train", "test": "EuroSAT_splits/test"},
+        "<root>/EuroSAT_splits/{train,test}/<class>/<image>",
+    ),
+    "GTSRB": Layout(
+        "torchvision",
+        {"train": "gtsrb/GTSRB/Training", "test": "gtsrb/GTSRB/Final_Test/Images"},
+        "<root>/gtsrb/ as torchvision.datasets.GTSRB(<root>) reads it: GTSRB/Training/<class>/*.ppm, "
+        "GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv",
+    ),
+    "MNIST": Layout(
+        "torchvision", {"train": "MNIST", "test": "MNIST"}, "<root>/MNIST/raw/ (torchvision.datasets.MNIST files)"
+    ),
+    "RESISC45": Layout(
+        "folder", {"train": "resisc45/train", "test": "resisc45/test"}, "<root>/resisc45/{train,test}/<class>/<image>"
+    ),
+    "SUN397": Layout(
+        "folder", {"train": "sun397/train", "test": "sun397/test"}, "<root>/sun397/{train,test}/<class>/<image>"
+    ),
+    "SVHN": Layout(
+        "torchvision",
+        {"train": "svhn", "test": "svhn"},
+        "<root>/svhn/{train,test}_32x32.mat (torchvision.datasets.SVHN files)",
+    ),
+    "ImageNet": Layout(
+        "folder", {"train": "imagenet/train", "test": "imagenet/val"}, "<root>/imagenet/{train,val}/<wnid>/<image>"
+    ),
 }
 
 
@@ -70,8 +88,10 @@ def missing_layout(name: str, root: Path, split: str) -> str | None:
     layout = LAYOUTS[name]
     where = root / layout.paths[split]
     if not where.exists():
-        return (f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}. "
-                f"fastortho never downloads datasets; prepare them under --data-root first")
+        return (
+            f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}. "
+            f"fastortho never downloads datasets; prepare them under --data-root first"
+        )
     return None
 
 
@@ -88,7 +108,9 @@ def _base(name: str, root: Path, split: str, transform) -> Dataset:
     try:
         return _torchvision(name, root, split, transform)
     except (RuntimeError, OSError, ValueError, KeyError) as e:  # "Dataset not found or corrupted", a missing file
-        raise FileNotFoundError(f"dataset {name!r} ({split}) under {where}: {e}. Expected layout: {layout.expected}") from None
+        raise FileNotFoundError(
+            f"dataset {name!r} ({split}) under {where}: {e}. Expected layout: {layout.expected}"
+        ) from None
 
 
 def val_split(n: int, fraction: float = 0.1, max_val: int = 5000, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -17,11 +17,11 @@ about the layers being tuned. Modes:
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-LayerSpec = Union[str, Callable[[str, Tensor], bool]]
+LayerSpec = str | Callable[[str, Tensor], bool]
 LAYER_MODES = ("trainable-2d", "linear", "attention")
 _MHA_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -113,7 +113,9 @@ def paired_bases(selected: list[tuple[str, Tensor]], base: Mapping[str, Tensor])
         hint = ""
         keys = list(base.keys())
         if keys and any(k.endswith("." + missing[0]) for k in keys[:10000]):
-            hint = " (base keys carry a prefix the model's names do not; strip it, e.g. take the submodule's state_dict)"
+            hint = (
+                " (base keys carry a prefix the model's names do not; strip it, e.g. take the submodule's state_dict)"
+            )
         raise ValueError(f"base is missing {len(missing)} key(s) the model regularizes: {some}{more}{hint}")
     out = []
     for n, p in selected:

@@ -11,7 +11,8 @@ unmodified model (:mod:`fastortho.dual`).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -172,7 +173,7 @@ class LinearizedModel(nn.Module):
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         save_safetensors(state, path, meta)
 
-    def load(self, path, strict: bool = True) -> "LinearizedModel":
+    def load(self, path, strict: bool = True) -> LinearizedModel:
         """Load a file written by :meth:`save` into this model (same architecture), in place.
         Everything is checked before anything is copied: a file of another model raises and
         leaves this one as it was."""

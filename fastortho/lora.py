@@ -278,7 +278,7 @@ class LoRAAdapter:
     transposed: bool = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peft_mha_out_proj_factor() -> float:
     """How many times PEFT applies the out_proj adapter of a LoRA-wrapped
     nn.MultiheadAttention, measured once on a 4-wide MHA (microseconds). PEFT's MHA layer

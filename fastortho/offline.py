@@ -24,6 +24,7 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -118,11 +119,15 @@ def _gratings(seed: int, n: int = 1600) -> tuple[np.ndarray, np.ndarray]:
 
 
 _MAKERS = {"Digits": _digits, "Textures": _textures, "Shapes": _shapes, "Gratings": _gratings}
-CLASSES = {"Digits": [str(i) for i in range(10)],
-           "Textures": [f"{im} {q}" for im in ("china", "flower") for q in ("top-left", "top-right", "bottom-left", "bottom-right")],
-           "Shapes": ["circle", "square", "triangle", "cross"],
-           "Gratings": [f"{a} degrees" for a in range(0, 180, 30)],
-           "Rotation": ["0", "90", "180", "270"]}
+CLASSES = {
+    "Digits": [str(i) for i in range(10)],
+    "Textures": [
+        f"{im} {q}" for im in ("china", "flower") for q in ("top-left", "top-right", "bottom-left", "bottom-right")
+    ],
+    "Shapes": ["circle", "square", "triangle", "cross"],
+    "Gratings": [f"{a} degrees" for a in range(0, 180, 30)],
+    "Rotation": ["0", "90", "180", "270"],
+}
 
 MEAN = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
 STD = torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1)
@@ -181,7 +186,9 @@ def config_from_env() -> EncoderConfig:
         values = json.loads(raw)
         return EncoderConfig(**values)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"FASTORTHO_OFFLINE_CONFIG: expected a JSON object of EncoderConfig fields, got {raw!r} ({e})") from None
+        raise ValueError(
+            f"FASTORTHO_OFFLINE_CONFIG: expected a JSON object of EncoderConfig fields, got {raw!r} ({e})"
+        ) from None
 
 
 class OfflineBenchmark:

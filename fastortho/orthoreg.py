@@ -128,7 +128,7 @@ class FiniteMonitor:
 
 
 # The monitors of the functional ortho_loss, one per model (a call per step is the use).
-_MONITORS: "weakref.WeakKeyDictionary[nn.Module, FiniteMonitor]" = weakref.WeakKeyDictionary()
+_MONITORS: weakref.WeakKeyDictionary[nn.Module, FiniteMonitor] = weakref.WeakKeyDictionary()
 
 
 def _monitor(model: nn.Module) -> FiniteMonitor:
@@ -257,8 +257,9 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
     check_materialized("model", selected)
     bases = paired_bases(selected, base_tensors(base, model))
     weights = [p for _, p in selected]
-    values = ortho_penalty(weights, bases, squared=squared, precision=resolve_precision(precision, weights[0].device.type),
-                           backend=backend)
+    values = ortho_penalty(
+        weights, bases, squared=squared, precision=resolve_precision(precision, weights[0].device.type), backend=backend
+    )
     if check_finite:
         _monitor(model).submit(values, [n for n, _ in selected], weights, bases)
     return values.sum()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ class Snapshot(Mapping[str, Tensor]):
         numel = sum(t.numel() for t in self._tensors.values())
         return f"Snapshot({len(self)} tensors, {numel:,} elements, layers={self.layers!r})"
 
-    def to(self, *args, **kwargs) -> "Snapshot":
+    def to(self, *args, **kwargs) -> Snapshot:
         """A snapshot with every tensor converted as ``Tensor.to(*args, **kwargs)``."""
         return Snapshot({n: t.to(*args, **kwargs) for n, t in self._tensors.items()}, self.layers)
 
@@ -47,7 +47,7 @@ class Snapshot(Mapping[str, Tensor]):
                           "order": json.dumps(list(self._tensors))})
 
     @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> "Snapshot":
+    def load(cls, path: str, device: str | torch.device = "cpu") -> Snapshot:
         from ._files import json_metadata, read_safetensors
 
         tensors, meta = read_safetensors(path, "path", device)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,12 +102,12 @@ class TaskVector(Mapping[str, Tensor]):
     # ------------------------------------------------------------------------- building
 
     @classmethod
-    def from_models(cls, pretrained, finetuned, metadata: Mapping[str, str] | None = None) -> "TaskVector":
+    def from_models(cls, pretrained, finetuned, metadata: Mapping[str, str] | None = None) -> TaskVector:
         """From two modules or state_dicts with the same floating-point keys and shapes."""
         pre, pre_tied = _untie(_floating_state(pretrained, "pretrained"))
         fine, fine_tied = _untie(_floating_state(finetuned, "finetuned"))
         tied = pre_tied or fine_tied
-        for first, others in tied.items():  # one side tied, the other not: keep one name on both
+        for others in tied.values():  # one side tied, the other not: keep one name on both
             for k in others:
                 pre.pop(k, None)
                 fine.pop(k, None)
@@ -122,11 +122,11 @@ class TaskVector(Mapping[str, Tensor]):
         return cls(vector, meta)
 
     @classmethod
-    def from_checkpoints(cls, pretrained_path, finetuned_path, metadata=None) -> "TaskVector":
+    def from_checkpoints(cls, pretrained_path, finetuned_path, metadata=None) -> TaskVector:
         return cls.from_models(load_checkpoint(pretrained_path), load_checkpoint(finetuned_path), metadata)
 
     @classmethod
-    def from_linearized(cls, lin: LinearizedModel, metadata=None) -> "TaskVector":
+    def from_linearized(cls, lin: LinearizedModel, metadata=None) -> TaskVector:
         """``th - th0`` of a linearized model, keyed by the wrapped model's parameter names."""
         if not isinstance(lin, LinearizedModel):
             raise TypeError(f"lin: expected a fastortho LinearizedModel, got {type(lin).__name__}")
@@ -135,7 +135,7 @@ class TaskVector(Mapping[str, Tensor]):
         return cls(lin.task_vector(), meta)
 
     @classmethod
-    def from_lora(cls, model: nn.Module, metadata=None) -> "TaskVector":
+    def from_lora(cls, model: nn.Module, metadata=None) -> TaskVector:
         """The dense updates ``s B A`` of a LoRA model (fastortho's or PEFT's adapters)."""
         from .lora import lora_delta_weights
 
@@ -160,7 +160,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     # ------------------------------------------------------------------------- arithmetic
 
-    def _combine(self, other, op) -> "TaskVector":
+    def _combine(self, other, op) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
         _same_layout(self._vector, other._vector, "left operand", "right operand")
@@ -177,10 +177,10 @@ class TaskVector(Mapping[str, Tensor]):
     def __sub__(self, other):
         return self._combine(other, torch.sub)
 
-    def __neg__(self) -> "TaskVector":
+    def __neg__(self) -> TaskVector:
         return TaskVector({k: -v for k, v in self._vector.items()}, self.metadata)
 
-    def __mul__(self, scalar) -> "TaskVector":
+    def __mul__(self, scalar) -> TaskVector:
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         check_real("scalar", scalar)  # NaN or inf would make every merged weight NaN
@@ -188,7 +188,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     __rmul__ = __mul__
 
-    def __truediv__(self, scalar) -> "TaskVector":
+    def __truediv__(self, scalar) -> TaskVector:
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         return self * (1.0 / scalar)
@@ -260,7 +260,7 @@ class TaskVector(Mapping[str, Tensor]):
         save_safetensors({k: v.contiguous() for k, v in self._vector.items()}, path, meta)
 
     @classmethod
-    def load(cls, path, device: str = "cpu") -> "TaskVector":
+    def load(cls, path, device: str = "cpu") -> TaskVector:
         """Read a file written by :meth:`save` (safetensors: nothing is unpickled)."""
         from ._files import json_metadata, read_safetensors
 
@@ -404,8 +404,11 @@ def task_negation(pretrained, task_vector: TaskVector, evaluate: Callable[[objec
 def cosine_matrix(task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping[str, Tensor]]) -> np.ndarray:
     """Pairwise cosine similarity of task vectors (OrthoReg Fig. 5): one GEMM over the
     ``N x P`` matrix of flattened vectors (float64 accumulation)."""
-    tvs = list(task_vectors.values()) if isinstance(task_vectors, Mapping) and not isinstance(task_vectors, TaskVector) \
+    tvs = (
+        list(task_vectors.values())
+        if isinstance(task_vectors, Mapping) and not isinstance(task_vectors, TaskVector)
         else list(task_vectors)
+    )
     if not tvs:
         raise ValueError("task_vectors: expected at least one task vector")
     keys = list(tvs[0].keys())

@@ -3,7 +3,7 @@ other tasks' inputs, as a penalty (strict, Eq. 10, or cyclical, Eq. 11) and as t
 metric between task vectors (Eq. 9, Fig. 6)."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn

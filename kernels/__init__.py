@@ -3,7 +3,8 @@
 - ``_common.py``   the device-side helpers every kernel shares (operand rounding, the
                    precision-dispatching product) and the lazily probed device description
 - ``layout.py``    flat-buffer layouts shared with the fake (meta) kernels; no triton import
-- ``orthoreg.py``  OrthoReg penalty (phase 1: Gram tiles) and gradient (phase 2)
+- ``orthoreg.py``  OrthoReg penalty: the delta pass writing ``X^T`` once into a scratch, the
+                   pipelined upper-triangle Gram over it, and the "tf32" mode's gradient
 - ``lora_orthoreg.py``  exact low-rank penalty of LoRA adapters and its gradients
 - ``dual_linear.py``    fused primal + tangent linear layer (one and many tangents)
 - ``attention_tangent.py``  one-pass attention with its tangent, and the tangent's backward

@@ -17,8 +17,22 @@ import triton.language as tl
 
 from .._config import PRECISIONS, check_precision, interpreting
 
-__all__ = ["PRECISIONS", "check_precision", "interpreting", "DeviceInfo", "H100", "device_info",
-           "persistent_grid", "dot_precision", "PlanCache", "pair_plan", "check_weight_pairs", "round_to_bf16", "operand", "mma"]
+__all__ = [
+    "PRECISIONS",
+    "check_precision",
+    "interpreting",
+    "DeviceInfo",
+    "H100",
+    "device_info",
+    "persistent_grid",
+    "dot_precision",
+    "PlanCache",
+    "pair_plan",
+    "check_weight_pairs",
+    "round_to_bf16",
+    "operand",
+    "mma",
+]
 
 
 # ----------------------------------------------------------------------------- device code

@@ -62,7 +62,9 @@ def attention_tangent_fwd(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do
         dk = tl.load(dk_ptr + idx, mask=mask_k, other=0.0)
         dv = tl.load(dv_ptr + idx, mask=mask_k, other=0.0)
         s = _scores(q, k, offs_m, offs_n, S, scale, CAUSAL, PRECISION)
-        ds = (tl.dot(dq, tl.trans(k), input_precision=PRECISION) + tl.dot(q, tl.trans(dk), input_precision=PRECISION)) * scale
+        ds = (
+            tl.dot(dq, tl.trans(k), input_precision=PRECISION) + tl.dot(q, tl.trans(dk), input_precision=PRECISION)
+        ) * scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -196,9 +198,28 @@ def attention_with_tangent(q, k, v, dq, dk, dv, scale: float | None = None, caus
     lse = torch.empty((BH, L), dtype=torch.float32, device=q.device)
     cfg = launch_config(q.device, D, q.dtype)
     grid = (triton.cdiv(L, cfg["BM"]), BH)
-    attention_tangent_fwd[grid](qf, kf, vf, dqf, dkf, dvf, o, do, lse, L, S, D, c, BM=cfg["BM"], BN=cfg["BN"],
-                                BD=cfg["BD"], CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
+    attention_tangent_fwd[grid](
+        qf,
+        kf,
+        vf,
+        dqf,
+        dkf,
+        dvf,
+        o,
+        do,
+        lse,
+        L,
+        S,
+        D,
+        c,
+        BM=cfg["BM"],
+        BN=cfg["BN"],
+        BD=cfg["BD"],
+        CAUSAL=causal,
+        PRECISION=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return o, do, lse
 
 

@@ -1,5 +1,6 @@
 """Flat-buffer layouts shared by the kernels' launchers and the ops' fake (meta) kernels. Pure
-Python, no triton import, so fake kernels and torch.compile tracing never need triton."""
+Python with no triton import. (The OrthoReg scratch layout lives in ``orthoreg.py``, which
+imports triton, so the Triton backend's fakes import triton too.)"""
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,10 @@ def lora_grad_offsets(shapes: tuple[tuple[int, int, int], ...]) -> tuple[tuple[i
     """Offsets of each adapter's A and B gradient in the flat buffer (all ``A`` then all ``B``),
     and its length, for ``(out, in, r)`` shapes."""
     a_offs, b_offs, pos = [], [], 0
-    for out, inn, r in shapes:
+    for _out, inn, r in shapes:
         a_offs.append(pos)
         pos += r * inn
-    for out, inn, r in shapes:
+    for out, _inn, r in shapes:
         b_offs.append(pos)
         pos += out * r
     return tuple(a_offs), tuple(b_offs), pos

@@ -42,7 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PlanCache, check_precision, device_info, gram_tile_epilogue, pair_plan, mma, persistent_grid, round_to_bf16
+from ._common import (
+    PlanCache,
+    check_precision,
+    device_info,
+    gram_tile_epilogue,
+    mma,
+    pair_plan,
+    persistent_grid,
+    round_to_bf16,
+)
 
 __all__ = ["ScratchConfig", "default_config", "scratch_layout", "scratch_penalty", "write_deltas", "scratch_gram",
            "scratch_grads", "scratch_plan", "delta_kernel", "scratch_gram_kernel", "scratch_grad_kernel",

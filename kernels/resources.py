@@ -95,8 +95,14 @@ def orthoreg_cases(precision: str = "tf32"):
         fmt = {"bf16": "bf16", "tf32": "fp16"}.get(mode, "fp32")
         params = {"x_ptr": f"*{fmt}", **common, **_types("gmi_ptr partial_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32",
                   **_types("NF BT BK PRECISION EMULATE_BF16 SCALED", "")}
-        consts = {"NF": S.LAYER_FIELDS, "BT": cfg.gram_block, "BK": cfg.gram_k, "PRECISION": mode, "EMULATE_BF16": False,
-                  "SCALED": mode == "tf32"}
+        consts = {
+            "NF": S.LAYER_FIELDS,
+            "BT": cfg.gram_block,
+            "BK": cfg.gram_k,
+            "PRECISION": mode,
+            "EMULATE_BF16": False,
+            "SCALED": mode == "tf32",
+        }
         yield (f"orthoreg gram {mode}", S.scratch_gram_kernel, params, consts,
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
     cfg = S.default_config("tf32", H100)
@@ -124,8 +130,12 @@ def gpu_launch_cases(precision: str = "tf32"):
     bm, bn, bk, warps = DL.launch_blocks(cuda)
     strides = "sxm sxk sdxt sdxm sdxk swn swk sdwt sdwn sdwk sdbt syt sym syn sdyt sdym sdyn"
     for dtype, prec in (("fp32", precision), ("bf16", "ieee")):
-        params = {**_types("x_ptr dx_ptr w_ptr dw_ptr b_ptr db_ptr y_ptr dy_ptr", f"*{dtype}"), **_types("M N K", "i32"),
-                  **_types(strides, "i32"), **_types("HAS_DX HAS_DW HAS_B HAS_DB WRITE_Y BM BN BK PRECISION", "")}
+        params = {
+            **_types("x_ptr dx_ptr w_ptr dw_ptr b_ptr db_ptr y_ptr dy_ptr", f"*{dtype}"),
+            **_types("M N K", "i32"),
+            **_types(strides, "i32"),
+            **_types("HAS_DX HAS_DW HAS_B HAS_DB WRITE_Y BM BN BK PRECISION", ""),
+        }
         consts = dict(HAS_DX=True, HAS_DW=True, HAS_B=True, HAS_DB=True, WRITE_Y=True, BM=bm, BN=bn, BK=bk,
                       PRECISION=prec, sxk=1, sdxk=1, swk=1, sdwk=1, syn=1, sdyn=1)
         yield (f"dual_linear {dtype}", DL.dual_linear_kernel, params, consts, dict(num_warps=warps, num_stages=3),
@@ -139,14 +149,26 @@ def gpu_launch_cases(precision: str = "tf32"):
             cfg = AT.launch_config(cuda, head_dim, torch.float32 if dtype == "fp32" else torch.bfloat16)
             run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             consts = {"BM": cfg["BM"], "BN": cfg["BN"], "BD": cfg["BD"], "CAUSAL": True, "PRECISION": prec}
-            fwd = {**_types("q_ptr k_ptr v_ptr dq_ptr dk_ptr dv_ptr o_ptr do_ptr", f"*{dtype}"), "lse_ptr": "*fp32",
-                   **sizes, **flags}
-            dq = {**_types("q_ptr k_ptr v_ptr g_ptr", f"*{dtype}"), **_types("lse_ptr delta_ptr", "*fp32"),
-                  "gdq_ptr": f"*{dtype}", **sizes, **flags}
+            fwd = {
+                **_types("q_ptr k_ptr v_ptr dq_ptr dk_ptr dv_ptr o_ptr do_ptr", f"*{dtype}"),
+                "lse_ptr": "*fp32",
+                **sizes,
+                **flags,
+            }
+            dq = {
+                **_types("q_ptr k_ptr v_ptr g_ptr", f"*{dtype}"),
+                **_types("lse_ptr delta_ptr", "*fp32"),
+                "gdq_ptr": f"*{dtype}",
+                **sizes,
+                **flags,
+            }
             dkdv = {**_types("q_ptr k_ptr v_ptr g_ptr", f"*{dtype}"), **_types("lse_ptr delta_ptr", "*fp32"),
                     **_types("gdk_ptr gdv_ptr", f"*{dtype}"), **sizes, **flags}
-            for name, fn, params in (("fwd", AT.attention_tangent_fwd, fwd), ("bwd dq", AT.attention_tangent_bwd_dq, dq),
-                                     ("bwd dkdv", AT.attention_tangent_bwd_dkdv, dkdv)):
+            for name, fn, params in (
+                ("fwd", AT.attention_tangent_fwd, fwd),
+                ("bwd dq", AT.attention_tangent_bwd_dq, dq),
+                ("bwd dkdv", AT.attention_tangent_bwd_dkdv, dkdv),
+            ):
                 yield f"attention {name} d{head_dim} {dtype}", fn, params, consts, run, aligned
 
     lcfg = LO.default_config(cuda)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fastortho as fo
+
 from conftest import TOL, rel_err
 
 open_clip = pytest.importorskip("open_clip")

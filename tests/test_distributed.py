@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastortho as fo
+
 from conftest import rel_err
 
 WORLD = 2
@@ -204,7 +205,7 @@ def test_ddp_orthoreg_linearized_taujp_equal_single_process(tmp_path):
     loss = nn.functional.cross_entropy(lin(x), y) + 0.1 * sum(fo.taujp_loss(lin, o) for o in others) / WORLD
     loss.backward()
     for rank in range(WORLD):
-        for n, p in model.named_parameters():
+        for n, _ in model.named_parameters():
             assert rel_err(results[rank]["orthoreg"][n], expected[n]) <= 1e-5, (rank, n)
         for n, p in lin.named_parameters():
             assert rel_err(results[rank]["taujp"][n], p.grad) <= 1e-5, (rank, n)
@@ -298,8 +299,11 @@ def test_ranks_building_the_offline_benchmark_at_once_share_its_cache(tmp_path):
     assert [f.name for f in (tmp_path / "cache").iterdir()] == [f.name for f in (tmp_path / "cache").glob("offline-*")]
 
 
-@pytest.mark.parametrize("flags", [["--parallel", "fsdp", "--reg", "orthoreg"], ["--parallel", "ddp", "--reg", "taujp"]],
-                         ids=["fsdp-orthoreg", "ddp-taujp"])
+@pytest.mark.parametrize(
+    "flags",
+    [["--parallel", "fsdp", "--reg", "orthoreg"], ["--parallel", "ddp", "--reg", "taujp"]],
+    ids=["fsdp-orthoreg", "ddp-taujp"],
+)
 def test_torchrun_example(flags, tmp_path):
     """examples/distributed_finetune.py under torchrun, 2 CPU processes (the README command)."""
     from pathlib import Path

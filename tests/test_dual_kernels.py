@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import fastortho as fo
-from conftest import TOL as TOLERANCES, rel_err, requires_cuda
 from fastortho import set_kernels
 from fastortho.ops.dual import attention_tangent
+
+from conftest import TOL as TOLERANCES
+from conftest import rel_err, requires_cuda
 
 pytest.importorskip("triton")
 from fastortho.kernels.attention_tangent import attention_tangent_backward, attention_with_tangent  # noqa: E402
@@ -212,7 +214,9 @@ def measured_linear(tmp_path, monkeypatch):
     run, the Triton one under the interpreter, so agreement is checked for real)."""
     from fastortho.ops import _measure, dual
 
-    monkeypatch.setattr(dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch")
+    monkeypatch.setattr(
+        dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch"
+    )
     monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(_measure, "_memory", {})
     monkeypatch.setattr(dual, "_choices", {})
@@ -261,7 +265,10 @@ def test_auto_dual_linear_never_takes_a_disagreeing_kernel(measured_linear):
     state.update(ms={"triton": 1.0, "torch": 2.0}, wrong=True)
     x, w, dw = randn(4, 8, seed=1), randn(3, 8, seed=2), randn(3, 8, seed=3)
     dual.dual_linear(x, None, w, dw)
-    assert state["fused"] == 1 and dual._choices[("linear", x.device, dual._linear_key(x, None, w, dw, None, None))] == "torch"
+    assert (
+        state["fused"] == 1
+        and dual._choices[("linear", x.device, dual._linear_key(x, None, w, dw, None, None))] == "torch"
+    )
 
 
 def test_auto_dual_linear_does_not_measure_under_vmap_or_compile(measured_linear, monkeypatch):
@@ -316,7 +323,9 @@ def test_auto_attention_takes_the_measured_faster_path(tmp_path, monkeypatch, fa
 
     from fastortho.ops import _measure, dual
 
-    monkeypatch.setattr(dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "attention" else "torch")
+    monkeypatch.setattr(
+        dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "attention" else "torch"
+    )
     monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(_measure, "_memory", {})
     monkeypatch.setattr(dual, "_choices", {})

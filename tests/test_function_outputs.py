@@ -70,10 +70,14 @@ def _problems(inputs, outputs, results):
         returned_by = [k for k, (_, t) in enumerate(results) if t is out]
         if len(returned_by) != 1:
             names = [results[k][0] for k in returned_by]
-            problems.append(f"output {i} was returned by {len(returned_by)} calls {names} (an alias of an intermediate)")
+            problems.append(
+                f"output {i} was returned by {len(returned_by)} calls {names} (an alias of an intermediate)"
+            )
             continue
         k = returned_by[0]
-        earlier = [results[j][0] for j in range(k) if results[j][1].numel() and _storage(results[j][1]) == _storage(out)]
+        earlier = [
+            results[j][0] for j in range(k) if results[j][1].numel() and _storage(results[j][1]) == _storage(out)
+        ]
         if earlier:
             problems.append(f"output {i} ({results[k][0]}) is a view of what {earlier[0]} made")
     return problems

@@ -4,11 +4,12 @@ otherwise), in fp32 against float64 references computed on the CPU: values, tang
 gradients. bench/gpu_check.py runs this file on the GPU; on a CPU it is the dry run's check."""
 import pytest
 import torch
+from test_linearize import perturb, reference_grads, small_vit
 
 import fastortho as fo
-from conftest import TOL, rel_err, requires_cuda
 from fastortho import reference as ref
-from test_linearize import perturb, reference_grads, small_vit
+
+from conftest import TOL, rel_err, requires_cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -83,7 +84,7 @@ def test_linearized_training_step_replays_as_a_cuda_graph(ieee_products):
         opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
         static_x = batches[0].clone()
 
-        def step():
+        def step(opt=opt, lin=lin, static_x=static_x):
             opt.zero_grad(set_to_none=False)
             loss = lin(static_x).square().mean()
             loss.backward()

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TOL, rel_err, requires_cuda
 from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
+
+from conftest import TOL, rel_err, requires_cuda
 
 SHAPES = [(33, 17), (17, 33), (33, 17), (1, 37), (17, 33)]
 # (backend, precision): the torch backend, and the Triton backend's cuBLAS-gradient modes and
@@ -65,7 +66,7 @@ def _direct_off(monkeypatch):
 def test_set_to_none_steps_install_views_and_match(backend, precision):
     _needs(backend)
     weights, bases, tasks = _layers(1)
-    for step in range(2):
+    for _ in range(2):
         for w in weights:
             w.grad = None
         _loss(weights, bases, tasks, backend, precision).backward()

@@ -10,7 +10,9 @@ from torch import nn
 
 import fastortho as fo
 from fastortho import _files
-from fastortho.commands import ablate, eval as eval_command, finetune as finetune_command
+from fastortho.commands import ablate
+from fastortho.commands import eval as eval_command
+from fastortho.commands import finetune as finetune_command
 from fastortho.train import FinetuneConfig
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "output_dim": 16, "pretrain_steps": 10}
@@ -175,7 +177,7 @@ def test_mha_options_under_linearize():
         _, tangent = lin(x, return_tangent=True)
         names, base, tau = lin.names, lin.base_values(), lin.task_vector()
         with sdpa_kernel(SDPBackend.MATH):
-            _, expected = torch.func.jvp(lambda *ps: torch.func.functional_call(model, dict(zip(names, ps)), (x,)),
+            _, expected = torch.func.jvp(lambda *ps: torch.func.functional_call(model, dict(zip(names, ps)), (x,)),  # noqa: B023
                                          tuple(base[n] for n in names), tuple(tau[n] for n in names))
         assert float((tangent - expected).norm() / expected.norm()) < 1e-10, kw
 
@@ -217,7 +219,11 @@ def test_user_errors_are_one_line_with_exit_status_2(offline, tmp_path, capsys):
         finetune_command.main(["--out", str(target), *offline])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert err.startswith("fastortho-finetune: error: --out: cannot write in ") and "a-file" in err and "Not a directory" in err
+    assert (
+        err.startswith("fastortho-finetune: error: --out: cannot write in ")
+        and "a-file" in err
+        and "Not a directory" in err
+    )
     with pytest.raises(SystemExit) as e:
         finetune_command.main(["--out", str(tmp_path / "o"), "--lam", "nan", *offline])
     assert e.value.code == 2 and "lam: expected a finite number, got nan" in capsys.readouterr().err

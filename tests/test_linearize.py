@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, rel_err
 from fastortho import reference as ref
 from fastortho.dual import fallback_log
 from fastortho.testing import saved_activation_bytes
+
+from conftest import TOL, rel_err
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
@@ -212,7 +213,9 @@ class AttentionVariants(nn.Module):
         return self.mha(x, x, x, need_weights=False)[0]
 
 
-@pytest.mark.parametrize("mode", ["plain", "no-bias", "separate-kv", "masks", "need-weights", "sdpa-causal", "sdpa-mask"])
+@pytest.mark.parametrize(
+    "mode", ["plain", "no-bias", "separate-kv", "masks", "need-weights", "sdpa-causal", "sdpa-mask"]
+)
 @pytest.mark.parametrize("train", [True, False])
 def test_attention_variants_match_jvp(mode, train):
     torch.manual_seed(0)

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, rel_err, requires_cuda
 from fastortho import reference as ref
 from fastortho.ops.lora import lora_ortho_penalty
+
+from conftest import TOL, rel_err, requires_cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -136,7 +137,9 @@ def test_registered_ops_pass_opcheck():
     torch.library.opcheck(lora_ortho_torch, (As, Bs, scales, False, "ieee", False))
     _, nes, ems = lora_ortho_torch([a.detach() for a in As], [b.detach() for b in Bs], scales, True, "ieee", True)
     coefs = [torch.ones(1, device=DEVICE)] * len(nes)
-    torch.library.opcheck(lora_grad_torch, ([a.detach() for a in As], [b.detach() for b in Bs], nes, ems, coefs, "ieee"))
+    torch.library.opcheck(
+        lora_grad_torch, ([a.detach() for a in As], [b.detach() for b in Bs], nes, ems, coefs, "ieee")
+    )
 
 
 def test_triton_registered_ops_pass_opcheck():
@@ -314,7 +317,9 @@ class ToyMLP(nn.Module):
 class TinyTransformer(nn.Module):
     def __init__(self, d=24, depth=2):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"self_attn": ToyAttention(d), "mlp": ToyMLP(d)}) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"self_attn": ToyAttention(d), "mlp": ToyMLP(d)}) for _ in range(depth)
+        )
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):

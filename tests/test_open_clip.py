@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import fastortho as fo
-from conftest import TOL, rel_err
 from fastortho import reference as ref
 from fastortho.testing import vit_weight_shapes
+
+from conftest import TOL, rel_err
 
 open_clip = pytest.importorskip("open_clip")
 

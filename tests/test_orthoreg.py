@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err, requires_cuda
 from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
 from fastortho.testing import random_layers
+
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err, requires_cuda
 
 AWKWARD = [(1, 37), (37, 1), (33, 17), (17, 33), (65, 130), (130, 65), (31, 31), (1, 1)]
 

@@ -6,13 +6,14 @@ The backend-level tests shared with "triton" (awkward and mixed shapes, every mo
 weights, model level) are parametrized over both in tests/test_orthoreg_triton.py."""
 import pytest
 import torch
+from test_orthoreg_triton import DEVICE, MIXED, layers
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
 from fastortho import reference as ref
 from fastortho.ops.orthoreg import ortho_penalty
-from test_orthoreg_triton import DEVICE, MIXED, layers
+
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err
 
 pytest.importorskip("triton")
 from fastortho.kernels import orthoreg as S  # noqa: E402
@@ -113,7 +114,7 @@ def test_tf32_results_do_not_depend_on_the_scale_a_plan_holds(stale):
     weights, bases = layers([(33, 17), (17, 33), (8, 8)], seed=4, precision="tf32")
     coef = torch.tensor([2.0, 1.0, -1.0], device=DEVICE)
     plan = S.scratch_plan(weights, bases, S.default_config("tf32", weights[0].device))
-    values = {"zero": [0.0] * 3, "huge": [2.0 ** 60] * 3, "tiny": [2.0 ** -60] * 3, "random": [2.0 ** 40, 2.0 ** -7, 3.0]}
+    values = {"zero": [0.0] * 3, "huge": [2.0**60] * 3, "tiny": [2.0**-60] * 3, "random": [2.0**40, 2.0**-7, 3.0]}
     plan.scale.copy_(torch.tensor(values[stale]))
     _, _, _, sq, grads = _tf32_pass(weights, bases, coef)
     _check_tf32_against_reference(weights, bases, coef, sq, grads)

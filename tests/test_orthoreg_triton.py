@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err, requires_cuda
 from fastortho.testing import random_layers, vit_weight_shapes
+
+from conftest import TOL, fast_values_and_grads, reference_values_and_grads, rel_err, requires_cuda
 
 pytest.importorskip("triton")
 from fastortho.kernels import orthoreg as K  # noqa: E402

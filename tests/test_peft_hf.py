@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL
 from fastortho import reference as ref
+
+from conftest import TOL
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -99,8 +99,11 @@ def test_every_other_figure_is_labelled(figures, tmp_path):
     torch.manual_seed(0)
     analysis.plot_disentanglement_error(np.random.rand(5, 5), [-1, -0.5, 0, 0.5, 1], tmp_path / "xi.png",
                                         labels=("Digits", "Textures"), run=RUN)
-    analysis.plot_angle_histograms(analysis.weight_angles({"a.weight": torch.randn(8, 6), "b.weight": torch.randn(6, 6)}),
-                                   tmp_path / "angles.png", run=RUN)
+    analysis.plot_angle_histograms(
+        analysis.weight_angles({"a.weight": torch.randn(8, 6), "b.weight": torch.randn(6, 6)}),
+        tmp_path / "angles.png",
+        run=RUN,
+    )
     analysis.plot_taujp_matrix(np.random.rand(3, 3), ["a", "b", "c"], tmp_path / "taujp.png", run=RUN)
     xi, angles, taujp = (texts(f) for f in figures[-3:])
     assert RUN in xi["titles"][0] and xi["xlabels"][0] == "coefficient alpha of Digits" and xi["legend"]

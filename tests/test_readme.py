@@ -63,7 +63,8 @@ def test_readme_attention_only_report_is_the_real_one():
 
 
 def test_readme_commands_name_options_that_exist():
-    from fastortho.commands import ablate, eval as eval_command, finetune
+    from fastortho.commands import ablate, finetune
+    from fastortho.commands import eval as eval_command
 
     parsers = {"fastortho-finetune": finetune.build_parser(), "fastortho-eval": eval_command.build_parser(),
                "fastortho-ablate": ablate.build_parser()}

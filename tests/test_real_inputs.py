@@ -63,8 +63,11 @@ def tiny_clip(tmp_path_factory):
     open_clip = pytest.importorskip("open_clip")
     import json
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     path = tmp_path_factory.mktemp("cfg") / "fastortho-tiny-openai.json"
     path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
@@ -140,7 +143,9 @@ def test_an_open_clip_hub_folder_is_read_by_open_clip(tiny_clip, tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     with pytest.raises(FileNotFoundError, match="no weights"):
         clip.load_clip("ignored", folder)
-    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in original.state_dict().items()}, str(folder / "open_clip_model.safetensors")
+    )
     model, preprocess, tokenizer = clip.load_clip("ignored", folder)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -210,7 +215,14 @@ def _write_cars(folder, n=12, first_only=False):
     import scipy.io
     from PIL import Image
 
-    annotation = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+    annotation = [
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("fname", "O"),
+    ]
     (folder / "devkit").mkdir(parents=True)
     for split, annos in (("train", folder / "devkit" / "cars_train_annos.mat"),
                          ("test", folder / "cars_test_annos_withlabels.mat")):
@@ -284,7 +296,8 @@ def test_the_readme_benchmark_commands_run_on_local_checkpoints(checkpoint, tiny
     import open_clip
 
     from fastortho import clip
-    from fastortho.commands import eval as eval_command, finetune as finetune_command
+    from fastortho.commands import eval as eval_command
+    from fastortho.commands import finetune as finetune_command
 
     write_benchmark_root(tmp_path / "data", monkeypatch, first_only=True)
     # Random weights classify at chance, and a split scored 0 cannot normalize task addition:

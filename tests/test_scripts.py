@@ -7,9 +7,12 @@ import torch
 
 import fastortho as fo
 from fastortho import datasets
-from fastortho.commands import _common as command_common, ablate, eval as eval_command, finetune as finetune_command
-from fastortho.train import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
+from fastortho.commands import _common as command_common
+from fastortho.commands import ablate
+from fastortho.commands import eval as eval_command
+from fastortho.commands import finetune as finetune_command
 from fastortho.offline import EncoderConfig, OfflineBenchmark
+from fastortho.train import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
 
 pytest.importorskip("sklearn")
 open_clip = pytest.importorskip("open_clip")

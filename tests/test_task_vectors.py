@@ -190,8 +190,11 @@ def test_vector_angles_against_numpy():
     tall = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     angles = analysis.vector_angles(tall)
     cols = tall.numpy().T
-    expected = [np.degrees(np.arccos(np.clip(cols[i] @ cols[j] / np.linalg.norm(cols[i]) / np.linalg.norm(cols[j]), -1, 1)))
-                for i in range(4) for j in range(i + 1, 4)]
+    expected = [
+        np.degrees(np.arccos(np.clip(cols[i] @ cols[j] / np.linalg.norm(cols[i]) / np.linalg.norm(cols[j]), -1, 1)))
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
     assert np.allclose(angles, expected)
     assert len(analysis.vector_angles(tall.T)) == 6  # wide: the rows, k = 4 vectors
     q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=gen))

@@ -2,12 +2,14 @@
 definition (torch.func.jvp per task, float64)."""
 import pytest
 import torch
+from test_linearize import perturb, small_vit
 from torch import nn
 
 import fastortho as fo
-from conftest import TOL as TOLERANCES, rel_err
 from fastortho import reference as ref
-from test_linearize import perturb, small_vit
+
+from conftest import TOL as TOLERANCES
+from conftest import rel_err
 
 TOL = TOLERANCES["float64"]
 

@@ -18,7 +18,7 @@ from .._checks import check_real
 from .._files import RunLock, write_text
 from ..task_vectors import cosine_matrix
 from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
-from ._common import command, benchmark_args, get_benchmark, parser, resolve_device, run_config, train_args
+from ._common import benchmark_args, command, get_benchmark, parser, resolve_device, run_config, train_args
 from .eval import evaluate_vectors
 
 DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lam_grid="0.1,1", lora_rank=8,
@@ -78,9 +78,11 @@ def write_table(rows: list[dict], out: Path) -> str:
         da = f"{100 * (r['abs'] - b['abs']):+.1f}" if b and r["reg"] != "none" else "-"
         dn = f"{100 * (r['norm'] - b['norm']):+.1f}" if b and r["reg"] != "none" else "-"
         lam = "-" if r["reg"] == "none" else f"{r['lam']:g}"
-        lines.append(f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {lam} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
-                     f"{dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | {r['finetune_s']:.1f} | "
-                     f"{r['memory_mb']:.1f} |")
+        lines.append(
+            f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {lam} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
+            f"{dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | {r['finetune_s']:.1f} | "
+            f"{r['memory_mb']:.1f} |"
+        )
     measure = rows[0]["memory_measure"] if rows else ""
     grids = sorted({tuple(r["lam_grid"]) for r in rows if r["reg"] != "none" and len(r.get("lam_grid", ())) > 1})
     note = "".join(f"; lambda chosen from {{{', '.join(f'{x:g}' for x in g)}}} by the merged model's normalized "

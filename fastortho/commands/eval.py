@@ -11,7 +11,7 @@ import torch
 from .._files import check_writable, write_text
 from ..task_vectors import TaskVector, task_addition, task_negation
 from ..train import make_evaluator, pretrained_for
-from ._common import InputProblems, command, benchmark_args, get_benchmark, parser, resolve_device
+from ._common import InputProblems, benchmark_args, command, get_benchmark, parser, resolve_device
 
 
 def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,

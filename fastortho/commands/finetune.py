@@ -8,7 +8,16 @@ from pathlib import Path
 
 from .._files import RunLock
 from ..train import MODES, REGULARIZERS, finetune
-from ._common import command, benchmark_args, get_benchmark, init_distributed, parser, resolve_device, run_config, train_args
+from ._common import (
+    benchmark_args,
+    command,
+    get_benchmark,
+    init_distributed,
+    parser,
+    resolve_device,
+    run_config,
+    train_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -107,7 +107,7 @@ def fp32_matmul(precision: str, device_type: str) -> Iterator[None]:
         flags.fp32_precision = old
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bmm_has_out_dtype(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether ``torch.bmm`` and ``torch.baddbmm`` take ``out_dtype=torch.float32`` for ``dtype``
     operands on this device type (CUDA in recent PyTorch); probed once, lazily."""

@@ -73,7 +73,9 @@ def median_ms(run: Callable[[], object], warmup: int = 2, reps: int = 5) -> tupl
 
 def close(x: torch.Tensor, y: torch.Tensor, tol: float = 2e-2) -> bool:
     """``x`` finite and within ``tol`` of ``y`` in relative Frobenius norm."""
-    return bool(torch.isfinite(x).all()) and float((x.float() - y.float()).norm()) <= tol * float(y.float().norm()) + 1e-6
+    return (
+        bool(torch.isfinite(x).all()) and float((x.float() - y.float()).norm()) <= tol * float(y.float().norm()) + 1e-6
+    )
 
 
 def fastest(key: str, candidates: Sequence[str], timed: Callable[[str], tuple[float, Sequence[torch.Tensor]]],

@@ -57,7 +57,11 @@ def verify(directory: Path) -> dict:
         raise DamagedCheckpoint("manifest.json is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DamagedCheckpoint(f"manifest.json is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise DamagedCheckpoint("manifest.json is not a fastortho checkpoint manifest")
     step = manifest.get("step")
     if not isinstance(step, int) or f"step-{step:08d}" != directory.name:

@@ -32,7 +32,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end
 
-    def check(self) -> "FinetuneConfig":
+    def check(self) -> FinetuneConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.reg not in REGULARIZERS:
@@ -49,7 +49,9 @@ class FinetuneConfig:
         if self.taujp_form not in ("released", "paper"):
             raise ValueError(f"taujp_form: expected 'released' or 'paper', got {self.taujp_form!r}")
         if self.ortho_precision not in ("auto", "ieee", "tf32", "bf16"):
-            raise ValueError(f"ortho_precision: expected 'auto', 'ieee', 'tf32' or 'bf16', got {self.ortho_precision!r}")
+            raise ValueError(
+                f"ortho_precision: expected 'auto', 'ieee', 'tf32' or 'bf16', got {self.ortho_precision!r}"
+            )
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast: expected 'auto', 'bf16' or 'none', got {self.autocast!r}")
         return self

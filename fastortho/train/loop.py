@@ -156,8 +156,8 @@ def _finetune(benchmark, task, cfg, device, ckpt, resume, progress, workers, dis
         steps = tqdm(steps, desc=f"{task} [{cfg.mode}, {cfg.reg}]", initial=start, total=cfg.steps)
     for step in steps:
         opt.zero_grad(set_to_none=True)
-        for micro in range(cfg.accumulation):
-            x, y = next(batches)[:2]  # batch step * accumulation + micro
+        for _micro in range(cfg.accumulation):
+            x, y = next(batches)[:2]  # batch step * accumulation + _micro
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(cfg, device):
                 if taujp is not None and one_pass:

@@ -142,7 +142,9 @@ def _fused_linear(x, dx, weight, dweight, bias, dbias):
 
     dtype = _compute_dtype(x)
     k, n = x.shape[-1], weight.shape[0]
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
     x2 = cast(x).reshape(-1, k)
     dx2 = None if dx is None else cast(dx).reshape(-1, k)
     y, dy = FusedDualLinear.apply(x2, dx2, cast(weight), cast(dweight), cast(bias), cast(dbias))
@@ -490,8 +492,15 @@ def attention_runs_triton(q, dq, k, dk, v, dv, is_causal, scale) -> bool:
             return once
         tensors = [t for t in (q, dq, k, dk, v, dv) if t is not None]
         return tensors, {"torch": timed(_run_torch_sdpa), "triton": timed(_run_fused_sdpa)}
-    key = (tuple(q.shape), k.shape[-2], v.shape[-1], _compute_dtype(q), (dq is not None, dk is not None, dv is not None),
-           bool(is_causal))
+
+    key = (
+        tuple(q.shape),
+        k.shape[-2],
+        v.shape[-1],
+        _compute_dtype(q),
+        (dq is not None, dk is not None, dv is not None),
+        bool(is_causal),
+    )
     return measured_triton("attention", key, q.device, candidates)
 
 

@@ -23,7 +23,17 @@ import functools
 import torch
 from torch import Tensor
 
-from .._common import ListOp, bmm, grad_op, without_autocast, fp32_matmul, shape_groups, to_group_order, to_layer_order, upstream_coefficient
+from .._common import (
+    ListOp,
+    bmm,
+    fp32_matmul,
+    grad_op,
+    shape_groups,
+    to_group_order,
+    to_layer_order,
+    upstream_coefficient,
+    without_autocast,
+)
 
 
 def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:

@@ -1,5 +1,6 @@
 """The OrthoReg penalty op: ``P = sum_l ||G_l - I||_F^2`` with its analytic gradient
-(docs/design.md section 1), on four backends. :func:`ortho_penalty` is the only entry the
+(docs/design.md section 1), on three backends (torch, triton, cuda) and their measured
+choice ("auto"). :func:`ortho_penalty` is the only entry the
 public module (``fastortho/orthoreg.py``) calls; it validates nothing the public module has
 already checked, picks a backend and returns the differentiable per-layer values.
 
@@ -40,8 +41,16 @@ from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
 from .._common import BACKENDS, autocast_off, contiguous, resolve_backend, triton_available
 from .torch_backend import torch_penalty
 
-__all__ = ["AUTO_CANDIDATES", "BACKENDS", "CUDA_CANDIDATES", "combine", "cuda_candidates", "ortho_penalty", "resolve_backend",
-           "triton_available"]
+__all__ = [
+    "AUTO_CANDIDATES",
+    "BACKENDS",
+    "CUDA_CANDIDATES",
+    "combine",
+    "cuda_candidates",
+    "ortho_penalty",
+    "resolve_backend",
+    "triton_available",
+]
 
 
 _inverse_cache: dict[tuple, Tensor] = {}
@@ -98,9 +107,7 @@ def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
 
 
 # The measured candidates of backend="auto" besides the CUDA forms; the first is the reference
-# every candidate must agree with. (The first Triton design, D formed in registers in both
-# passes, was removed: it measured slower than "torch" on both ViT shape sets, 5.34 vs 4.54 ms
-# and 20.14 vs 8.33 ms on an H100, bench/NOTES.md.)
+# every candidate must agree with.
 AUTO_CANDIDATES = ("torch", "triton")
 # The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
 CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)

@@ -42,7 +42,7 @@ def choose(weights, bases, squared: bool, precision: str, run, candidates: tuple
         key = f"{'|'.join(candidates)}:{sig}:x{len(idx)}:{precision}:{'sq' if squared else 'norm'}"
         if key not in table:
             ws, bs = [weights[i] for i in idx], [bases[i] for i in idx]
-            fastest(key, candidates, lambda c: _timed(c, lambda leaves: run(c, leaves, bs), ws), table)
+            fastest(key, candidates, lambda c, ws=ws, bs=bs: _timed(c, lambda leaves: run(c, leaves, bs), ws), table)
             changed = True
         for i in idx:
             assign[i] = table[key]

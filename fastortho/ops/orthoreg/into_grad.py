@@ -26,7 +26,7 @@ weights, a tensor subclass) takes the ordinary path: the gradient goes to autogr
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -13,8 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._common import (
+    ListOp,
+    bmm,
+    grad_op,
+    penalty_product,
+    shape_groups,
+    to_group_order,
+    to_layer_order,
+    upstream_coefficient,
+    without_autocast,
+)
 from . import into_grad
-from .._common import ListOp, bmm, grad_op, penalty_product, without_autocast, shape_groups, to_group_order, to_layer_order, upstream_coefficient
 
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:

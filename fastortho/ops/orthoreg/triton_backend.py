@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import into_grad
 from .._common import ListOp, grad_op, penalty_product, to_group_order, upstream_coefficient, without_autocast
+from . import into_grad
 from .torch_backend import weight_shapes
 
 
@@ -59,7 +59,10 @@ def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor
 def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
     """:func:`flat_grads`' buffer as ``[L_g, rows, cols]`` per shape group."""
     layout = _layout(shapes)
-    return [flat[o0:o0 + len(idx) * r * c].view(len(idx), r, c) for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)]
+    return [
+        flat[o0 : o0 + len(idx) * r * c].view(len(idx), r, c)
+        for ((r, c), idx), o0 in zip(layout.groups, layout.group_o)
+    ]
 
 
 def _group_grad(x, gmi, coefs, layout, g: int, precision: str, out: Tensor | None = None) -> Tensor:
