@@ -79,6 +79,21 @@ def main(path: str) -> None:
                       f"{e['peak_memory_bytes'] / mp:.2f} | {busy} | {ops} |" if plain
                       else f"| {e['kind']} | {t * 1e3:.1f} | - | - | - | {busy} | {ops} |")
             print(f"\nbatch {rows[0]['extra_info']['batch']}\n")
+        elif group.startswith("host"):
+            print("| case | model | backend | layers | device ops (launches + ATen) | fastortho Python calls | "
+                  "frames at a launch | ms here |")
+            print("|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                if e["case"] == "linearized":
+                    print(f"| linearized step | {e['model']} | - | - | {e['linearized_ops']} ATen ops vs "
+                          f"{e['ordinary_ops']} ordinary: {e['ratio']:.2f}x, {e['ratio_with_constructions']:.2f}x "
+                          f"with {e['constructions']} subclass constructions | - | - | - |")
+                    continue
+                print(f"| {e['case']} | {e['model']} | {e['backend']} | {e['layers']} | {e['device_ops']} "
+                      f"({e['launches']} + {e['aten_ops']}) | {e['python_calls']} | {e['max_depth']} | "
+                      f"{t * 1e3:.2f} |")
+            print()
         elif group.startswith("taujp"):
             loop = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "released-loop"), None)
             cyc = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "cyclical"), None)
