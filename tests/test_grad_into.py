@@ -123,6 +123,43 @@ def test_disabled_by_the_environment_switch(monkeypatch):
     assert all(w.grad._base is None for w in weights)  # autograd's own tensors
 
 
+def test_autograd_internals_behave_as_expected(monkeypatch):
+    """The private autograd reads of the direct write (into_grad.engine_inputs: the backward's
+    AccumulateGrad nodes, whether the engine runs them, their leaves' hooks) answer as the
+    module expects on this PyTorch. If an upgrade changes them this fails, and at run time the
+    probe turns direct writes off (next test)."""
+    from fastortho.ops.orthoreg import into_grad
+
+    monkeypatch.setattr(into_grad, "_probe_result", [])
+    assert into_grad.probe()
+
+
+@pytest.mark.parametrize("backend,precision", [("torch", "ieee"), ("triton", "tf32")])
+def test_a_failed_probe_takes_autograd(backend, precision, monkeypatch):
+    """With autograd's internals not as expected, every gradient goes through autograd: the
+    same values, no view installed, through accumulation too."""
+    _needs(backend)
+    from fastortho.ops.orthoreg import into_grad
+
+    monkeypatch.setattr(into_grad, "_probe_result", [False])
+    weights, bases, tasks = _layers(6)
+    for _ in range(2):
+        _loss(weights, bases, tasks, backend, precision).backward()
+    _check(weights, _expected(weights, bases, tasks, steps=2), precision)
+    assert all(w.grad._base is None for w in weights)
+
+
+def test_probe_failure_is_reported_once(monkeypatch):
+    """A PyTorch whose internals answer otherwise: the probe says no, with one warning."""
+    from fastortho.ops.orthoreg import into_grad
+
+    monkeypatch.setattr(into_grad, "_probe_result", [])
+    monkeypatch.setattr(into_grad, "engine_inputs", lambda ctx, n: None)
+    with pytest.warns(RuntimeWarning, match="autograd internals"):
+        assert not into_grad.probe()
+    assert into_grad.probe() is False  # cached: no second probe, no second warning
+
+
 class _GradSizedAdds(TorchDispatchMode):
     """Counts additions whose result has the shape of one of ``shapes`` (gradient-sized passes)."""
 

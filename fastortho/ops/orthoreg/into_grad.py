@@ -43,54 +43,123 @@ def handed(mode) -> bool:
     return isinstance(mode, str) and mode == AUTOGRAD
 
 
-def _will_accumulate(node) -> bool:
-    """Whether this backward runs ``node`` (an AccumulateGrad). torch.autograd.grad runs none:
-    there the engine refuses the question for leaf nodes."""
+def engine_inputs(ctx, n: int) -> list[tuple[Tensor | None, bool, bool]] | None:
+    """Every private autograd read this module relies on, in one place: for each of the first
+    ``n`` inputs of the running backward, ``(leaf, runs, hooked)``: the leaf tensor whose
+    AccumulateGrad node feeds that input (None for a non-leaf or no gradient), whether this
+    backward runs that node (``torch._C._will_engine_execute_node``; ``torch.autograd.grad``
+    runs none, and there the engine refuses the question for leaf nodes), and whether the leaf
+    carries tensor or post-accumulate hooks. None when this PyTorch does not answer these
+    questions as expected (then every gradient goes through autograd; :func:`probe`)."""
     try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:
-        return False
+        out = []
+        for node, _ in ctx.next_functions[:n]:
+            if node is None or type(node).__name__ != "AccumulateGrad":
+                out.append((None, False, False))
+                continue
+            try:
+                runs = bool(torch._C._will_engine_execute_node(node))
+            except RuntimeError:  # torch.autograd.grad: leaf nodes are never run
+                runs = False
+            w = node.variable
+            hooked = bool(w._backward_hooks) or bool(getattr(w, "_post_accumulate_grad_hooks", None))
+            out.append((w, runs, hooked))
+        return out
+    except (AttributeError, TypeError):
+        return None
 
 
-def _leaf(ctx, position: int) -> Tensor | None:
+_probe_result: list[bool] = []
+
+
+def probe() -> bool:
+    """Whether :func:`engine_inputs` answers as this module expects, checked once per process
+    on a two-leaf graph: under ``backward()`` it names both leaves and says they run; under
+    ``backward(inputs=[a])`` that only ``a`` runs; under ``torch.autograd.grad`` that none
+    runs; a tensor hook is seen. If PyTorch changes any of this, direct writes are turned off
+    (one warning) and every gradient goes through autograd."""
+    if _probe_result:
+        return _probe_result[0]
+    seen: list = []
+
+    class Look(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a * b
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(engine_inputs(ctx, 2))
+            return g, g
+
+    ok = False
+    try:
+        with torch.enable_grad():
+            a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+            Look.apply(a, b).sum().backward()
+            Look.apply(a, b).sum().backward(inputs=[a])
+            torch.autograd.grad(Look.apply(a, b).sum(), [a, b])
+            b.register_hook(lambda grad: grad)
+            Look.apply(a, b).sum().backward()
+        full, only_a, by_grad, hooked = seen
+        ok = (full is not None and full[0][0] is a and full[1][0] is b and full[0][1] and full[1][1]
+              and not full[0][2] and not full[1][2]
+              and only_a is not None and only_a[0][1] and not only_a[1][1]
+              and by_grad is not None and not by_grad[0][1] and not by_grad[1][1]
+              and hooked is not None and hooked[1][2] and not hooked[0][2])
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on these calls
+        ok = False
+    if not ok:
+        import warnings
+
+        warnings.warn("this PyTorch's autograd internals do not behave as fastortho expects; the OrthoReg "
+                      "gradient goes through autograd (one gradient-sized pass more under accumulation)",
+                      RuntimeWarning, stacklevel=2)
+    _probe_result.append(ok)
+    return ok
+
+
+def _leaf(inputs, position: int) -> Tensor | None:
     """The plain fp32 leaf weight behind the backward's input ``position`` whose AccumulateGrad
     this backward runs and which no hook watches, else None."""
-    node = ctx.next_functions[position][0]
-    if node is None or type(node).__name__ != "AccumulateGrad" or not _will_accumulate(node):
+    w, runs, hooked = inputs[position]
+    if w is None or not runs or hooked:
         return None
-    w = node.variable
     if type(w) not in (nn.Parameter, Tensor) or w.dtype != torch.float32:
-        return None
-    if w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None):
         return None
     return w
 
 
 def allowed(ctx, n: int) -> bool:
     """Whether this backward may write ``.grad`` at all (checked once per backward): eager,
-    no ``create_graph``, the switch on, and no weight among the first ``n`` inputs twice (a
-    shared weight gets the sum of its terms, which autograd forms)."""
+    no ``create_graph``, the switch on, autograd's internals as expected (:func:`probe`), and
+    no weight among the first ``n`` inputs twice (a shared weight gets the sum of its terms,
+    which autograd forms). Keeps what it read for :func:`plan`."""
     if not (getattr(ctx, "eager", False) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and grad_into_weights_enabled()):
+            and grad_into_weights_enabled() and probe()):
+        return False
+    inputs = engine_inputs(ctx, n)
+    if inputs is None:
         return False
     seen = set()
-    for node, _ in ctx.next_functions[:n]:
-        w = getattr(node, "variable", None)
+    for w, _, _ in inputs:
         if w is not None:
             if id(w) in seen:
                 return False
             seen.add(id(w))
+    ctx.engine_inputs = inputs
     return True
 
 
 def plan(ctx, layers: list[int], offsets: list[int], numel: int) -> tuple[str | Tensor, list[Tensor]]:
     """How the layers ``layers`` (the backward's input positions of their weights), whose
-    gradients fill one fp32 buffer of ``numel`` elements at element ``offsets``, get them:
+    gradients fill one fp32 buffer of ``numel`` elements at element ``offsets``, get them
+    (after :func:`allowed` said yes):
     ``(AUTOGRAD, [])``, ``(FRESH, weights)`` or ``(buffer, weights)`` (accumulate into
     ``buffer``, whose views the weights' ``.grad`` are)."""
     weights = []
     for i in layers:
-        w = _leaf(ctx, i)
+        w = _leaf(ctx.engine_inputs, i)
         if w is None:
             return AUTOGRAD, []
         weights.append(w)
