@@ -142,6 +142,9 @@ def _penalty_samples():
             As = [torch.randn(2, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
             Bs = [torch.randn(12, 2, requires_grad=True), torch.randn(8, 3, requires_grad=True)]
             lora_ortho_penalty(As, Bs, [0.5, 2.0], squared=squared, precision="ieee", backend=backend)
+    from fastortho.ops.orthoreg import into_grad
+
+    assert into_grad.run_probe()  # its _Probe Function
     if torch.cuda.is_available():
         from fastortho.ops.orthoreg.cuda_backend import cuda_penalty
 

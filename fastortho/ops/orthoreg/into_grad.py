@@ -69,54 +69,59 @@ def engine_inputs(ctx, n: int) -> list[tuple[Tensor | None, bool, bool]] | None:
         return None
 
 
+class _Probe(torch.autograd.Function):
+    """``a * b`` whose backward records what :func:`engine_inputs` reads (for :func:`probe`)."""
+
+    @staticmethod
+    def forward(ctx, a, b, seen: list):
+        ctx.seen = seen
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.seen.append(engine_inputs(ctx, 2))
+        return g, g, None
+
+
+def run_probe() -> bool:
+    """Whether :func:`engine_inputs` answers as this module expects, on a two-leaf graph:
+    under ``backward()`` it names both leaves and says they run; under ``backward(inputs=[a])``
+    that only ``a`` runs; under ``torch.autograd.grad`` that none runs; a tensor hook is seen."""
+    seen: list = []
+    try:
+        with torch.enable_grad():
+            a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+            _Probe.apply(a, b, seen).sum().backward()
+            _Probe.apply(a, b, seen).sum().backward(inputs=[a])
+            torch.autograd.grad(_Probe.apply(a, b, seen).sum(), [a, b])
+            b.register_hook(lambda grad: grad)
+            _Probe.apply(a, b, seen).sum().backward()
+        full, only_a, by_grad, hooked = seen
+        return bool(full is not None and full[0][0] is a and full[1][0] is b and full[0][1] and full[1][1]
+                    and not full[0][2] and not full[1][2]
+                    and only_a is not None and only_a[0][1] and not only_a[1][1]
+                    and by_grad is not None and not by_grad[0][1] and not by_grad[1][1]
+                    and hooked is not None and hooked[1][2] and not hooked[0][2])
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on these calls
+        return False
+
+
 _probe_result: list[bool] = []
 
 
 def probe() -> bool:
-    """Whether :func:`engine_inputs` answers as this module expects, checked once per process
-    on a two-leaf graph: under ``backward()`` it names both leaves and says they run; under
-    ``backward(inputs=[a])`` that only ``a`` runs; under ``torch.autograd.grad`` that none
-    runs; a tensor hook is seen. If PyTorch changes any of this, direct writes are turned off
-    (one warning) and every gradient goes through autograd."""
-    if _probe_result:
-        return _probe_result[0]
-    seen: list = []
+    """:func:`run_probe`, once per process. If PyTorch changed what these calls answer, direct
+    writes are turned off (one warning) and every gradient goes through autograd."""
+    if not _probe_result:
+        ok = run_probe()
+        if not ok:
+            import warnings
 
-    class Look(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, b):
-            return a * b
-
-        @staticmethod
-        def backward(ctx, g):
-            seen.append(engine_inputs(ctx, 2))
-            return g, g
-
-    ok = False
-    try:
-        with torch.enable_grad():
-            a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
-            Look.apply(a, b).sum().backward()
-            Look.apply(a, b).sum().backward(inputs=[a])
-            torch.autograd.grad(Look.apply(a, b).sum(), [a, b])
-            b.register_hook(lambda grad: grad)
-            Look.apply(a, b).sum().backward()
-        full, only_a, by_grad, hooked = seen
-        ok = (full is not None and full[0][0] is a and full[1][0] is b and full[0][1] and full[1][1]
-              and not full[0][2] and not full[1][2]
-              and only_a is not None and only_a[0][1] and not only_a[1][1]
-              and by_grad is not None and not by_grad[0][1] and not by_grad[1][1]
-              and hooked is not None and hooked[1][2] and not hooked[0][2])
-    except Exception:  # noqa: BLE001 - any failure means: do not rely on these calls
-        ok = False
-    if not ok:
-        import warnings
-
-        warnings.warn("this PyTorch's autograd internals do not behave as fastortho expects; the OrthoReg "
-                      "gradient goes through autograd (one gradient-sized pass more under accumulation)",
-                      RuntimeWarning, stacklevel=2)
-    _probe_result.append(ok)
-    return ok
+            warnings.warn("this PyTorch's autograd internals do not behave as fastortho expects; the OrthoReg "
+                          "gradient goes through autograd (one gradient-sized pass more under accumulation)",
+                          RuntimeWarning, stacklevel=2)
+        _probe_result.append(ok)
+    return _probe_result[0]
 
 
 def _leaf(inputs, position: int) -> Tensor | None:
