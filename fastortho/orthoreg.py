@@ -1,8 +1,9 @@
 """OrthoReg: ``sum_l ||G_l - I||_F^2`` over the tuned layers, ``G`` the Gram of the smaller side
 of ``D = W - W0`` (docs/design.md section 1), with its analytic gradient.
 
-``ortho_loss`` is the functional form (selects and validates every call); ``OrthoReg`` builds
-its plan once, so the per-step Python cost does not grow with the number of layers.
+``ortho_loss`` is the functional form (selects and validates the layers every call, and keeps
+its op plans per model); ``OrthoReg`` selects and plans once, so a warm call issues its launches
+with no Python call per layer (docs/design.md section 3, "Dispatch").
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_materialized, check_real
 from .layers import LayerSpec, base_tensors, paired_bases, select_parameters
 from .lora import LoRAAdapter, lora_adapters
-from .ops._common import resolve_backend, resolve_precision
-from .ops.lora import lora_ortho_penalty
-from .ops.orthoreg import ortho_penalty
+from .ops._common import resolve_precision
+from .ops.lora import LORA, lora_plan_for
+from .ops.orthoreg import ORTHOREG, plan_for
 
 
 def _lora_plan(model: nn.Module, base, layers) -> list[LoRAAdapter] | None:
@@ -131,6 +132,17 @@ class FiniteMonitor:
 _MONITORS: weakref.WeakKeyDictionary[nn.Module, FiniteMonitor] = weakref.WeakKeyDictionary()
 
 
+# The op plans of the functional ortho_loss, one dict per model (see ops.orthoreg.plan_for).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def _plans(model: nn.Module) -> dict:
+    plans = _PLANS.get(model)
+    if plans is None:
+        plans = _PLANS[model] = {}
+    return plans
+
+
 def _monitor(model: nn.Module) -> FiniteMonitor:
     monitor = _MONITORS.get(model)
     if monitor is None:
@@ -163,6 +175,7 @@ class OrthoReg(nn.Module):
             self._names = [a.name for a in self._adapters]
             self._weights = [a.A for a in self._adapters]
             self._bases = [a.B for a in self._adapters]
+            self._scales = [float(a.scale) for a in self._adapters]  # read once, as the adapters are
         else:
             selected = select_parameters(model, layers)
             self._names = [n for n, _ in selected]
@@ -179,8 +192,9 @@ class OrthoReg(nn.Module):
         self.lam = float(lam)
         self.squared = bool(squared)
         self.precision = None if precision is None else resolve_precision(precision)
-        resolve_backend(backend, self._device)
+        (ORTHOREG if self._adapters is None else LORA).resolve(backend, self._device)
         self.backend = backend
+        self._plans: dict = {}  # the op's plans, per (backend, precision, squared): ops/orthoreg
         self.check_finite = bool(check_finite)
         self.monitor = FiniteMonitor()
 
@@ -201,11 +215,11 @@ class OrthoReg(nn.Module):
                                      f"Build a new OrthoReg after replacing parameters")
         precision = resolve_precision(self.precision, self._device.type)
         if self._adapters is not None:
-            values = lora_ortho_penalty(self._weights, self._bases, [a.scale for a in self._adapters],
-                                        squared=self.squared, precision=precision, backend=self.backend)
+            plan = lora_plan_for(self._weights, self._bases, self.backend, self._plans)
+            values = plan(self._weights, self._bases, self._scales, self.squared, precision)
         else:
-            values = ortho_penalty(self._weights, self._bases, squared=self.squared, precision=precision,
-                                   backend=self.backend)
+            plan = plan_for(self._weights, self._bases, self.backend, precision, self.squared, self._plans)
+            values = plan(self._weights, self._bases, self.squared, precision)
         if self.check_finite:
             self.monitor.submit(values, self._names, self._weights, self._bases, lora=self._adapters is not None)
         return values
@@ -248,8 +262,9 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
     if adapters is not None:
         check_materialized("model", [(a.name, a.A) for a in adapters])
         As, Bs = [a.A for a in adapters], [a.B for a in adapters]
-        values = lora_ortho_penalty(As, Bs, [a.scale for a in adapters], squared=squared,
-                                    precision=resolve_precision(precision, As[0].device.type), backend=backend)
+        plan = lora_plan_for(As, Bs, backend, _plans(model))
+        scales = [float(a.scale) for a in adapters]
+        values = plan(As, Bs, scales, squared, resolve_precision(precision, As[0].device.type))
         if check_finite:
             _monitor(model).submit(values, [a.name for a in adapters], As, Bs, lora=True)
         return values.sum()
@@ -257,9 +272,8 @@ def ortho_loss(model: nn.Module, base=None, *, squared: bool = True, layers: Lay
     check_materialized("model", selected)
     bases = paired_bases(selected, base_tensors(base, model))
     weights = [p for _, p in selected]
-    values = ortho_penalty(
-        weights, bases, squared=squared, precision=resolve_precision(precision, weights[0].device.type), backend=backend
-    )
+    precision = resolve_precision(precision, weights[0].device.type)
+    values = plan_for(weights, bases, backend, precision, squared, _plans(model))(weights, bases, squared, precision)
     if check_finite:
         _monitor(model).submit(values, [n for n, _ in selected], weights, bases)
     return values.sum()

@@ -9,6 +9,7 @@ the same products (bf16 x bf16 is exact in fp32).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,7 @@ H100 = DeviceInfo("cuda", (9, 0), 132, 232448)
 INTERPRETER = DeviceInfo("interpreter")
 
 _probed: dict[int, DeviceInfo] = {}
+_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("shape", "dtype", "device"))
 
 
 def device_info(device: torch.device | DeviceInfo) -> DeviceInfo:
@@ -137,7 +139,10 @@ class PlanCache:
 
     def get(self, tensors, key, build):
         """The plan for ``tensors`` and ``key`` (hashable); ``build()`` checks and makes it."""
-        full_key = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors), key)
+        # map over C methods and getters: no Python call per tensor on a warm call
+        full_key = (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(_SHAPE, tensors)),
+                    tuple(map(torch.Tensor.stride, tensors)), tuple(map(_DTYPE, tensors)),
+                    tuple(map(_DEVICE, tensors)), key)
         plan = self._plans.get(full_key)
         if plan is None:
             plan = build()

@@ -443,9 +443,11 @@ def scratch_penalty(weights, bases, precision: str, *, config: ScratchConfig | N
     """Both passes with one plan lookup: ``(||G - I||_F^2 per layer, G - I, the scratch, the
     per-layer scales used, the statistics)``; the last two are empty outside "tf32" mode
     (:func:`write_deltas`)."""
-    prepared = _prepare(weights, bases, precision, config)
-    x, used, stats = _write_deltas(weights, bases, precision, *prepared)
-    return (*_scratch_gram(x, used, stats, precision, *prepared), x, used, stats)
+    device = weights[0].device
+    cfg = config or default_config(check_precision(precision), device)
+    plan = scratch_plan(weights, bases, cfg)
+    x, used, stats = _write_deltas(weights, bases, precision, device, cfg, plan)
+    return (*_scratch_gram(x, used, stats, precision, device, cfg, plan), x, used, stats)
 
 
 def write_deltas(weights, bases, precision: str, *, config: ScratchConfig | None = None):
@@ -485,7 +487,8 @@ def _scratch_gram(x, used, stats, precision, device, cfg, plan) -> tuple[torch.T
     num_tiles = plan.gram_tiles.shape[0]
     layers = len(plan.shapes) if precision == "tf32" else 0
     # one slot per tile and a zero slot that pads the per-layer gather
-    partials, gmi = (torch.empty(n, dtype=torch.float32, device=device) for n in (num_tiles + 1, plan.layout.g_numel))
+    partials = torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
+    gmi = torch.empty(plan.layout.g_numel, dtype=torch.float32, device=device)
     scratch_gram_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
         x, plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials, used, stats[layers:], NF=LAYER_FIELDS,
         BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision, EMULATE_BF16=not device_info(device).is_cuda,

@@ -1,19 +1,19 @@
 """What the op packages share: the precision of library products (docs/design.md section 4),
-the backend resolution, shape grouping, the penalty's upstream coefficient, and the one
+shape grouping, the penalty's upstream coefficient, and the one
 mechanism by which a registered op's autograd definition also serves eager mode."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .._config import PRECISIONS, interpreting
+from .._config import PRECISIONS
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
@@ -215,29 +215,18 @@ def triton_available() -> bool:
     return _triton_available
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: "auto" is Triton on CUDA (when triton imports), else torch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError(f"backend={backend!r}: triton is not installed; use backend='torch'")
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend={backend!r} needs CUDA tensors (the weights are on {device}); on "
-                             f"CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 "
-                             f"before triton is imported), or use backend='torch'")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors (the weights are on {device}); use "
-                             f"backend='auto' or 'torch'")
-        from . import cuda_ext
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
-        if not cuda_ext.load():
-            raise ValueError(f"backend='cuda': the CUDA extension is not available here ({cuda_ext.error()}); "
-                             f"use backend='triton' or 'torch'")
-    return backend
+
+def needs_grad(*lists: list[Tensor]) -> bool:
+    """Whether grad mode is on and a tensor of ``lists`` requires grad (a ``map`` over a C getter
+    in eager mode: no Python call per tensor; a generator under torch.compile, which cannot
+    trace ``attrgetter``)."""
+    if not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return any(t.requires_grad for ts in lists for t in ts)
+    return any(any(map(_REQUIRES_GRAD, ts)) for ts in lists)
 
 
 def contiguous(ts: list[Tensor]) -> list[Tensor]:

@@ -19,6 +19,7 @@ them and writes each gradient with one product.
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 from torch import Tensor
@@ -35,10 +36,21 @@ from .._common import (
     without_autocast,
 )
 
+_SHAPE = operator.attrgetter("shape")
+
 
 def adapter_shapes(As: list[Tensor], Bs: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
-    """``(out, in, r)`` per adapter."""
-    return tuple((int(b.shape[0]), int(a.shape[1]), int(a.shape[0])) for a, b in zip(As, Bs))
+    """``(out, in, r)`` per adapter (looked up by the tensors' shapes: no Python call per adapter)."""
+    a_shapes, b_shapes = tuple(map(_SHAPE, As)), tuple(map(_SHAPE, Bs))
+    try:
+        return _adapter_shapes(a_shapes, b_shapes)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable
+        return _adapter_shapes.__wrapped__(a_shapes, b_shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter_shapes(a_shapes, b_shapes) -> tuple[tuple[int, int, int], ...]:
+    return tuple((int(b[0]), int(a[1]), int(a[0])) for a, b in zip(a_shapes, b_shapes))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,13 +1,16 @@
 """The OrthoReg penalty op: ``P = sum_l ||G_l - I||_F^2`` with its analytic gradient
-(docs/design.md section 1), on three backends (torch, triton, cuda) and their measured
-choice ("auto"). :func:`ortho_penalty` is the only entry the
-public module (``fastortho/orthoreg.py``) calls; it validates nothing the public module has
-already checked, picks a backend and returns the differentiable per-layer values.
+(docs/design.md section 1): its backend registry and its plan.
+
+A :class:`PenaltyPlan` is made once per caller (``fastortho.OrthoReg`` keeps one per precision
+mode; ``ortho_loss`` one per model) from the layers' shapes, dtypes and sharding: which backend
+(and variant) runs which layers, and the one permutation back to layer order. A warm call
+checks the plan against a signature of the tensors (made in C: no Python call per layer) and
+runs it; nothing is regrouped, no key is built per layer, no file is read.
 
 Which file holds what (read top-down):
 
-- ``__init__.py``       this dispatch: ``backend="auto" | "triton" | "cuda" | "torch"``, the
-                        split by dtype and by backend, DTensor routing
+- ``__init__.py``       the registry (``ORTHOREG``: torch, triton, cuda with its Gram
+                        variants), :func:`build_plan` and :class:`PenaltyPlan`
 - ``torch_backend.py``  batched PyTorch products by shape group: registered ops
                         ``fastortho::ortho_gram_torch`` / ``ortho_grad_torch``, fakes, and the
                         one autograd definition (``_setup_context`` / ``_backward``)
@@ -19,39 +22,102 @@ Which file holds what (read top-down):
                         autograd definition
 - ``into_grad.py``      when a backward writes the gradient straight into ``.grad``
 - ``cuda_backend.py``   the C++ extension's ``fastortho::ortho_penalty_grouped`` (``csrc/``)
-                        with its autograd Function
-- ``autotune.py``       the measured per-shape-group choice among torch, Triton and the CUDA
-                        forms, cached on disk
+                        with its autograd Function; its Gram forms are the backend's variants
+- ``autotune.py``       the measured per-shape-group choice among the registry's choices,
+                        cached on disk
 - ``sharded.py``        FSDP2 / DTensor weights: partial Grams and one all-reduce
 
 The reference every backend is tested against is ``fastortho/reference.py``
 (``ortho_penalty``, ``layer_penalty_grad``); the tests are ``tests/test_orthoreg.py`` and
 ``tests/test_orthoreg_triton.py`` (backend), ``tests/test_orthoreg_kernels.py`` (kernels),
-``tests/test_grad_into.py``; the benchmark ``bench/test_bench_orthoreg.py``. Eager calls
-skip the custom-op dispatch (``fastortho.ops._common.ListOp``); under torch.compile the
-registered ops run.
+``tests/test_grad_into.py``, ``tests/test_dispatch.py`` (registry, plan, host cost); the
+benchmarks ``bench/test_bench_orthoreg.py`` and ``bench/test_bench_host.py``.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import Tensor
 
 from ..._checks import check_bool
 from ..._config import CUDA_GRAMS, autotune_enabled, forced_cuda_gram
-from .._common import BACKENDS, autocast_off, contiguous, resolve_backend, triton_available
-from .torch_backend import torch_penalty
+from .._common import autocast_off, contiguous, needs_grad, triton_available
+from ..registry import Backend, Choice, Registry
 
 __all__ = [
-    "AUTO_CANDIDATES",
-    "BACKENDS",
     "CUDA_CANDIDATES",
+    "ORTHOREG",
+    "PenaltyPlan",
+    "build_plan",
     "combine",
     "cuda_candidates",
     "ortho_penalty",
-    "resolve_backend",
-    "triton_available",
+    "plan_for",
 ]
 
+
+# ----------------------------------------------------------------------------- registry
+
+def _load_torch():
+    from .torch_backend import torch_penalty
+    return torch_penalty
+
+
+def _load_triton():
+    from .triton_backend import triton_penalty
+    return triton_penalty
+
+
+def _load_cuda():
+    from .cuda_backend import cuda_penalty
+    return cuda_penalty
+
+
+def _triton_missing(device) -> str | None:
+    return None if triton_available() else "needs triton, which is not installed"
+
+
+def _cuda_extension_missing(device) -> str | None:
+    from .. import cuda_ext
+
+    return None if cuda_ext.load() else f"needs the CUDA extension, not available here ({cuda_ext.error()})"
+
+
+def _auto(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+ORTHOREG = Registry("OrthoReg penalty", _auto)
+ORTHOREG.register(Backend("torch", _load_torch, grad_into=True))
+ORTHOREG.register(Backend("triton", _load_triton, devices=("cuda", "interpreter"), grad_into=True,
+                          dtypes=(torch.float32, torch.float16, torch.bfloat16), unavailable=_triton_missing))
+ORTHOREG.register(Backend("cuda", _load_cuda, devices=("cuda",), variants=CUDA_GRAMS, compiles=False,
+                          grad_into=True, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                          unavailable=_cuda_extension_missing))
+
+# Backends whose one launch (or C++ call) takes one weight dtype and one base dtype.
+_ONE_DTYPE_PAIR = ("triton", "cuda")
+
+
+def _cuda_variants(backend: Backend) -> tuple[str, ...]:
+    """The CUDA extension's Gram forms to measure: all, or the one ``FASTORTHO_CUDA_GRAM`` forces."""
+    if backend.name != "cuda":
+        return backend.variants
+    gram = forced_cuda_gram()
+    return backend.variants if gram is None else (gram,)
+
+
+# The cache labels of the CUDA extension's choices (for tests and the cache's keys).
+CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)
+
+
+def cuda_candidates() -> tuple[str, ...]:
+    """The labels of the CUDA choices to measure: all, or the one ``FASTORTHO_CUDA_GRAM`` forces."""
+    return tuple(f"cuda:{g}" for g in _cuda_variants(ORTHOREG["cuda"]))
+
+
+# ----------------------------------------------------------------------------- layer order
 
 _inverse_cache: dict[tuple, Tensor] = {}
 
@@ -75,7 +141,7 @@ def _inverse(order: list[int], device: torch.device) -> Tensor:
 
 def combine(parts: list[tuple[list[int], Tensor]], n: int) -> Tensor:
     """Per-layer values computed in parts (``(layer indices, values)``) back in layer order."""
-    if len(parts) == 1 and parts[0][0] == list(range(n)):
+    if len(parts) == 1 and list(parts[0][0]) == list(range(n)):
         return parts[0][1]
     order = [i for idx, _ in parts for i in idx]
     if sorted(order) != list(range(n)):
@@ -84,115 +150,175 @@ def combine(parts: list[tuple[list[int], Tensor]], n: int) -> Tensor:
     return values[_inverse(order, values.device)]
 
 
-def by_dtypes(weights: list[Tensor], bases: list[Tensor], call) -> Tensor:
-    """``call(weights, bases)`` once per (weight dtype, base dtype) pair: a kernel launch or a
-    C++ call takes one of each."""
-    kinds: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, (w, b) in enumerate(zip(weights, bases)):
-        kinds.setdefault((w.dtype, b.dtype), []).append(i)
-    return combine([(idx, call([weights[i] for i in idx], [bases[i] for i in idx])) for idx in kinds.values()],
-                   len(weights))
+# ----------------------------------------------------------------------------- the plan
+
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
-def _triton_penalty(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
-    from .triton_backend import triton_penalty
-
-    return by_dtypes(contiguous(weights), contiguous(bases), lambda ws, bs: triton_penalty(ws, bs, squared, precision))
-
-
-def _cuda_penalty(weights, bases, squared, precision, gram) -> Tensor:
-    from .cuda_backend import cuda_penalty
-
-    return by_dtypes(weights, bases, lambda ws, bs: cuda_penalty(ws, bs, squared, precision, gram))
+def signature(weights: list[Tensor], bases: list[Tensor]) -> tuple:
+    """What a plan depends on: the tensors' types, shapes and dtypes and the device. Made by
+    ``map`` over C getters, so its cost per layer is no Python call."""
+    return (tuple(map(type, weights)), tuple(map(_SHAPE, weights)), tuple(map(_DTYPE, weights)),
+            tuple(map(_DTYPE, bases)), weights[0].device)
 
 
-# The measured candidates of backend="auto" besides the CUDA forms; the first is the reference
-# every candidate must agree with.
-AUTO_CANDIDATES = ("torch", "triton")
-# The CUDA extension's ways to form the Gram, as measured candidates ("cuda:<gram>").
-CUDA_CANDIDATES = tuple(f"cuda:{g}" for g in CUDA_GRAMS)
+class PenaltyPlan:
+    """Which implementation computes which layers, and the permutation back to layer order.
+
+    Calling it runs the penalty: ``plan(weights, bases, squared, precision)`` returns the
+    per-layer values (fp32 ``[L]``, differentiable), with autocast off. ``parts`` holds
+    ``(run, layers, contiguous)`` per part; one part covering every layer in order is run
+    without any split or rejoin.
+    """
+
+    def __init__(self, parts: list[tuple], n: int, device: torch.device, choices: tuple[str, ...] = ()):
+        self.parts = parts
+        self.n = n
+        self.choices = choices  # the choice tag of each part (what ran where), for reports and tests
+        self.whole = parts[0] if len(parts) == 1 and parts[0][1] is None else None
+        self.order = [i for _, layers, _ in parts for i in (layers or range(n))]
+        self.to_layers = None
+        if self.whole is None and not torch.compiler.is_compiling():
+            self.to_layers = _inverse(self.order, device)
+
+    def __call__(self, weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str) -> Tensor:
+        need_grad = needs_grad(weights)
+        with autocast_off():
+            if self.whole is not None:
+                run, _, contig = self.whole
+                if contig:
+                    weights, bases = contiguous(weights), contiguous(bases)
+                return run(weights, bases, squared, precision, need_grad)
+            values = []
+            for run, layers, contig in self.parts:
+                ws, bs = [weights[i] for i in layers], [bases[i] for i in layers]
+                if contig:
+                    ws, bs = contiguous(ws), contiguous(bs)
+                values.append(run(ws, bs, squared, precision, need_grad))
+            to_layers = self.to_layers if self.to_layers is not None else _inverse(self.order, values[0].device)
+            return torch.cat(values)[to_layers]
 
 
-def cuda_candidates() -> tuple[str, ...]:
-    """The CUDA candidates to measure: all, or the one ``FASTORTHO_CUDA_GRAM`` forces."""
-    gram = forced_cuda_gram()
-    return CUDA_CANDIDATES if gram is None else (f"cuda:{gram}",)
+def _candidates(backend: str, chosen: Backend, device: torch.device) -> tuple[Choice, ...]:
+    """The choices a plan may take for ``backend``: with ``"auto"`` on CUDA torch, Triton and the
+    CUDA extension's Gram forms (measured), with ``"cuda"`` its forms, else the one backend."""
+    if chosen.name == "cuda":
+        return tuple(Choice(chosen, v) for v in _cuda_variants(chosen))
+    if backend == "auto" and chosen.name == "triton":
+        return ORTHOREG.choices(device, _cuda_variants)
+    return (Choice(chosen, chosen.variants[0]),)
 
 
-def _run(backend: str, weights, bases, squared, precision) -> Tensor:
-    """``backend``: "triton", "torch", or "cuda:<gram>" (see CUDA_CANDIDATES)."""
-    if backend == "triton":
-        return _triton_penalty(weights, bases, squared, precision)
-    if backend.startswith("cuda"):
-        return _cuda_penalty(weights, bases, squared, precision, backend.partition(":")[2] or "gemm")
-    need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    return torch_penalty(weights, bases, squared, precision, need_grad)
-
-
-def _measured(weights, bases, squared, precision, candidates: tuple[str, ...]) -> Tensor:
-    """Per shape group the fastest of ``candidates`` (torch, Triton and the CUDA extension's
-    Gram variants for backend="auto", the variants alone for backend="cuda"), measured once
-    and cached on disk (autotune.py)."""
-    from .. import cuda_ext
+def _measured_tags(weights, bases, squared, precision, candidates: tuple[Choice, ...]) -> list[str]:
+    """Per layer the tag of the fastest agreeing candidate for its shape group (autotune.py)."""
     from .autotune import choose
 
-    if any(c.startswith("cuda") for c in candidates) and not cuda_ext.load():
-        candidates = tuple(c for c in candidates if not c.startswith("cuda")) or ("torch",)
-    if len(candidates) == 1:
-        return _run(candidates[0], weights, bases, squared, precision)
-    assign = choose(weights, bases, squared, precision, lambda b, ws, bs: _run(b, ws, bs, squared, precision),
-                    candidates)
-    parts = []
-    for backend in sorted(set(assign)):
-        idx = [i for i, b in enumerate(assign) if b == backend]
-        parts.append((idx, _run(backend, [weights[i] for i in idx], [bases[i] for i in idx], squared, precision)))
-    return combine(parts, len(weights))
+    by_tag = {c.tag: c for c in candidates}
+
+    def run(tag, ws, bs):
+        return by_tag[tag].run(contiguous(ws), contiguous(bs), squared, precision, True)
+
+    return choose(weights, bases, squared, precision, run, tuple(by_tag))
 
 
-def _with_dtensors(weights, bases, squared, precision, backend) -> Tensor:
+def build_plan(weights: list[Tensor], bases: list[Tensor], backend: str, precision: str, squared: bool
+               ) -> PenaltyPlan:
+    """The plan for these layers (see :class:`PenaltyPlan`); measures on CUDA when ``backend``
+    offers a choice (once per shape group, cached on disk)."""
+    if any(type(w).__name__ == "DTensor" for w in weights):
+        return _dtensor_plan(weights, backend, precision, squared)
+    device = weights[0].device
+    if any(w.device != device for w in weights):
+        raise ValueError(f"model: the regularized parameters must share one device, got "
+                         f"{sorted({str(w.device) for w in weights})}")
+    compiling = torch.compiler.is_compiling()
+    chosen = ORTHOREG.resolve(backend, device)
+    if compiling and not chosen.compiles:
+        raise ValueError(f"backend={backend!r}: its op cannot be traced by torch.compile; use backend='triton' "
+                         f"or 'torch' inside a compiled step")
+    candidates = _candidates(backend, chosen, device)
+    n = len(weights)
+    if len(candidates) > 1 and not compiling and autotune_enabled():
+        tags = _measured_tags(weights, bases, squared, precision, candidates)
+    else:
+        tags = [candidates[0].tag] * n
+    by_tag = {c.tag: c for c in candidates}
+    groups: dict[tuple, list[int]] = {}
+    for i, tag in enumerate(tags):
+        split = by_tag[tag].backend.name in _ONE_DTYPE_PAIR
+        groups.setdefault((tag, weights[i].dtype, bases[i].dtype) if split else (tag,), []).append(i)
+    parts, labels = [], []
+    for key, layers in groups.items():
+        choice = by_tag[key[0]]
+        whole = len(groups) == 1
+        parts.append((choice.run, None if whole else tuple(layers), choice.backend.name in _ONE_DTYPE_PAIR))
+        labels.append(choice.tag)
+    return PenaltyPlan(parts, n, device, tuple(labels))
+
+
+class _LocalPlan:
+    """Replicated DTensor weights: their local tensors through an ordinary plan."""
+
+    def __init__(self, backend: str, precision: str, squared: bool):
+        self.key = (backend, precision, squared)
+        self.plans: dict = {}
+
+    def __call__(self, weights, bases, squared, precision, need_grad):
+        ws = [w.to_local() if hasattr(w, "to_local") else w for w in weights]
+        bs = [b.to_local() if hasattr(b, "to_local") else b for b in bases]
+        return plan_for(ws, bs, self.key[0], precision, squared, self.plans)(ws, bs, squared, precision)
+
+
+def _sharded(weights, bases, squared, precision, need_grad):
+    from .sharded import sharded_ortho_penalty
+
+    return sharded_ortho_penalty(weights, bases, squared=squared, precision=precision)
+
+
+def _dtensor_plan(weights, backend, precision, squared) -> PenaltyPlan:
     """Weights that are DTensors (FSDP2 / tensor parallel): sharded ones by partial Grams and
     one all-reduce (sharded.py), replicated ones as their local full tensors."""
-    from .sharded import is_dtensor, shard_dim, sharded_ortho_penalty
+    from .sharded import is_dtensor, shard_dim
 
     sharded, plain = [], []
     for i, w in enumerate(weights):
         (sharded if is_dtensor(w) and shard_dim(w) is not None else plain).append(i)
-    parts, orders = [], []
+    parts, labels = [], []
     if sharded:
-        parts.append(sharded_ortho_penalty([weights[i] for i in sharded], [bases[i] for i in sharded],
-                                           squared=squared, precision=precision))
-        orders.append(sharded)
+        parts.append((_sharded, tuple(sharded), False))
+        labels.append("sharded")
     if plain:
-        ws = [weights[i].to_local() if hasattr(weights[i], "to_local") else weights[i] for i in plain]
-        bs = [bases[i].to_local() if hasattr(bases[i], "to_local") else bases[i] for i in plain]
-        parts.append(ortho_penalty(ws, bs, squared=squared, precision=precision, backend=backend))
-        orders.append(plain)
-    return combine([(o, v) for o, v in zip(orders, parts)], len(weights))
+        parts.append((_LocalPlan(backend, precision, squared), tuple(plain), False))
+        labels.append("local")
+    if len(parts) == 1:
+        parts[0] = (parts[0][0], None, False)
+    return PenaltyPlan(parts, len(weights), weights[0].device, tuple(labels))
+
+
+def plan_for(weights: list[Tensor], bases: list[Tensor], backend: str, precision: str, squared: bool,
+             plans: dict) -> PenaltyPlan:
+    """The plan kept in ``plans`` (the caller's dict) for these options, rebuilt when the
+    tensors' signature changed; under torch.compile built at trace time and not kept."""
+    if torch.compiler.is_compiling():
+        return build_plan(weights, bases, backend, precision, squared)
+    key = (backend, precision, squared)
+    held = plans.get(key)
+    sig = signature(weights, bases)
+    if held is None or held[0] != sig:
+        if len(plans) >= 8:  # a few precision modes per caller; bound it anyway
+            plans.clear()
+        held = plans[key] = (sig, build_plan(weights, bases, backend, precision, squared))
+    return held[1]
+
+
+# Plans of the functional ortho_penalty (callers without a place of their own).
+_PLANS: dict = {}
 
 
 def ortho_penalty(weights: list[Tensor], bases: list[Tensor], *, squared: bool, precision: str,
                   backend: str) -> Tensor:
     """Per-layer penalties (fp32 ``[L]``), differentiable w.r.t. ``weights``, computed with
-    autocast off (``precision`` says the operand format)."""
+    autocast off (``precision`` says the operand format). Keeps its plans in a module cache;
+    ``fastortho.OrthoReg`` and ``ortho_loss`` keep their own."""
     check_bool("squared", squared)
-    if any(type(w).__name__ == "DTensor" for w in weights):
-        return _with_dtensors(weights, bases, squared, precision, backend)
-    with autocast_off():
-        return _ortho_penalty(weights, bases, squared, precision, backend)
-
-
-def _ortho_penalty(weights, bases, squared, precision, backend) -> Tensor:
-    device = weights[0].device
-    if any(w.device != device for w in weights):
-        raise ValueError(f"model: the regularized parameters must share one device, got "
-                         f"{sorted({str(w.device) for w in weights})}")
-    chosen = resolve_backend(backend, device)
-    tune = not torch.compiler.is_compiling() and autotune_enabled()
-    if chosen == "cuda":
-        candidates = cuda_candidates()
-        if tune:
-            return _measured(weights, bases, squared, precision, candidates)
-        return _run(candidates[0], weights, bases, squared, precision)
-    if backend == "auto" and chosen == "triton" and tune:
-        return _measured(weights, bases, squared, precision, AUTO_CANDIDATES + cuda_candidates())
-    return _run(chosen, weights, bases, squared, precision)
+    return plan_for(weights, bases, backend, precision, squared, _PLANS)(weights, bases, squared, precision)

@@ -38,11 +38,6 @@ from ..._config import grad_into_weights_enabled
 AUTOGRAD, FRESH = "autograd", "fresh"
 
 
-def handed(mode) -> bool:
-    """Whether a :func:`plan` says: hand the gradients to autograd."""
-    return isinstance(mode, str) and mode == AUTOGRAD
-
-
 def engine_inputs(ctx, n: int) -> list[tuple[Tensor | None, bool, bool]] | None:
     """Every private autograd read this module relies on, in one place: for each of the first
     ``n`` inputs of the running backward, ``(leaf, runs, hooked)``: the leaf tensor whose
@@ -124,13 +119,16 @@ def probe() -> bool:
     return _probe_result[0]
 
 
+_PLAIN = (nn.Parameter, Tensor)
+
+
 def _leaf(inputs, position: int) -> Tensor | None:
     """The plain fp32 leaf weight behind the backward's input ``position`` whose AccumulateGrad
     this backward runs and which no hook watches, else None."""
     w, runs, hooked = inputs[position]
     if w is None or not runs or hooked:
         return None
-    if type(w) not in (nn.Parameter, Tensor) or w.dtype != torch.float32:
+    if type(w) not in _PLAIN or w.dtype != torch.float32:
         return None
     return w
 
@@ -156,22 +154,24 @@ def allowed(ctx, n: int) -> bool:
     return True
 
 
-def plan(ctx, layers: list[int], offsets: list[int], numel: int) -> tuple[str | Tensor, list[Tensor]]:
+def plan(ctx, layers, offsets, numel: int) -> tuple[str | Tensor, list[Tensor]]:
     """How the layers ``layers`` (the backward's input positions of their weights), whose
     gradients fill one fp32 buffer of ``numel`` elements at element ``offsets``, get them
     (after :func:`allowed` said yes):
     ``(AUTOGRAD, [])``, ``(FRESH, weights)`` or ``(buffer, weights)`` (accumulate into
     ``buffer``, whose views the weights' ``.grad`` are)."""
     weights = []
-    for i in layers:
-        w = _leaf(ctx.engine_inputs, i)
-        if w is None:
+    inputs = ctx.engine_inputs
+    for i in layers:  # _leaf inlined: this loop runs per layer on every backward
+        w, runs, hooked = inputs[i]
+        if w is None or not runs or hooked or type(w) not in _PLAIN or w.dtype != torch.float32:
             return AUTOGRAD, []
         weights.append(w)
     grads = [w.grad for w in weights]
-    if all(g is None for g in grads):
+    missing = grads.count(None)
+    if missing == len(grads):
         return FRESH, weights
-    if any(g is None for g in grads):
+    if missing:
         return AUTOGRAD, []
     root = grads[0]._base
     if root is None or root.dtype != torch.float32 or root.numel() != numel or not root.is_contiguous():
@@ -202,12 +202,16 @@ def group_gradients(ctx, groups, dtypes: list[torch.dtype], product: Callable, a
     if allowed(ctx, n):
         buffers = []
         for g, ((r, c), idx) in enumerate(groups):
-            mode, weights = plan(ctx, list(idx), [j * r * c for j in range(len(idx))], len(idx) * r * c)
+            mode, weights = plan(ctx, idx, range(0, len(idx) * r * c, r * c), len(idx) * r * c)
             if isinstance(mode, Tensor):
                 product(g, mode.view(len(idx), r, c))
+                buffers.append(None)
             elif mode == FRESH:
-                install(weights, list(product(g, None)))
-            buffers.append(product(g, None) if handed(mode) else None)
+                for w, v in zip(weights, product(g, None)):  # install(), inlined: runs per group every step
+                    w.grad = v
+                buffers.append(None)
+            else:
+                buffers.append(product(g, None))
     else:
         buffers = all_products()
     grads: list[Tensor | None] = [None] * n
@@ -216,3 +220,25 @@ def group_gradients(ctx, groups, dtypes: list[torch.dtype], product: Callable, a
             for j, i in enumerate(idx):
                 grads[i] = buf[j] if dtypes[i] == torch.float32 else buf[j].to(dtypes[i])
     return grads
+
+
+def layer_gradients(ctx, grads: list[Tensor], factors: list[Tensor]) -> list:
+    """The backward's gradients ``grads[i] * factors[i]`` for autograd, per layer (a backend
+    that returns one gradient tensor per layer, the CUDA extension's). Where :func:`allowed`
+    and :func:`plan` allow, the product goes into ``.grad`` instead (None returned): installed
+    as a view of a fresh flat buffer when ``.grad`` is None, accumulated in place (one pass,
+    ``addcmul_``) when ``.grad`` is such a view from an earlier install."""
+    out: list[Tensor | None] = []
+    if not allowed(ctx, len(grads)):
+        return [g * f for g, f in zip(grads, factors)]
+    for i, (g, f) in enumerate(zip(grads, factors)):
+        mode, weights = plan(ctx, [i], [0], g.numel())
+        if isinstance(mode, Tensor):
+            mode.view(g.shape).addcmul_(g, f)
+            out.append(None)
+        elif mode == FRESH:
+            install(weights, [(g * f).view(g.shape)])  # a view: its _base is what plan() finds next time
+            out.append(None)
+        else:
+            out.append(g * f)
+    return out

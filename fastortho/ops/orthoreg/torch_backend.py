@@ -10,6 +10,9 @@ torch.compile, with fake kernels); the precision flags they set act at run time 
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 from torch import Tensor
 
@@ -26,9 +29,21 @@ from .._common import (
 )
 from . import into_grad
 
+_SHAPE = operator.attrgetter("shape")
+
 
 def weight_shapes(weights: list[Tensor]) -> tuple[tuple[int, int], ...]:
-    return tuple((int(w.shape[0]), int(w.shape[1])) for w in weights)
+    """``(rows, cols)`` per layer, looked up by the tensors' shapes (no Python call per layer)."""
+    shapes = tuple(map(_SHAPE, weights))
+    try:
+        return _pairs(shapes)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable
+        return _pairs.__wrapped__(shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(shapes: tuple) -> tuple[tuple[int, int], ...]:
+    return tuple((int(s[0]), int(s[1])) for s in shapes)
 
 
 def layer_groups(weights: list[Tensor]) -> tuple[tuple[tuple[int, int], tuple[int, ...]], ...]:
@@ -75,28 +90,6 @@ def _deltas(weights: list[Tensor], bases: list[Tensor], idx: tuple[int, ...]) ->
     return d
 
 
-def gram_minus_identity(weights: list[Tensor], bases: list[Tensor], precision: str,
-                        keep: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and, if ``keep``, per group the stacked
-    updates ``D`` and ``G - I`` that the gradient needs."""
-    groups = layer_groups(weights)
-    sqs: list[Tensor] = []
-    deltas: list[Tensor] = []
-    gmis: list[Tensor] = []
-    for (rows, cols), idx in groups:
-        d = _deltas(weights, bases, idx)
-        g = _gram(d if rows >= cols else d.transpose(1, 2), precision)
-        g.diagonal(dim1=1, dim2=2).sub_(1.0)  # G - I without materializing I
-        # square().sum() (cascaded summation) is ~100x more accurate in fp32 on a CPU than
-        # linalg.vector_norm over 10^6 terms; the temporary is only k x k per layer.
-        sq = g.square().sum(dim=(1, 2))
-        sqs.append(sq)
-        if keep:
-            deltas.append(d)
-            gmis.append(g)
-    return to_layer_order(torch.cat(sqs), groups), deltas, gmis
-
-
 def _gram_factors(gmis: list[Tensor], coefs: list[Tensor]) -> list[Tensor]:
     """Per group ``c (G - I)``: the per-layer factor folded into the small matrix."""
     return [g * c.view(-1, 1, 1) for g, c in zip(gmis, coefs)]
@@ -110,8 +103,24 @@ def scaled_grads(deltas: list[Tensor], gmis: list[Tensor], coefs: list[Tensor], 
 
 def penalty_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str,
                   need_grad: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Forward: per-layer penalties and, if ``need_grad``, what backward needs."""
-    sq, deltas, gmis = gram_minus_identity(weights, bases, precision, keep=need_grad)
+    """Forward: per-layer penalties (``||G - I||_F^2``, or its root when not ``squared``; fp32
+    ``[L]``) and, if ``need_grad``, per group the stacked updates ``D`` and ``G - I`` that the
+    gradient needs."""
+    groups = layer_groups(weights)
+    sqs: list[Tensor] = []
+    deltas: list[Tensor] = []
+    gmis: list[Tensor] = []
+    for (rows, cols), idx in groups:
+        d = _deltas(weights, bases, idx)
+        g = _gram(d if rows >= cols else d.transpose(1, 2), precision)
+        g.diagonal(dim1=1, dim2=2).sub_(1.0)  # G - I without materializing I
+        # square().sum() (cascaded summation) is ~100x more accurate in fp32 on a CPU than
+        # linalg.vector_norm over 10^6 terms; the temporary is only k x k per layer.
+        sqs.append(g.square().sum(dim=(1, 2)))
+        if need_grad:
+            deltas.append(d)
+            gmis.append(g)
+    sq = to_layer_order(torch.cat(sqs), groups)
     return (sq if squared else sq.sqrt()), deltas, gmis
 
 
@@ -158,7 +167,7 @@ def _backward(ctx, grad_values, _grad_deltas, _grad_gmis):
     deltas, gmis = list(saved[:k]), list(saved[k:])
 
     def product(g, out):
-        return penalty_product(deltas[g], _gram_factors([gmis[g]], [coefs[g]])[0], ctx.precision, out)
+        return penalty_product(deltas[g], gmis[g] * coefs[g].view(-1, 1, 1), ctx.precision, out)
 
     grads = into_grad.group_gradients(ctx, ctx.groups, ctx.dtypes, product, lambda: grad_op(
         ctx, scaled_grads, ortho_grad_torch)(deltas, gmis, coefs, ctx.precision))

@@ -16,12 +16,24 @@ are held.
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 from torch import Tensor
 
 from .._common import ListOp, grad_op, penalty_product, to_group_order, upstream_coefficient, without_autocast
 from . import into_grad
 from .torch_backend import weight_shapes
+
+_SHAPE = operator.attrgetter("shape")
+
+
+@functools.lru_cache(maxsize=64)
+def flat_shapes(shapes: tuple[torch.Size, ...]) -> list[int]:
+    """The layers' ``[r0, c0, r1, c1, ...]`` (what the registered gradient ops take), made once
+    per set of shapes. Callers must not modify the list."""
+    return [int(v) for s in shapes for v in s]
 
 
 def _layout(shapes):
@@ -30,14 +42,22 @@ def _layout(shapes):
     from ...kernels.orthoreg import scratch_layout
 
     if shapes and isinstance(shapes[0], int):
-        shapes = list(zip(shapes[0::2], shapes[1::2]))
+        return scratch_layout(_pairs(tuple(shapes)))
     return scratch_layout(tuple((int(r), int(c)) for r, c in shapes))
 
 
-def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
-               precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _pairs(flat: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``[r0, c0, r1, c1, ...]`` as ``((r0, c0), ...)``, made once per set of shapes."""
+    return tuple(zip(flat[0::2], flat[1::2]))
+
+
+def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str,
+               need_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward: per-layer penalties, the scratch of ``X^T``, the buffer of ``G - I``, and the
-    "tf32" mode's per-layer scales and statistics (empty in the other modes)."""
+    "tf32" mode's per-layer scales and statistics (empty in the other modes). The scratch is
+    what the penalty's values are computed from, so it is written whether or not a gradient
+    follows (``need_grad``: the plans' common signature)."""
     from ...kernels.orthoreg import scratch_penalty
 
     sq, gmi, x, used, stats = scratch_penalty(weights, bases, precision)
@@ -52,8 +72,7 @@ def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor
     ``[r0, c0, r1, c1, ...]``."""
     from ...kernels.orthoreg import scratch_grads
 
-    pairs = tuple((int(r), int(c)) for r, c in zip(shapes[0::2], shapes[1::2]))
-    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), pairs, out=out)
+    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), _pairs(tuple(shapes)), out=out)
 
 
 def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
@@ -91,7 +110,7 @@ ortho_scratch_grad_fp16 = torch.library.custom_op("fastortho::ortho_scratch_grad
 
 
 @ortho_scratch_gram.register_fake
-def _(weights, bases, squared, precision):
+def _(weights, bases, squared, precision, need_grad=True):
     from ...kernels.orthoreg import scratch_dtype
 
     layout = _layout(weight_shapes(weights))
@@ -114,9 +133,13 @@ def _(x, gmi, coef, shapes, precision):
 
 
 def _setup_context(ctx, inputs, output):
-    weights, _, squared, precision = inputs
+    weights, _, squared, precision, _need_grad = inputs
     values, x, gmi, used, stats = output
-    ctx.shapes = [int(v) for s in weight_shapes(weights) for v in s]
+    shapes = tuple(map(_SHAPE, weights))
+    try:
+        ctx.shapes = flat_shapes(shapes)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable
+        ctx.shapes = flat_shapes.__wrapped__(shapes)
     ctx.dtypes = [w.dtype for w in weights]
     ctx.squared, ctx.precision = squared, precision
     ctx.save_for_backward(values, x, gmi, used, stats)
@@ -133,24 +156,24 @@ def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
         grads = into_grad.group_gradients(
             ctx, layout.groups, ctx.dtypes, lambda g, out: _group_grad(x, gmi, coefs, layout, g, ctx.precision, out),
             lambda: grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision))
-        return grads, [None] * n, None, None
+        return grads, [None] * n, None, None, None
     # "tf32": one launch writes every layer, so straight into .grad for all layers or for none.
     offsets = list(layout.o_offsets)
     mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if into_grad.allowed(ctx, n) \
         else (into_grad.AUTOGRAD, [])
     if isinstance(mode, Tensor):
         flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
-        return [None] * n, [None] * n, None, None
+        return [None] * n, [None] * n, None, None, None
     flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
     if mode == into_grad.FRESH:
         into_grad.install(weights, [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)])
-        return [None] * n, [None] * n, None, None
+        return [None] * n, [None] * n, None, None, None
     grads: list[Tensor | None] = [None] * n
     for buf, (_, idx) in zip(group_views(flat, ctx.shapes), layout.groups):
         for j, i in enumerate(idx):
             grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
-    return grads, [None] * n, None, None
+    return grads, [None] * n, None, None, None
 
 
-# triton_penalty(weights, bases, squared, precision) -> per-layer values.
+# triton_penalty(weights, bases, squared, precision, need_grad) -> per-layer values.
 triton_penalty = ListOp(ortho_scratch_gram, gram_parts, _setup_context, _backward, num_lists=2)
