@@ -29,14 +29,13 @@ import triton.language as tl
 
 from ._common import PlanCache, check_precision, device_info, interpreting, mma, operand, persistent_grid
 
-FIELDS = 8  # a_off, b_off, out, in, r, k, ga_off, gb_off
-
-
-@triton.jit
-def _adapter(table, i, NF: tl.constexpr):
-    row = table + i * NF
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
-            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
+# The columns of the adapter table, one int64 row per adapter (the host writes them in this
+# order; the kernels read each by its name): A's and B's first element in their storages, the
+# adapter's out, in and rank r, k = min(out, in), and its A and B gradients' first elements in
+# the flat gradient buffer.
+ADAPTER_COLUMNS = ("a_off", "b_off", "out", "in", "r", "k", "grad_a_off", "grad_b_off")
+FIELDS = len(ADAPTER_COLUMNS)
+A_OFF, B_OFF, A_OUT, A_IN, A_R, A_K, GRAD_A_OFF, GRAD_B_OFF = (tl.constexpr(i) for i in range(FIELDS))
 
 
 @triton.jit
@@ -44,9 +43,10 @@ def lora_penalty_kernel(a_base, b_base, table, s2_ptr, values_ptr, small_ptr, NF
                         RP: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
                         EMULATE_BF16: tl.constexpr):
     pid = tl.program_id(0)
-    a_off, b_off, out, inn, r, k, ga_off, gb_off = _adapter(table, pid, NF)
-    a = a_base + a_off
-    b = b_base + b_off
+    arow = table + pid * NF  # this adapter's row of the table
+    a = a_base + tl.load(arow + A_OFF)
+    b = b_base + tl.load(arow + B_OFF)
+    out, inn, r, k = tl.load(arow + A_OUT), tl.load(arow + A_IN), tl.load(arow + A_R), tl.load(arow + A_K)
     offs_r = tl.arange(0, RP)
     in_rank = offs_r < r
     m = tl.zeros((RP, RP), dtype=tl.float32)
@@ -83,35 +83,57 @@ def lora_grad_kernel(a_base, b_base, table, tiles, num_tiles, small_ptr, coef_pt
     offs_r = tl.arange(0, RP)
     small_idx = offs_r[:, None] * RP + offs_r[None, :]
     for t in range(pid, num_tiles, tl.num_programs(0)):
+        # a tile: (adapter, kind: 0 a column block of grad A, 1 a row block of grad B, the block)
         i = tl.load(tiles + t * 3 + 0)
         kind = tl.load(tiles + t * 3 + 1)
         blk = tl.load(tiles + t * 3 + 2)
-        a_off, b_off, out, inn, r, k, ga_off, gb_off = _adapter(table, i, NF)
+        arow = table + i * NF
+        r = tl.load(arow + A_R)
         in_rank = offs_r < r
         c = tl.load(coef_ptr + i)
         small = small_ptr + i * (2 * RP * RP)
         offs_l = blk * BL + tl.arange(0, BL)
         if kind == 0:  # grad A[:, blk] = (c 4s^2 E M) A[:, blk]
             em = c * tl.load(small + RP * RP + small_idx)
+            inn = tl.load(arow + A_IN)
             mask_a = in_rank[:, None] & (offs_l[None, :] < inn)
-            a_blk = tl.load(a_base + a_off + offs_r[:, None] * inn + offs_l[None, :], mask=mask_a,
-                            other=0.0).to(tl.float32)
-            ga = mma(operand(em, PRECISION, EMULATE_BF16), operand(a_blk, PRECISION, EMULATE_BF16),
-                      tl.zeros((RP, BL), dtype=tl.float32), PRECISION, EMULATE_BF16)
-            tl.store(out_ptr + ga_off + offs_r[:, None] * inn + offs_l[None, :],
-                     ga.to(out_ptr.dtype.element_ty), mask=mask_a)
+            a_blk = tl.load(
+                a_base + tl.load(arow + A_OFF) + offs_r[:, None] * inn + offs_l[None, :], mask=mask_a, other=0.0
+            ).to(tl.float32)
+            ga = mma(
+                operand(em, PRECISION, EMULATE_BF16),
+                operand(a_blk, PRECISION, EMULATE_BF16),
+                tl.zeros((RP, BL), dtype=tl.float32),
+                PRECISION,
+                EMULATE_BF16,
+            )
+            tl.store(
+                out_ptr + tl.load(arow + GRAD_A_OFF) + offs_r[:, None] * inn + offs_l[None, :],
+                ga.to(out_ptr.dtype.element_ty),
+                mask=mask_a,
+            )
         else:  # grad B[blk, :] = B[blk, :] (c 4s^2 N E)
             ne = c * tl.load(small + small_idx)
-            mask_b = (offs_l[:, None] < out) & in_rank[None, :]
-            b_blk = tl.load(b_base + b_off + offs_l[:, None] * r + offs_r[None, :], mask=mask_b,
-                            other=0.0).to(tl.float32)
-            gb = mma(operand(b_blk, PRECISION, EMULATE_BF16), operand(ne, PRECISION, EMULATE_BF16),
-                      tl.zeros((BL, RP), dtype=tl.float32), PRECISION, EMULATE_BF16)
-            tl.store(out_ptr + gb_off + offs_l[:, None] * r + offs_r[None, :],
-                     gb.to(out_ptr.dtype.element_ty), mask=mask_b)
+            mask_b = (offs_l[:, None] < tl.load(arow + A_OUT)) & in_rank[None, :]
+            b_blk = tl.load(
+                b_base + tl.load(arow + B_OFF) + offs_l[:, None] * r + offs_r[None, :], mask=mask_b, other=0.0
+            ).to(tl.float32)
+            gb = mma(
+                operand(b_blk, PRECISION, EMULATE_BF16),
+                operand(ne, PRECISION, EMULATE_BF16),
+                tl.zeros((BL, RP), dtype=tl.float32),
+                PRECISION,
+                EMULATE_BF16,
+            )
+            tl.store(
+                out_ptr + tl.load(arow + GRAD_B_OFF) + offs_l[:, None] * r + offs_r[None, :],
+                gb.to(out_ptr.dtype.element_ty),
+                mask=mask_b,
+            )
 
 
 # ----------------------------------------------------------------------------- host code
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -152,7 +174,17 @@ class LoRAPlan:
             da, db = a.data_ptr() - a_base, b.data_ptr() - b_base
             if da % es or db % es:
                 raise ValueError("As, Bs: tensor storage is not element-aligned")
-            rows.append([da // es, db // es, out, inn, r, min(out, inn), ga, gb])
+            row = {
+                "a_off": da // es,
+                "b_off": db // es,
+                "out": out,
+                "in": inn,
+                "r": r,
+                "k": min(out, inn),
+                "grad_a_off": ga,
+                "grad_b_off": gb,
+            }
+            rows.append([row[name] for name in ADAPTER_COLUMNS])
             self.a_offsets.append(ga)
             self.b_offsets.append(gb)
             tiles += [(out + inn, i, 0, j) for j in range(-(-inn // cfg.block))]
@@ -175,8 +207,10 @@ def _check(As, Bs, scales):
         raise ValueError("As, Bs, scales: expected non-empty lists of equal length")
     device, dtype = As[0].device, As[0].dtype
     if device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
-                         f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors (got {device}); on CPU set "
+            f"TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+        )
     for a, b in zip(As, Bs):
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"As, Bs: expected A (r x in) and B (out x r), got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -188,14 +222,17 @@ def _check(As, Bs, scales):
 
 def lora_plan(As, Bs, scales, cfg: LoRAConfig) -> LoRAPlan:
     """The cached plan for these exact tensors and scales (validated when it is built)."""
+
     def build():
         _check(As, Bs, scales)
         return LoRAPlan(As, Bs, scales, cfg)
+
     return _PLANS.get((*As, *Bs), (tuple(scales), cfg), build)
 
 
-def lora_penalty(As, Bs, scales, precision: str, *,
-                 config: LoRAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_penalty(
+    As, Bs, scales, precision: str, *, config: LoRAConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-adapter ``||G - I||_F^2`` (fp32 ``[L]``) and the ``[L, 2, RP, RP]`` fp32 buffer of
     ``4 s^2 N E`` and ``4 s^2 E M``."""
     check_precision(precision)
@@ -205,14 +242,26 @@ def lora_penalty(As, Bs, scales, precision: str, *,
     n, rp = len(As), plan.rp
     values = torch.empty(n, dtype=torch.float32, device=device)
     small = torch.empty((n, 2, rp, rp), dtype=torch.float32, device=device)
-    lora_penalty_kernel[(n,)](As[0], Bs[0], plan.table, plan.s2, values, small, NF=FIELDS, RP=rp,
-                              BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
-                              num_warps=penalty_warps(cfg, rp))
+    lora_penalty_kernel[(n,)](
+        As[0],
+        Bs[0],
+        plan.table,
+        plan.s2,
+        values,
+        small,
+        NF=FIELDS,
+        RP=rp,
+        BL=cfg.block,
+        PRECISION=precision,
+        EMULATE_BF16=device.type != "cuda",
+        num_warps=penalty_warps(cfg, rp),
+    )
     return values, small
 
 
-def lora_grad(As, Bs, scales, small: torch.Tensor, coef: torch.Tensor, precision: str, *,
-              config: LoRAConfig | None = None) -> torch.Tensor:
+def lora_grad(
+    As, Bs, scales, small: torch.Tensor, coef: torch.Tensor, precision: str, *, config: LoRAConfig | None = None
+) -> torch.Tensor:
     """``coef[i] *`` the gradients of every adapter into one flat buffer (all ``A`` then all
     ``B``, each in its own row-major layout; see :func:`.layout.lora_grad_views`)."""
     check_precision(precision)
@@ -222,9 +271,20 @@ def lora_grad(As, Bs, scales, small: torch.Tensor, coef: torch.Tensor, precision
     num_tiles = plan.tiles.shape[0]
     out = torch.empty(plan.numel, dtype=As[0].dtype, device=device)
     grid = persistent_grid(num_tiles, device, cfg.programs_per_sm)
-    lora_grad_kernel[grid](As[0], Bs[0], plan.table, plan.tiles, num_tiles, small,
-                           coef.to(torch.float32).contiguous(), out, NF=FIELDS, RP=plan.rp,
-                           BL=cfg.block, PRECISION=precision, EMULATE_BF16=device.type != "cuda",
-                           num_warps=cfg.num_warps)
+    lora_grad_kernel[grid](
+        As[0],
+        Bs[0],
+        plan.table,
+        plan.tiles,
+        num_tiles,
+        small,
+        coef.to(torch.float32).contiguous(),
+        out,
+        NF=FIELDS,
+        RP=plan.rp,
+        BL=cfg.block,
+        PRECISION=precision,
+        EMULATE_BF16=device.type != "cuda",
+        num_warps=cfg.num_warps,
+    )
     return out
-

@@ -57,25 +57,28 @@ __all__ = ["ScratchConfig", "default_config", "scratch_layout", "scratch_penalty
            "scratch_grads", "scratch_plan", "delta_kernel", "scratch_gram_kernel", "scratch_grad_kernel",
            "LAYER_FIELDS", "pow2_scale", "keeps_scale", "SCALE_TARGET"]
 
-# w_off, w0_off, cols, k, big, tall, x_off, g_off, row stride of X^T (big padded), gradient offset
-LAYER_FIELDS = 10
+# The columns of the layer table, one int64 row per layer (the host writes them in this order;
+# the kernels read each by its name below):
+#   w_off, w0_off   the layer's first element in the weight / base storage (elements)
+#   cols            columns of W (its row stride)
+#   k, big          min(rows, cols), max(rows, cols)
+#   tall            1 when rows >= cols (X = D), 0 when wide (X = D^T)
+#   xt_off          the layer's X^T in the scratch; xt_stride: its row stride (big padded to 16)
+#   gmi_off         the layer's G - I in the G - I buffer
+#   grad_off        the layer's gradient in the "tf32" mode's flat gradient buffer
+LAYER_COLUMNS = ("w_off", "w0_off", "cols", "k", "big", "tall", "xt_off", "gmi_off", "xt_stride", "grad_off")
+LAYER_FIELDS = len(LAYER_COLUMNS)
+(L_W_OFF, L_W0_OFF, L_COLS, L_K, L_BIG, L_TALL, L_XT_OFF, L_GMI_OFF, L_XT_STRIDE,
+ L_GRAD_OFF) = (tl.constexpr(i) for i in range(LAYER_FIELDS))
+# The columns of a tile table, four int32 per tile: the layer, the tile's two block indices
+# (delta pass: row block of X^T, column block; Gram: ti, tj; gradient: block of big, block of
+# k) and, for the Gram, the tile's slot of partial sums.
+T_LAYER, T_I, T_J, T_SLOT = (tl.constexpr(i) for i in range(4))
 
 # "tf32" mode's fp16 scratch: a layer's largest |D| is scaled into [2**11, 2**12) when its scale
 # is (re)chosen; an old scale is kept while that element stays within [2**4, 2**15) (8x growth,
 # 128x shrinkage), and the exponent is clamped to [-60, 60] (1 / s**2 stays a normal fp32).
 SCALE_TARGET, SCALE_KEEP_LOW, SCALE_KEEP_HIGH, SCALE_EXP_LIMIT = 11, 16.0, 32768.0, 60
-
-
-@triton.jit
-def _layer(layer_table, layer, NF: tl.constexpr):
-    row = layer_table + layer * NF
-    # Sizes and in-layer indices are int32 (the host checks every layer has fewer than 2**31
-    # elements); the offsets into the shared buffers stay int64.
-    # Rows of X^T are padded to a multiple of 16 elements at 16-aligned offsets (the host lays
-    # them out so): 16-byte aligned rows let the loads be asynchronous copies for bf16 too.
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2).to(tl.int32), tl.load(row + 3).to(tl.int32),
-            tl.load(row + 4).to(tl.int32), tl.load(row + 5), tl.multiple_of(tl.load(row + 6), 16), tl.load(row + 7),
-            tl.multiple_of(tl.load(row + 8).to(tl.int32), 16), tl.load(row + 9))
 
 
 @triton.jit
@@ -96,53 +99,57 @@ def _keeps_scale(amax, s_prev, s_new):
 
 
 @triton.jit
-def _tile(tile_table, tile):
-    # A row of a tile table: (layer, block, block, slot) as four int32.
-    row = tile_table + tile * 4
-    return tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-
-
-@triton.jit
-def delta_kernel(w_base, w0_base, x_ptr, layer_table, tile_table, num_tiles, scale_ptr, used_ptr, stats_ptr,
+def delta_kernel(w_base, w0_base, xt_ptr, layer_table, tile_table, num_tiles, prev_scale_ptr, scale_ptr, amax_bits_ptr,
                  NF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, FORMAT: tl.constexpr,
                  EMULATE_BF16: tl.constexpr, FIXUP: tl.constexpr):
     # X^T[i, b] = D[b, i] (tall) or D[i, b] (wide), for one (BR x BC) tile of one layer.
     # FORMAT "fp16" (the scaled scratch): the first launch (FIXUP False) writes D * scale and
-    # records max |D| per layer in stats (int32 bits: order-preserving for values >= 0); the
-    # fix-up launch stores the scale each layer ends with in used and rewrites only tiles of
+    # records max |D| per layer in amax_bits (int32 bits: order-preserving for values >= 0); the
+    # fix-up launch stores the scale each layer ends with in scale_ptr and rewrites only tiles of
     # layers whose old scale no longer serves (the other tiles' loads and stores are masked off).
     pid = tl.program_id(0)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer, ti, tb, _ = _tile(tile_table, tile)
-        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, _o = _layer(layer_table, layer, NF)
+        trow = tile_table + tile * 4  # this tile's row of the tile table
+        layer, ti, tb = tl.load(trow + T_LAYER), tl.load(trow + T_I), tl.load(trow + T_J)
+        lrow = layer_table + layer * NF  # its layer's row of the layer table
+        # Sizes and in-layer indices are int32 (the host checks every layer has fewer than 2**31
+        # elements); the offsets into the shared buffers stay int64.
+        k, big = tl.load(lrow + L_K).to(tl.int32), tl.load(lrow + L_BIG).to(tl.int32)
+        cols = tl.load(lrow + L_COLS).to(tl.int32)
+        # Rows of X^T are padded to a multiple of 16 elements at 16-aligned offsets (the host lays
+        # them out so): 16-byte aligned rows let the loads be asynchronous copies for bf16 too.
+        xt_off = tl.multiple_of(tl.load(lrow + L_XT_OFF), 16)
+        xt_stride = tl.multiple_of(tl.load(lrow + L_XT_STRIDE).to(tl.int32), 16)
+        tall = tl.load(lrow + L_TALL)
         go = True
         s = 1.0
         if FORMAT == "fp16":
-            s = tl.load(scale_ptr + layer)
+            s = tl.load(prev_scale_ptr + layer)
             if FIXUP:
-                amax = tl.load(stats_ptr + layer).to(tl.float32, bitcast=True)
+                amax = tl.load(amax_bits_ptr + layer).to(tl.float32, bitcast=True)
                 s_new = _pow2_scale(amax)
                 keep = _keeps_scale(amax, s, s_new)
                 s = tl.where(keep, s, s_new)
-                tl.store(used_ptr + layer, s)
+                tl.store(scale_ptr + layer, s)
                 go = keep == 0
         offs_i = ti * BR + tl.arange(0, BR)
         offs_b = tb * BC + tl.arange(0, BC)
         mask = (offs_i[:, None] < k) & (offs_b[None, :] < big) & go
-        # the padding columns big..stride are written too, as zeros
-        out_mask = (offs_i[:, None] < k) & (offs_b[None, :] < stride) & go
+        # the padding columns big..xt_stride are written too, as zeros
+        out_mask = (offs_i[:, None] < k) & (offs_b[None, :] < xt_stride) & go
         if tall != 0:
             idx = offs_b[None, :] * cols + offs_i[:, None]
         else:
             idx = offs_i[:, None] * cols + offs_b[None, :]
+        w_off, w0_off = tl.load(lrow + L_W_OFF), tl.load(lrow + L_W0_OFF)
         d = (tl.load(w_base + w_off + idx, mask=mask, other=0.0).to(tl.float32)
              - tl.load(w0_base + w0_off + idx, mask=mask, other=0.0).to(tl.float32))
-        out = x_ptr + x_off + offs_i[:, None] * stride + offs_b[None, :]
+        out = xt_ptr + xt_off + offs_i[:, None] * xt_stride + offs_b[None, :]
         if FORMAT == "fp16":
             tl.store(out, (d * s).to(tl.float16), mask=out_mask)
             if not FIXUP:
                 amax_tile = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
-                tl.atomic_max(stats_ptr + layer, amax_tile.to(tl.int32, bitcast=True))
+                tl.atomic_max(amax_bits_ptr + layer, amax_tile.to(tl.int32, bitcast=True))
         elif FORMAT == "bf16":
             if EMULATE_BF16:
                 tl.store(out, round_to_bf16(d), mask=out_mask)
@@ -153,7 +160,7 @@ def delta_kernel(w_base, w0_base, x_ptr, layer_table, tile_table, num_tiles, sca
 
 
 @triton.jit
-def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, partial_ptr, scale_ptr, gmax_ptr,
+def scratch_gram_kernel(xt_ptr, layer_table, tile_table, num_tiles, gmi_ptr, partial_ptr, scale_ptr, gmax_ptr,
                         NF: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                         EMULATE_BF16: tl.constexpr, SCALED: tl.constexpr):
     # SCALED: X^T holds fp16 values of D * s (delta_kernel); products of fp16 operands are
@@ -162,8 +169,12 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
     if pid == 0:
         tl.store(partial_ptr + num_tiles, 0.0)  # the zero slot that pads the per-layer gather
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer, ti, tj, slot = _tile(tile_table, tile)
-        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, _o = _layer(layer_table, layer, NF)
+        trow = tile_table + tile * 4  # this tile's row of the tile table
+        layer, ti, tj = tl.load(trow + T_LAYER), tl.load(trow + T_I), tl.load(trow + T_J)
+        lrow = layer_table + layer * NF
+        k = tl.load(lrow + L_K).to(tl.int32)
+        xt_off = tl.multiple_of(tl.load(lrow + L_XT_OFF), 16)
+        xt_stride = tl.multiple_of(tl.load(lrow + L_XT_STRIDE).to(tl.int32), 16)
         offs_i = ti * BT + tl.arange(0, BT)
         offs_j = tj * BT + tl.arange(0, BT)
         offs_k = tl.arange(0, BK)
@@ -171,13 +182,13 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
         # products only reach entries of G past k, which the epilogue zeroes.
         rows_i = tl.minimum(offs_i, k - 1)
         rows_j = tl.minimum(offs_j, k - 1)
-        x = x_ptr + x_off
-        a_ptrs = x + rows_i[:, None] * stride + offs_k[None, :]
-        b_ptrs = x + rows_j[:, None] * stride + offs_k[None, :]
+        xt = xt_ptr + xt_off
+        a_ptrs = xt + rows_i[:, None] * xt_stride + offs_k[None, :]
+        b_ptrs = xt + rows_j[:, None] * xt_stride + offs_k[None, :]
         acc = tl.zeros((BT, BT), dtype=tl.float32)
-        for b0 in range(0, stride, BK):
+        for b0 in range(0, xt_stride, BK):
             # Only the reduction axis is masked (the row padding holds zeros): nothing past it adds.
-            in_range = (b0 + offs_k)[None, :] < stride
+            in_range = (b0 + offs_k)[None, :] < xt_stride
             a = tl.load(a_ptrs + b0, mask=in_range, other=0.0)
             b = tl.load(b_ptrs + b0, mask=in_range, other=0.0)
             if SCALED:
@@ -187,18 +198,20 @@ def scratch_gram_kernel(x_ptr, layer_table, tile_table, num_tiles, gmi_ptr, part
         if SCALED:
             s = tl.load(scale_ptr + layer)
             acc = acc * (1.0 / (s * s))
+        # read after the mainloop: nothing the epilogue alone needs is held across it
+        slot, gmi_off = tl.load(trow + T_SLOT), tl.load(lrow + L_GMI_OFF)
         gmi, valid = gram_tile_epilogue(acc, offs_i, offs_j, k, ti, tj, partial_ptr, slot)
         if SCALED:  # for the gradient's own fp16 scale of G - I (zero outside the layer)
             gm = tl.max(tl.max(tl.abs(gmi), axis=1), axis=0)
             tl.atomic_max(gmax_ptr + layer, gm.to(tl.int32, bitcast=True))
-        g = gmi_ptr + g_off
+        g = gmi_ptr + gmi_off
         tl.store(g + offs_i[:, None] * k + offs_j[None, :], gmi, mask=valid)
         if ti != tj:
             tl.store(g + offs_j[:, None] * k + offs_i[None, :], tl.trans(gmi), mask=tl.trans(valid))
 
 
 @triton.jit
-def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, layer_table, tile_table, num_tiles,
+def scratch_grad_kernel(xt_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, layer_table, tile_table, num_tiles,
                         NF: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ACCUMULATE: tl.constexpr):
     # One (BN x BT) tile of M X^T = (X M)^T per program step, M = G - I (symmetric), X^T from
@@ -210,23 +223,29 @@ def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, 
     # what it holds; every element belongs to one tile, so read-modify-write is race-free).
     pid = tl.program_id(0)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        layer, tb, tj, _ = _tile(tile_table, tile)
-        w_off, w0_off, cols, k, big, tall, x_off, g_off, stride, out_off = _layer(layer_table, layer, NF)
+        trow = tile_table + tile * 4  # this tile's row of the tile table
+        layer, tb, tj = tl.load(trow + T_LAYER), tl.load(trow + T_I), tl.load(trow + T_J)
+        lrow = layer_table + layer * NF
+        k, big = tl.load(lrow + L_K).to(tl.int32), tl.load(lrow + L_BIG).to(tl.int32)
+        xt_off = tl.multiple_of(tl.load(lrow + L_XT_OFF), 16)
+        xt_stride = tl.multiple_of(tl.load(lrow + L_XT_STRIDE).to(tl.int32), 16)
+        gmi_off, grad_off = tl.load(lrow + L_GMI_OFF), tl.load(lrow + L_GRAD_OFF)
+        tall = tl.load(lrow + L_TALL)
         offs_b = tb * BT + tl.arange(0, BT)
         offs_j = tj * BN + tl.arange(0, BN)
         offs_r = tl.arange(0, BK)
         s = tl.load(scale_ptr + layer)
         t = _pow2_scale(tl.load(gmax_ptr + layer).to(tl.float32, bitcast=True))
-        x = x_ptr + x_off
-        g = gmi_ptr + g_off
+        xt = xt_ptr + xt_off
+        g = gmi_ptr + gmi_off
         acc = tl.zeros((BN, BT), dtype=tl.float32)
         for r0 in range(0, k, BK):
             rows = r0 + offs_r
             m = tl.load(g + offs_j[:, None] * k + rows[None, :], mask=(offs_j[:, None] < k) & (rows[None, :] < k),
                         other=0.0)
-            xt = tl.load(x + rows[:, None] * stride + offs_b[None, :],
-                         mask=(rows[:, None] < k) & (offs_b[None, :] < stride), other=0.0)
-            acc = tl.dot((m * t).to(tl.float16), xt, acc)
+            xt_tile = tl.load(xt + rows[:, None] * xt_stride + offs_b[None, :],
+                              mask=(rows[:, None] < k) & (offs_b[None, :] < xt_stride), other=0.0)
+            acc = tl.dot((m * t).to(tl.float16), xt_tile, acc)
         grad = acc * (1.0 / (s * t)) * tl.load(coef_ptr + layer)
         # The epilogue in two column halves, stored one after the other: with ACCUMULATE only
         # half of the old tile is live beside the product. The whole tile at once spilled at
@@ -239,9 +258,9 @@ def scratch_grad_kernel(x_ptr, gmi_ptr, out_ptr, scale_ptr, gmax_ptr, coef_ptr, 
             cols_b = tb * BT + h * (BT // 2) + offs_h
             valid = (offs_j[:, None] < k) & (cols_b[None, :] < big)
             if tall != 0:
-                out = out_ptr + out_off + cols_b[None, :] * k + offs_j[:, None]
+                out = out_ptr + grad_off + cols_b[None, :] * k + offs_j[:, None]
             else:
-                out = out_ptr + out_off + offs_j[:, None] * big + cols_b[None, :]
+                out = out_ptr + grad_off + offs_j[:, None] * big + cols_b[None, :]
             if ACCUMULATE:
                 part += tl.load(out, mask=valid, other=0.0)
             tl.store(out, part, mask=valid)
@@ -372,9 +391,14 @@ def scratch_tiles(shapes: tuple[tuple[int, int], ...], cfg: ScratchConfig) -> Sc
 
 
 def _layer_rows(shapes, layout, w_offsets, w0_offsets) -> list[list[int]]:
-    return [[dw, dw0, c, min(r, c), max(r, c), int(r >= c), layout.x_offsets[i], layout.g_offsets[i],
-             -(-max(r, c) // 16) * 16, layout.o_offsets[i]]
-            for i, ((r, c), dw, dw0) in enumerate(zip(shapes, w_offsets, w0_offsets))]
+    """The layer table's rows, each written by column name (:data:`LAYER_COLUMNS`)."""
+    rows = []
+    for i, ((r, c), dw, dw0) in enumerate(zip(shapes, w_offsets, w0_offsets)):
+        row = {"w_off": dw, "w0_off": dw0, "cols": c, "k": min(r, c), "big": max(r, c), "tall": int(r >= c),
+               "xt_off": layout.x_offsets[i], "gmi_off": layout.g_offsets[i],
+               "xt_stride": -(-max(r, c) // 16) * 16, "grad_off": layout.o_offsets[i]}
+        rows.append([row[name] for name in LAYER_COLUMNS])
+    return rows
 
 
 class ScratchPlan:
@@ -441,81 +465,105 @@ def _prepare(weights, bases, precision: str, config: ScratchConfig | None):
 
 def scratch_penalty(weights, bases, precision: str, *, config: ScratchConfig | None = None):
     """Both passes with one plan lookup: ``(||G - I||_F^2 per layer, G - I, the scratch, the
-    per-layer scales used, the statistics)``; the last two are empty outside "tf32" mode
+    per-layer scales used, the maxima's bits)``; the last two are empty outside "tf32" mode
     (:func:`write_deltas`)."""
     device = weights[0].device
     cfg = config or default_config(check_precision(precision), device)
     plan = scratch_plan(weights, bases, cfg)
-    x, used, stats = _write_deltas(weights, bases, precision, device, cfg, plan)
-    return (*_scratch_gram(x, used, stats, precision, device, cfg, plan), x, used, stats)
+    xt, scales, amax_bits = _write_deltas(weights, bases, precision, device, cfg, plan)
+    return (*_scratch_gram(xt, scales, amax_bits, precision, device, cfg, plan), xt, scales, amax_bits)
 
 
 def write_deltas(weights, bases, precision: str, *, config: ScratchConfig | None = None):
-    """Pass 1: ``(x, used, stats)``: the flat scratch of every layer's ``X^T``
-    (:class:`ScratchLayout`); in "tf32" mode (``x`` holds fp16 ``X^T * used[l]``) the fp32
+    """Pass 1: ``(xt, scales, amax_bits)``: the flat scratch of every layer's ``X^T``
+    (:class:`ScratchLayout`); in "tf32" mode (``xt`` holds fp16 ``X^T * scales[l]``) the fp32
     per-layer scales and an int32 ``[2 L]`` buffer whose first half holds the bits of each
     layer's ``max |D|`` (the second half is the Gram's ``max |G - I|``); empty otherwise."""
     return _write_deltas(weights, bases, precision, *_prepare(weights, bases, precision, config))
 
 
 def _write_deltas(weights, bases, precision, device, cfg, plan):
-    x = torch.empty(plan.layout.x_numel, dtype=scratch_dtype(precision, device), device=device)
+    xt = torch.empty(plan.layout.x_numel, dtype=scratch_dtype(precision, device), device=device)
     layers = len(plan.shapes) if precision == "tf32" else 0
-    used = torch.empty(layers, dtype=torch.float32, device=device)
-    stats = torch.zeros(2 * layers, dtype=torch.int32, device=device)
+    scales = torch.empty(layers, dtype=torch.float32, device=device)
+    amax_bits = torch.zeros(2 * layers, dtype=torch.int32, device=device)
     num_tiles = plan.delta_tiles.shape[0]
     passes = (False, True) if precision == "tf32" else (False,)
     for fixup in passes:
         delta_kernel[persistent_grid(num_tiles, device, 4 * cfg.programs_per_sm)](
-            weights[0], bases[0], x, plan.layer_table, plan.delta_tiles, num_tiles, plan.scale, used, stats,
+            weights[0], bases[0], xt, plan.layer_table, plan.delta_tiles, num_tiles, plan.scale, scales, amax_bits,
             NF=LAYER_FIELDS, BR=cfg.delta_rows, BC=cfg.delta_cols, FORMAT=_format(precision),
             EMULATE_BF16=not device_info(device).is_cuda, FIXUP=fixup, num_warps=cfg.delta_warps)
     if layers:
-        plan.scale.copy_(used)  # the next call starts from this call's scales
-    return x, used, stats
+        plan.scale.copy_(scales)  # the next call starts from this call's scales
+    return xt, scales, amax_bits
 
 
-def scratch_gram(weights, bases, x: torch.Tensor, used: torch.Tensor, stats: torch.Tensor, precision: str, *,
+def scratch_gram(weights, bases, xt: torch.Tensor, scales: torch.Tensor, amax_bits: torch.Tensor, precision: str, *,
                  config: ScratchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2: per-layer ``||G - I||_F^2`` (fp32 ``[L]``) and the flat fp32 buffer of every
-    ``G - I`` (``[L_g, k, k]`` per group, :class:`ScratchLayout`); ``used``, ``stats`` from
-    :func:`write_deltas` (in "tf32" mode this records ``max |G - I|`` in ``stats``)."""
-    return _scratch_gram(x, used, stats, precision, *_prepare(weights, bases, precision, config))
+    ``G - I`` (``[L_g, k, k]`` per group, :class:`ScratchLayout`); ``scales``, ``amax_bits`` from
+    :func:`write_deltas` (in "tf32" mode this records ``max |G - I|`` in ``amax_bits``)."""
+    return _scratch_gram(xt, scales, amax_bits, precision, *_prepare(weights, bases, precision, config))
 
 
-def _scratch_gram(x, used, stats, precision, device, cfg, plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _scratch_gram(xt, scales, amax_bits, precision, device, cfg, plan) -> tuple[torch.Tensor, torch.Tensor]:
     num_tiles = plan.gram_tiles.shape[0]
     layers = len(plan.shapes) if precision == "tf32" else 0
     # one slot per tile and a zero slot that pads the per-layer gather
     partials = torch.empty(num_tiles + 1, dtype=torch.float32, device=device)
     gmi = torch.empty(plan.layout.g_numel, dtype=torch.float32, device=device)
     scratch_gram_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
-        x, plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials, used, stats[layers:], NF=LAYER_FIELDS,
+        xt, plan.layer_table, plan.gram_tiles, num_tiles, gmi, partials, scales, amax_bits[layers:], NF=LAYER_FIELDS,
         BT=cfg.gram_block, BK=cfg.gram_k, PRECISION=precision, EMULATE_BF16=not device_info(device).is_cuda,
         SCALED=precision == "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return partials[plan.slot_gather].sum(dim=1), gmi
 
 
-def scratch_grads(x: torch.Tensor, gmi: torch.Tensor, used: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-                  shapes: tuple[tuple[int, int], ...], *, config: ScratchConfig | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def scratch_grads(
+    xt: torch.Tensor,
+    gmi: torch.Tensor,
+    scales: torch.Tensor,
+    amax_bits: torch.Tensor,
+    coef: torch.Tensor,
+    shapes: tuple[tuple[int, int], ...],
+    *,
+    config: ScratchConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pass 3 ("tf32" mode): the flat fp32 buffer of every layer's ``c_l X (G - I)`` as the
     weight's ``rows x cols`` (:class:`ScratchLayout` ``o_offsets``, ``[L_g, rows, cols]`` per
     group); ``coef``: fp32 ``[L]`` in layer order. With ``out`` (such a buffer), the gradients
     are added to it in place and it is returned."""
-    device = x.device
+    device = xt.device
     cfg = config or default_config("tf32", device)
     plan = grad_plan(tuple(shapes), cfg, device)
     layers = len(shapes)
     accumulate = out is not None
     if accumulate and (out.dtype != torch.float32 or out.numel() != plan.layout.o_numel or not out.is_contiguous()):
-        raise ValueError(f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
-                         f"{out.dtype} of {out.numel()}")
+        raise ValueError(
+            f"out: expected a contiguous fp32 buffer of {plan.layout.o_numel} elements, got "
+            f"{out.dtype} of {out.numel()}"
+        )
     if not accumulate:
         out = torch.empty(plan.layout.o_numel, dtype=torch.float32, device=device)
     num_tiles = plan.grad_tiles.shape[0]
     scratch_grad_kernel[persistent_grid(num_tiles, device, cfg.programs_per_sm)](
-        x, gmi, out, used, stats[layers:], coef, plan.layer_table, plan.grad_tiles, num_tiles, NF=LAYER_FIELDS,
-        BT=cfg.grad_rows, BN=cfg.grad_cols, BK=cfg.grad_k, ACCUMULATE=accumulate, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        xt,
+        gmi,
+        out,
+        scales,
+        amax_bits[layers:],
+        coef,
+        plan.layer_table,
+        plan.grad_tiles,
+        num_tiles,
+        NF=LAYER_FIELDS,
+        BT=cfg.grad_rows,
+        BN=cfg.grad_cols,
+        BK=cfg.grad_k,
+        ACCUMULATE=accumulate,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out

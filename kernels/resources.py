@@ -83,8 +83,8 @@ def orthoreg_cases(precision: str = "tf32"):
     for fmt, mode, fixup in (("fp32", "ieee", False), ("bf16", "bf16", False), ("fp16", "tf32", False),
                              ("fp16", "tf32", True)):
         cfg = S.default_config(mode, H100)
-        params = {**_types("w_base w0_base", "*fp32"), "x_ptr": f"*{fmt}", **common,
-                  **_types("scale_ptr used_ptr", "*fp32"), "stats_ptr": "*i32",
+        params = {**_types("w_base w0_base", "*fp32"), "xt_ptr": f"*{fmt}", **common,
+                  **_types("prev_scale_ptr scale_ptr", "*fp32"), "amax_bits_ptr": "*i32",
                   **_types("NF BR BC FORMAT EMULATE_BF16 FIXUP", "")}
         consts = {"NF": S.LAYER_FIELDS, "BR": cfg.delta_rows, "BC": cfg.delta_cols, "FORMAT": fmt,
                   "EMULATE_BF16": False, "FIXUP": fixup}
@@ -93,7 +93,7 @@ def orthoreg_cases(precision: str = "tf32"):
     for mode in dict.fromkeys((precision, "bf16")):
         cfg = S.default_config(mode, H100)
         fmt = {"bf16": "bf16", "tf32": "fp16"}.get(mode, "fp32")
-        params = {"x_ptr": f"*{fmt}", **common, **_types("gmi_ptr partial_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32",
+        params = {"xt_ptr": f"*{fmt}", **common, **_types("gmi_ptr partial_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32",
                   **_types("NF BT BK PRECISION EMULATE_BF16 SCALED", "")}
         consts = {
             "NF": S.LAYER_FIELDS,
@@ -106,8 +106,8 @@ def orthoreg_cases(precision: str = "tf32"):
         yield (f"orthoreg gram {mode}", S.scratch_gram_kernel, params, consts,
                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ())
     cfg = S.default_config("tf32", H100)
-    params = {"x_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32", "coef_ptr": "*fp32",
-              **common, **_types("NF BT BN BK ACCUMULATE", "")}
+    params = {"xt_ptr": "*fp16", **_types("gmi_ptr out_ptr scale_ptr", "*fp32"), "gmax_ptr": "*i32",
+              "coef_ptr": "*fp32", **common, **_types("NF BT BN BK ACCUMULATE", "")}
     for accumulate in (False, True):
         consts = {"NF": S.LAYER_FIELDS, "BT": cfg.grad_rows, "BN": cfg.grad_cols, "BK": cfg.grad_k,
                   "ACCUMULATE": accumulate}

@@ -60,11 +60,11 @@ def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precis
     follows (``need_grad``: the plans' common signature)."""
     from ...kernels.orthoreg import scratch_penalty
 
-    sq, gmi, x, used, stats = scratch_penalty(weights, bases, precision)
-    return (sq if squared else sq.sqrt()), x, gmi, used, stats
+    sq, gmi, xt, scales, amax_bits = scratch_penalty(weights, bases, precision)
+    return (sq if squared else sq.sqrt()), xt, gmi, scales, amax_bits
 
 
-def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor, shapes: list[int],
+def flat_grads(xt: Tensor, gmi: Tensor, scales: Tensor, amax_bits: Tensor, coef: Tensor, shapes: list[int],
                out: Tensor | None = None) -> Tensor:
     """In "tf32" mode: every layer's fp32 gradient ``c X (G - I)`` in one flat buffer (``[L_g,
     rows, cols]`` per group at the layout's ``group_o``), one Triton launch over the scaled fp16
@@ -72,7 +72,7 @@ def flat_grads(x: Tensor, gmi: Tensor, used: Tensor, stats: Tensor, coef: Tensor
     ``[r0, c0, r1, c1, ...]``."""
     from ...kernels.orthoreg import scratch_grads
 
-    return scratch_grads(x, gmi, used, stats, coef.float().contiguous(), _pairs(tuple(shapes)), out=out)
+    return scratch_grads(xt, gmi, scales, amax_bits, coef.float().contiguous(), _pairs(tuple(shapes)), out=out)
 
 
 def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
@@ -84,24 +84,24 @@ def group_views(flat: Tensor, shapes: list[int]) -> list[Tensor]:
     ]
 
 
-def _group_grad(x, gmi, coefs, layout, g: int, precision: str, out: Tensor | None = None) -> Tensor:
+def _group_grad(xt, gmi, coefs, layout, g: int, precision: str, out: Tensor | None = None) -> Tensor:
     """Group ``g``'s gradients from views of the scratch (``D`` is ``X`` or ``X^T`` of the
     stored ``X^T``), fresh or added to ``out``."""
     ((r, c), idx), x0, g0 = layout.groups[g], layout.group_x[g], layout.group_g[g]
     k, big, n = min(r, c), max(r, c), len(idx)
     stride = -(-big // 16) * 16  # rows padded with zeros (kernels/orthoreg.py)
-    xt = x[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]
+    xt_g = xt[x0:x0 + n * k * stride].view(n, k, stride)[:, :, :big]  # the group's X^T, [n, k, big]
     m = gmi[g0:g0 + n * k * k].view(n, k, k) * coefs[g].view(-1, 1, 1)
-    return penalty_product(xt.transpose(1, 2) if r >= c else xt, m, precision, out)
+    return penalty_product(xt_g.transpose(1, 2) if r >= c else xt_g, m, precision, out)
 
 
-def group_grads(x: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
+def group_grads(xt: Tensor, gmi: Tensor, coef: Tensor, shapes: list[int], precision: str) -> list[Tensor]:
     """In "bf16" and "ieee" mode: per shape group the fp32 gradients ``[L_g, rows, cols]``: ``X (c (G -
     I))`` for tall layers, ``(c (G - I)) X^T`` for wide ones, on views of the scratch (cuBLAS
     reads the transposed operand in place). ``shapes``: the layers' ``[r0, c0, r1, c1, ...]``."""
     layout = _layout(shapes)
     coefs = to_group_order(coef, layout.groups)
-    return [_group_grad(x, gmi, coefs, layout, g, precision) for g in range(len(layout.groups))]
+    return [_group_grad(xt, gmi, coefs, layout, g, precision) for g in range(len(layout.groups))]
 
 
 ortho_scratch_gram = torch.library.custom_op("fastortho::ortho_scratch_gram", gram_parts, mutates_args=())
@@ -122,19 +122,19 @@ def _(weights, bases, squared, precision, need_grad=True):
 
 
 @ortho_scratch_grad_fp16.register_fake
-def _(x, gmi, used, stats, coef, shapes):
-    return x.new_empty(_layout(shapes).o_numel, dtype=torch.float32)
+def _(xt, gmi, scales, amax_bits, coef, shapes):
+    return xt.new_empty(_layout(shapes).o_numel, dtype=torch.float32)
 
 
 @ortho_scratch_grad.register_fake
-def _(x, gmi, coef, shapes, precision):
+def _(xt, gmi, coef, shapes, precision):
     layout = _layout(shapes)
-    return [x.new_empty((len(idx), r, c), dtype=torch.float32) for (r, c), idx in layout.groups]
+    return [xt.new_empty((len(idx), r, c), dtype=torch.float32) for (r, c), idx in layout.groups]
 
 
 def _setup_context(ctx, inputs, output):
     weights, _, squared, precision, _need_grad = inputs
-    values, x, gmi, used, stats = output
+    values, xt, gmi, scales, amax_bits = output
     shapes = tuple(map(_SHAPE, weights))
     try:
         ctx.shapes = flat_shapes(shapes)
@@ -142,29 +142,29 @@ def _setup_context(ctx, inputs, output):
         ctx.shapes = flat_shapes.__wrapped__(shapes)
     ctx.dtypes = [w.dtype for w in weights]
     ctx.squared, ctx.precision = squared, precision
-    ctx.save_for_backward(values, x, gmi, used, stats)
+    ctx.save_for_backward(values, xt, gmi, scales, amax_bits)
 
 
 @without_autocast
 def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
-    values, x, gmi, used, stats = ctx.saved_tensors
+    values, xt, gmi, scales, amax_bits = ctx.saved_tensors
     coef = upstream_coefficient(values, grad_values, ctx.squared, 4.0)
     layout = _layout(ctx.shapes)
     n = len(ctx.dtypes)
     if ctx.precision != "tf32":
         coefs = to_group_order(coef, layout.groups)
         grads = into_grad.group_gradients(
-            ctx, layout.groups, ctx.dtypes, lambda g, out: _group_grad(x, gmi, coefs, layout, g, ctx.precision, out),
-            lambda: grad_op(ctx, group_grads, ortho_scratch_grad)(x, gmi, coef, ctx.shapes, ctx.precision))
+            ctx, layout.groups, ctx.dtypes, lambda g, out: _group_grad(xt, gmi, coefs, layout, g, ctx.precision, out),
+            lambda: grad_op(ctx, group_grads, ortho_scratch_grad)(xt, gmi, coef, ctx.shapes, ctx.precision))
         return grads, [None] * n, None, None, None
     # "tf32": one launch writes every layer, so straight into .grad for all layers or for none.
     offsets = list(layout.o_offsets)
     mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if into_grad.allowed(ctx, n) \
         else (into_grad.AUTOGRAD, [])
     if isinstance(mode, Tensor):
-        flat_grads(x, gmi, used, stats, coef, ctx.shapes, out=mode)
+        flat_grads(xt, gmi, scales, amax_bits, coef, ctx.shapes, out=mode)
         return [None] * n, [None] * n, None, None, None
-    flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(x, gmi, used, stats, coef, ctx.shapes)
+    flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(xt, gmi, scales, amax_bits, coef, ctx.shapes)
     if mode == into_grad.FRESH:
         into_grad.install(weights, [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)])
         return [None] * n, [None] * n, None, None, None
