@@ -4,9 +4,10 @@
 ``__torch_function__`` computes, for every torch function the forward calls, the primal
 output and its tangent:
 
-- a per-op dual function of :mod:`fastortho.ops.dual` for the ops that matter (linear,
-  conv2d, layer_norm, batch_norm, gelu, softmax, scaled-dot-product attention, the whole
-  ``F.multi_head_attention_forward``), the seams for fused kernels;
+- the rule of :mod:`fastortho.ops.dual` for the ops that matter (linear, conv2d, layer_norm,
+  batch_norm, gelu, softmax, elementwise functions, scaled-dot-product attention, the whole
+  ``F.multi_head_attention_forward``): binding and maths live there, once, beside the fused
+  kernels' seams; this module only lists them in :data:`RULES`;
 - the tangent rule of the op's class for the rest of what networks do: ops linear in their
   first argument (reshapes, indexing, sums, casts...), ops linear in each argument (mul,
   matmul, einsum), sums of arguments (add, sub, cat, stack);
@@ -19,96 +20,29 @@ tangents of the inputs, and the backward of that linear map needs only primal ac
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .ops import dual as ops
-
-# Names of the ops that went through the torch.func.jvp fallback (for tests and diagnostics).
-FALLBACK_OPS: set[str] = set()
-
-
-class Dual(Tensor):
-    """A primal tensor (the object's own data) carrying ``.tangent``.
-
-    ``tangent`` may be a zero-argument function instead of a tensor: it is then called on
-    every access, so a parameter's tangent ``th - th0`` exists only while an op uses it
-    (instead of a second copy of every trained parameter living through the step)."""
-
-    @staticmethod
-    def __new__(cls, primal: Tensor, tangent):
-        obj = Tensor._make_subclass(cls, primal)
-        obj.primal = primal
-        obj._tangent = tangent
-        return obj
-
-    @property
-    def tangent(self) -> Tensor:
-        t = self._tangent
-        return t() if callable(t) else t
-
-    def __repr__(self) -> str:
-        with torch._C.DisableTorchFunctionSubclass():
-            return f"Dual(primal={self.primal!r}, tangent={self.tangent!r})"
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        with torch._C.DisableTorchFunctionSubclass():
-            return _dispatch(func, args, kwargs or {})
-
-
-def primal_of(v):
-    return v.primal if isinstance(v, Dual) else v
-
-
-def tangent_of(v):
-    return v.tangent if isinstance(v, Dual) else None
-
-
-def split(v):
-    """``(primal, tangent or None)`` of a value."""
-    return (v.primal, v.tangent) if isinstance(v, Dual) else (v, None)
-
-
-def wrap(out, tan):
-    """Dual outputs from primal outputs and their tangents (None: no tangent)."""
-    if isinstance(out, Tensor):
-        if tan is None or not (out.is_floating_point() or out.is_complex()):
-            return out
-        if tan.shape != out.shape:  # the tangent of a broadcast operand
-            tan = tan.broadcast_to(out.shape)
-        if tan.dtype != out.dtype:
-            tan = tan.to(out.dtype)
-        return Dual(out, tan)
-    if isinstance(out, (tuple, list)):
-        tans = tan if isinstance(tan, (tuple, list)) else [None] * len(out)
-        items = [wrap(o, t) for o, t in zip(out, tans)]
-        if hasattr(out, "_fields"):  # a namedtuple
-            return type(out)(*items)
-        return type(out)(items)
-    return out
-
+from .ops.dual import attention, rules, values
+from .ops.dual.values import (
+    FALLBACK_OPS,
+    Dual,
+    bind,
+    call,
+    flat_args,
+    jvp_fallback,
+    parameters,
+    primal_call,
+    primal_of,
+    split,
+    tangent_of,
+    wrap,
+)
 
 # ----------------------------------------------------------------------------- op classes
-
-def _flat(args, kwargs):
-    flat, spec = tree_flatten((args, kwargs))
-    return flat, spec, [i for i, v in enumerate(flat) if isinstance(v, Dual)]
-
-
-def _call(func, flat, spec):
-    a, k = tree_unflatten(flat, spec)
-    return func(*a, **k)
-
-
-def _primal_call(func, flat, spec):
-    with torch.no_grad():
-        return _call(func, [primal_of(v) for v in flat], spec)
-
 
 def _linear_in_first(func, args, kwargs):
     """Ops linear in their first argument; other tensors only shape, index or cast it."""
@@ -123,14 +57,14 @@ def _linear_in_first(func, args, kwargs):
 
 def _multilinear(func, args, kwargs):
     """Ops linear in each tensor argument (mul, matmul, einsum): the product rule."""
-    flat, spec, duals = _flat(args, kwargs)
+    flat, spec, duals = flat_args(args, kwargs)
     primals = [primal_of(v) for v in flat]
-    out = _primal_call(func, flat, spec)
+    out = primal_call(func, flat, spec)
     terms = []
     for i in duals:
         leaves = list(primals)
         leaves[i] = flat[i].tangent
-        terms.append(_call(func, leaves, spec))
+        terms.append(call(func, leaves, spec))
     return wrap(out, ops.add_terms(*terms))
 
 
@@ -173,7 +107,7 @@ def _concat(func, args, kwargs):
 
 def _where(func, args, kwargs):
     if kwargs or len(args) != 3:
-        return _jvp_fallback(func, args, kwargs)
+        return jvp_fallback(func, args, kwargs)
     # torch.where(cond, a, b); the method is a.where(cond, b)
     cond, a, b = (args[1], args[0], args[2]) if func is Tensor.where else args
     cond = primal_of(cond)
@@ -208,29 +142,12 @@ def _div(func, args, kwargs):
     return wrap(out, torch.div(ta, primal_of(b)) if ta is not None else None)
 
 
-def _parameters(fn) -> tuple[tuple[str, ...], dict]:
-    """Parameter names and defaults of ``fn``, read once at import: the rules bind arguments
-    with plain dict operations, which torch.compile can trace (inspect.signature it cannot)."""
-    params = inspect.signature(fn).parameters
-    return tuple(params), {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
-def _bind(spec, args, kwargs) -> dict:
-    names, defaults = spec
-    bound = dict(defaults)
-    bound.update(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
-_PAD = _parameters(F.pad)
-_DROPOUT = _parameters(F.dropout)
-_LAYER_NORM = _parameters(F.layer_norm)
-_BATCH_NORM = _parameters(F.batch_norm)
+_PAD = parameters(F.pad)
+_DROPOUT = parameters(F.dropout)
 
 
 def _pad(func, args, kwargs):
-    g = _bind(_PAD, args, kwargs)
+    g = bind(_PAD, args, kwargs)
     x, pad, mode, value = g["input"], g["pad"], g.get("mode", "constant"), g.get("value")
     with torch.no_grad():
         out = F.pad(primal_of(x), pad, mode, value)
@@ -239,7 +156,7 @@ def _pad(func, args, kwargs):
 
 
 def _dropout(func, args, kwargs):
-    g = _bind(_DROPOUT, args, kwargs)
+    g = bind(_DROPOUT, args, kwargs)
     x, p, training = g["input"], g["p"], g["training"]
     if not training or p == 0:
         return x
@@ -249,107 +166,11 @@ def _dropout(func, args, kwargs):
     return wrap(px * keep, tx * keep if tx is not None else None)
 
 
-# ----------------------------------------------------------------------------- per-op rules
-
-def _linear(func, args, kwargs):
-    a = dict(zip(("input", "weight", "bias"), args), **kwargs)
-    return wrap(*ops.dual_linear(*split(a["input"]), *split(a["weight"]), *split(a.get("bias"))))
-
-
-def _conv2d(func, args, kwargs):
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    a = dict(zip(names, args), **kwargs)
-    return wrap(*ops.dual_conv2d(*split(a["input"]), *split(a["weight"]), *split(a.get("bias")),
-                                 a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1)))
-
-
-def _layer_norm(func, args, kwargs):
-    g = _bind(_LAYER_NORM, args, kwargs)
-    return wrap(*ops.dual_layer_norm(*split(g["input"]), g["normalized_shape"], *split(g["weight"]),
-                                     *split(g["bias"]), g["eps"]))
-
-
-def _batch_norm(func, args, kwargs):
-    g = _bind(_BATCH_NORM, args, kwargs)
-    if isinstance(g["running_mean"], Dual) or isinstance(g["running_var"], Dual):
-        return _jvp_fallback(func, args, kwargs)
-    return wrap(*ops.dual_batch_norm(*split(g["input"]), g["running_mean"], g["running_var"], *split(g["weight"]),
-                                     *split(g["bias"]), g["training"], g["momentum"], g["eps"]))
-
-
-def _gelu(func, args, kwargs):
-    return wrap(*ops.dual_gelu(*split(args[0]), kwargs.get("approximate", args[1] if len(args) > 1 else "none")))
-
-
-def _softmax(func, args, kwargs):
-    x = args[0]
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if dim is None:
-        raise ValueError("softmax on a dual tensor needs an explicit dim")
-    dtype = kwargs.get("dtype")
-    if dtype is None and len(args) > (3 if func is F.softmax else 2):
-        dtype = args[3 if func is F.softmax else 2]
-    return wrap(*ops.dual_softmax(*split(x), dim, dtype))
-
-
-def _pointwise(derivative):
-    """Unary elementwise ops ``y = f(x)`` with ``f'`` from ``(x, y)``."""
-
-    def rule(func, args, kwargs):
-        x, tx = split(args[0])
-        with torch.no_grad():
-            y = func(x, *[primal_of(a) for a in args[1:]], **kwargs)
-            d = derivative(x, y) if tx is not None else None
-        return wrap(*ops.dual_pointwise(y, tx, d))
-    return rule
-
-
-def _sdpa(func, args, kwargs):
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    a = dict(zip(names, args), **kwargs)
-    if isinstance(a.get("attn_mask"), Dual):
-        return _jvp_fallback(func, args, kwargs)
-    return wrap(*ops.dual_sdpa(*split(a["query"]), *split(a["key"]), *split(a["value"]),
-                               a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False),
-                               a.get("scale"), a.get("enable_gqa", False)))
-
-
-_MHA = _parameters(F.multi_head_attention_forward)
-
-
-def _mha(func, args, kwargs):
-    g = _bind(_MHA, args, kwargs)
-    training_dropout = g["training"] and g["dropout_p"] > 0
-    if training_dropout:  # a JVP would draw its own dropout mask, not the primal's
-        raise NotImplementedError("nn.MultiheadAttention(dropout > 0) in train mode in a linearized model: the "
-                                  "tangent would need the primal's dropout mask; use eval mode for the attention "
-                                  "(module.eval()) or dropout=0")
-    unsupported = (g["bias_k"] is not None or g["bias_v"] is not None or g["add_zero_attn"] or training_dropout
-                   or g["need_weights"] or g["static_k"] is not None or g["static_v"] is not None
-                   or isinstance(g["attn_mask"], Dual) or isinstance(g["key_padding_mask"], Dual))
-    if unsupported:
-        # Correct for every configuration (need_weights, bias_k, dropout...), not memory-lean.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return _jvp_fallback(func, args, kwargs)
-    separate = None
-    if g["use_separate_proj_weight"]:
-        separate = (split(g["q_proj_weight"]), split(g["k_proj_weight"]), split(g["v_proj_weight"]))
-    query = split(g["query"])
-    key = query if g["key"] is g["query"] else split(g["key"])  # self-attention stays recognizable
-    value = key if g["value"] is g["key"] else split(g["value"])
-    out, tan = ops.dual_multi_head_attention(
-        query, key, value, g["num_heads"], split(g["in_proj_weight"]),
-        split(g["in_proj_bias"]), split(g["out_proj_weight"]), split(g["out_proj_bias"]),
-        attn_mask=g["attn_mask"], key_padding_mask=g["key_padding_mask"], separate_proj=separate,
-        is_causal=g["is_causal"])
-    return wrap(out, tan), None
-
+# ----------------------------------------------------------------------------- the rest
 
 def _nondifferentiable(func, args, kwargs):
-    flat, spec, _ = _flat(args, kwargs)
-    return _primal_call(func, flat, spec)
+    flat, spec, _ = flat_args(args, kwargs)
+    return primal_call(func, flat, spec)
 
 
 def _metadata(func, args, kwargs):
@@ -357,31 +178,6 @@ def _metadata(func, args, kwargs):
     the query runs on the arguments as they are (torch functions are disabled here), with no
     tree flattening: models ask these hundreds of times per pass."""
     return func(*args, **kwargs)
-
-
-def _jvp_fallback(func, args, kwargs):
-    """``torch.func.jvp`` of this one op: correct for any op, at the cost of the primal twice."""
-    flat, spec, duals = _flat(args, kwargs)
-    out = _primal_call(func, flat, spec)
-    outs, out_spec = tree_flatten(out)
-    floating = [j for j, o in enumerate(outs) if isinstance(o, Tensor) and o.is_floating_point()]
-    if not floating or not duals:
-        return out
-    FALLBACK_OPS.add(torch.overrides.resolve_name(func) or repr(func))
-    primals = [primal_of(v) for v in flat]
-
-    def f(*ps):  # the op's floating outputs only (jvp takes no None, e.g. MHA's absent weights)
-        leaves = list(primals)
-        for i, p in zip(duals, ps):
-            leaves[i] = p
-        results = tree_flatten(_call(func, leaves, spec))[0]
-        return tuple(results[j] for j in floating)
-
-    # jvp wants a tangent of each primal's dtype and shape
-    tangents = tuple(flat[i].tangent.to(flat[i].primal.dtype).broadcast_to(flat[i].primal.shape) for i in duals)
-    _, tans = torch.func.jvp(f, tuple(flat[i].primal for i in duals), tangents)
-    by_position = dict(zip(floating, tans))
-    return tree_unflatten([wrap(o, by_position.get(j)) for j, o in enumerate(outs)], out_spec)
 
 
 def _inplace(func, args, kwargs):
@@ -431,18 +227,18 @@ RULES.update({f: _nondifferentiable for f in _NONDIFF})
 RULES.update({f: _inplace for f in _INPLACE})
 RULES.update({f: _metadata for f in _METADATA})
 RULES.update({
-    F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm, F.gelu: _gelu,
-    F.softmax: _softmax, T.softmax: _softmax, torch.softmax: _softmax,
-    F.scaled_dot_product_attention: _sdpa, F.multi_head_attention_forward: _mha,
+    F.linear: rules.linear_rule, F.conv2d: rules.conv2d_rule, F.layer_norm: rules.layer_norm_rule,
+    F.batch_norm: rules.batch_norm_rule, F.gelu: rules.gelu_rule,
+    F.softmax: rules.softmax_rule, T.softmax: rules.softmax_rule, torch.softmax: rules.softmax_rule,
+    F.scaled_dot_product_attention: attention.sdpa_rule, F.multi_head_attention_forward: attention.mha_rule,
     F.dropout: _dropout, F.pad: _pad,
     torch.where: _where, T.where: _where, T.masked_fill: _masked_fill, torch.masked_fill: _masked_fill,
     T.div: _div, torch.div: _div, T.__truediv__: _div, T.__rtruediv__: _div, torch.true_divide: _div,
-    torch.sigmoid: _pointwise(lambda x, y: y * (1 - y)), T.sigmoid: _pointwise(lambda x, y: y * (1 - y)),
-    torch.tanh: _pointwise(lambda x, y: 1 - y * y), T.tanh: _pointwise(lambda x, y: 1 - y * y),
-    F.relu: _pointwise(lambda x, y: (x > 0).to(y.dtype)), torch.relu: _pointwise(lambda x, y: (x > 0).to(y.dtype)),
-    T.relu: _pointwise(lambda x, y: (x > 0).to(y.dtype)),
-    torch.exp: _pointwise(lambda x, y: y), T.exp: _pointwise(lambda x, y: y),
-    F.silu: _pointwise(lambda x, y: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x)))),
+    **{f: rules.pointwise_rule(lambda x, y: y * (1 - y)) for f in (torch.sigmoid, T.sigmoid)},
+    **{f: rules.pointwise_rule(lambda x, y: 1 - y * y) for f in (torch.tanh, T.tanh)},
+    **{f: rules.pointwise_rule(lambda x, y: (x > 0).to(y.dtype)) for f in (F.relu, torch.relu, T.relu)},
+    **{f: rules.pointwise_rule(lambda x, y: y) for f in (torch.exp, T.exp)},
+    F.silu: rules.pointwise_rule(lambda x, y: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x)))),
 })
 
 
@@ -450,7 +246,10 @@ def _dispatch(func, args, kwargs):
     rule = RULES.get(func)
     if rule is not None:
         return rule(func, args, kwargs)
-    return _jvp_fallback(func, args, kwargs)
+    return jvp_fallback(func, args, kwargs)
+
+
+values.dispatch = _dispatch  # what every Dual's __torch_function__ calls
 
 
 @contextlib.contextmanager

@@ -112,11 +112,40 @@ class LinearizedModel(nn.Module):
                 for n, owner, attr, base, base_attr in self._slots()}
 
     def _dual_params(self, taus: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        if taus is None and not torch.compiler.is_compiling():
+            return self._parameter_duals()
         out = {}
         for n, owner, attr, base, base_attr in self._slots():
             th0 = base._buffers[base_attr]
             # th - th0 formed where an op uses it (see Dual), not held through the pass
             out[n] = Dual(th0, (lambda p=owner._parameters[attr], p0=th0: p - p0) if taus is None else taus[n])
+        return out
+
+    def __getstate__(self):
+        # the cached parameter Duals hold lambdas (not picklable) tied to this object's tensors
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_duals_cache"}
+
+    def _parameter_duals(self) -> dict[str, Tensor]:
+        """The trained parameters as Duals ``(th0, th - th0)``, made once and reused while every
+        parameter and base buffer is the same object (a Dual made per parameter per step is a
+        subclass construction the host pays every step); rebuilt when one was replaced
+        (``load_state_dict(assign=True)``, ``.to()``, FSDP2's swaps)."""
+        held = getattr(self, "_duals_cache", None)
+        slots = self._slots()
+        if held is not None and held[0] is slots:
+            idents = held[1]
+            for (_, owner, attr, base, base_attr), (p, p0) in zip(slots, idents):
+                if owner._parameters[attr] is not p or base._buffers[base_attr] is not p0:
+                    break
+            else:
+                return held[2]
+        out, idents = {}, []
+        for n, owner, attr, base, base_attr in slots:
+            p, th0 = owner._parameters[attr], base._buffers[base_attr]
+            out[n] = Dual(th0, lambda p=p, p0=th0: p - p0)
+            idents.append((p, th0))
+        self._duals_cache = (slots, idents, out)
         return out
 
     def dual(self, *args, taus: Mapping[str, Tensor] | None = None, **kwargs) -> tuple[Any, Any]:

@@ -299,3 +299,82 @@ def test_per_layer_gradients_go_into_grad_as_autograd_would_put_them():
     grads = torch.autograd.grad((_PerLayer.apply(3, *ws) * scale).sum(), ws)  # never into .grad here
     assert all(torch.allclose(g, e) for g, e in zip(grads, expected))
     assert torch.allclose(ws[0].grad, 3 * expected[0])
+
+
+# ----------------------------------------------------------------------------- dual ops
+
+def test_the_dual_kernel_policy_names_the_registries_backends():
+    from fastortho._config import KERNEL_POLICIES
+    from fastortho.ops.dual import ATTENTION_TANGENT, DUAL_LINEAR, kernel_choice
+
+    assert set(KERNEL_POLICIES) == set(DUAL_LINEAR.names()) == set(ATTENTION_TANGENT.names())
+    assert not DUAL_LINEAR["triton"].supports(torch.float64)
+    assert kernel_choice("linear", "triton", "cuda", [torch.float64]) == "torch"  # what triton cannot take
+    assert kernel_choice("attention", "triton", "cpu", [torch.float32]) == "triton"
+    assert kernel_choice("linear", "auto", "cpu", [torch.float32]) == "torch"
+
+
+def test_one_rule_layer_per_dual_op():
+    """fastortho.dual lists the per-op rules; their binding and maths live in ops/dual once."""
+    import torch.nn.functional as F
+
+    from fastortho import dual
+    from fastortho.ops.dual import attention, rules
+
+    for func, module in [(F.linear, rules), (F.layer_norm, rules), (F.gelu, rules), (F.softmax, rules),
+                         (F.scaled_dot_product_attention, attention), (F.multi_head_attention_forward, attention)]:
+        assert dual.RULES[func].__module__ == module.__name__, func
+    assert not [name for name in vars(dual) if name in ("_linear", "_layer_norm", "_sdpa", "_mha", "_gelu")]
+
+
+def test_parameter_duals_are_made_once_and_remade_when_a_parameter_is_replaced():
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    lin = fo.linearize(model)
+    x = torch.randn(4, 6)
+    first = lin._dual_params()
+    assert lin._dual_params() is first
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # in place: the same objects, the tangent reads the new values
+    expected = lin(x)
+    assert lin._dual_params() is first
+    model[2].weight = nn.Parameter(model[2].weight.detach() + 0.2)
+    assert lin._dual_params() is not first
+    tau = {n: t for n, t in lin.task_vector().items()}
+    assert tau["2.weight"].abs().max() > 0.15  # the new parameter is the one regularized
+    assert not torch.allclose(lin(x), expected)
+
+
+def test_a_linearized_step_issues_at_most_twice_an_ordinary_steps_ops():
+    """The measure that predicts a linearized step's host cost (bench/host_cost.py): ATen ops
+    of forward + backward, each Dual construction counted as one more, against an ordinary
+    step's; an open_clip ViT of 4 blocks. The target of issue 28 is 2.0x."""
+    transformer = pytest.importorskip("open_clip.transformer")
+    from fastortho.testing import count_aten_ops
+
+    torch.manual_seed(0)
+    model = transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0,
+                                          output_dim=16).train()
+    x = torch.randn(2, 3, 32, 32)
+    lin = fo.linearize(model)
+
+    def ordinary():
+        model(x).square().mean().backward()
+
+    def linearized():
+        lin(x).square().mean().backward()
+
+    ordinary(), linearized()
+    plain = count_aten_ops(ordinary)["total"]
+    made = [0]
+    original = torch.Tensor._make_subclass
+
+    def counting(cls, data, *args, **kwargs):
+        made[0] += 1
+        return original(cls, data, *args, **kwargs)
+
+    torch.Tensor._make_subclass = staticmethod(counting)
+    try:
+        ours = count_aten_ops(linearized)["total"]
+    finally:
+        torch.Tensor._make_subclass = original
+    assert (ours + made[0]) / plain <= 2.0, (ours, made[0], plain)

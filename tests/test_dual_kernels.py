@@ -212,16 +212,22 @@ def measured_linear(tmp_path, monkeypatch):
     """The "auto" measurement of the dual linear made to run on CPU: the policy answers
     "measure", the cache lives in tmp_path, and the timing is stubbed (the candidates still
     run, the Triton one under the interpreter, so agreement is checked for real)."""
-    from fastortho.ops import _measure, dual
+    from types import SimpleNamespace
+
+    from fastortho.ops import _measure
+    from fastortho.ops.dual import policy, rules
 
     monkeypatch.setattr(
-        dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch"
+        policy, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "linear" else "torch"
     )
     monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(_measure, "_memory", {})
-    monkeypatch.setattr(dual, "_choices", {})
+    monkeypatch.setattr(policy, "_choices", {})
+    # what the tests read, from the modules that hold it (ops/dual/policy.py, rules.py)
+    dual = SimpleNamespace(dual_linear=rules.dual_linear, _library_linear=rules._library_linear,
+                           _linear_key=rules._linear_key, _choices=policy._choices)
     state = {"ms": {}, "timed": [], "fused": 0}
-    real_fused = dual._fused_linear
+    real_fused = rules._fused_linear
 
     def fused(*args):
         state["fused"] += 1
@@ -231,8 +237,8 @@ def measured_linear(tmp_path, monkeypatch):
     def timed(op, candidate, run):
         state["timed"].append(candidate)
         return state["ms"][candidate], run()
-    monkeypatch.setattr(dual, "_fused_linear", fused)
-    monkeypatch.setattr(dual, "_time_dual", timed)
+    monkeypatch.setattr(rules, "_fused_linear", fused)
+    monkeypatch.setattr(policy, "_time_dual", timed)
     return dual, state, tmp_path / "choice.json"
 
 
@@ -292,10 +298,11 @@ def test_auto_dual_linear_measures_on_the_gpu(tmp_path, monkeypatch):
     import json
 
     from fastortho.ops import _measure, dual
+    from fastortho.ops.dual import policy
 
     monkeypatch.setenv("FASTORTHO_CACHE", str(tmp_path))
     monkeypatch.setattr(_measure, "_memory", {})
-    monkeypatch.setattr(dual, "_choices", {})
+    monkeypatch.setattr(policy, "_choices", {})
     set_kernels("auto")
     x, dx = randn(256, 768, seed=1), randn(256, 768, seed=2)
     w, dw, b, db = randn(3072, 768, seed=3), randn(3072, 768, seed=4), randn(3072, seed=5), randn(3072, seed=6)
@@ -322,22 +329,23 @@ def test_auto_attention_takes_the_measured_faster_path(tmp_path, monkeypatch, fa
     import json
 
     from fastortho.ops import _measure, dual
+    from fastortho.ops.dual import attention, policy
 
     monkeypatch.setattr(
-        dual, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "attention" else "torch"
+        policy, "kernel_choice", lambda op, policy, device, dtypes: "measure" if op == "attention" else "torch"
     )
     monkeypatch.setattr(_measure, "cache_file", lambda device: tmp_path / "choice.json")
     monkeypatch.setattr(_measure, "_memory", {})
-    monkeypatch.setattr(dual, "_choices", {})
+    monkeypatch.setattr(policy, "_choices", {})
     timed, fused_calls = [], []
     ms = {"triton": 1.0, "torch": 2.0} if faster == "triton" else {"triton": 2.0, "torch": 1.0}
 
     def time_dual(op, candidate, run):
         timed.append(candidate)
         return ms[candidate], run()
-    real = dual._run_fused_sdpa
-    monkeypatch.setattr(dual, "_time_dual", time_dual)
-    monkeypatch.setattr(dual, "_run_fused_sdpa", lambda *a: fused_calls.append(1) or real(*a))
+    real = attention._run_fused_sdpa
+    monkeypatch.setattr(policy, "_time_dual", time_dual)
+    monkeypatch.setattr(attention, "_run_fused_sdpa", lambda *a: fused_calls.append(1) or real(*a))
     q, k, v = randn(1, 2, 19, 16, seed=1), randn(1, 2, 23, 16, seed=2), randn(1, 2, 23, 16, seed=3)
     tans = [randn(1, 2, n, 16, seed=s).requires_grad_(True) for n, s in ((19, 4), (23, 5), (23, 6))]
     rng = torch.get_rng_state()
