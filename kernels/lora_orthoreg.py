@@ -36,6 +36,9 @@ from ._common import PlanCache, check_precision, device_info, interpreting, mma,
 ADAPTER_COLUMNS = ("a_off", "b_off", "out", "in", "r", "k", "grad_a_off", "grad_b_off")
 FIELDS = len(ADAPTER_COLUMNS)
 A_OFF, B_OFF, A_OUT, A_IN, A_R, A_K, GRAD_A_OFF, GRAD_B_OFF = (tl.constexpr(i) for i in range(FIELDS))
+# The columns of the gradient's tile table, three int32 per tile: the adapter, the kind (0: a
+# column block of grad A, 1: a row block of grad B) and the block.
+TILE_ADAPTER, TILE_KIND, TILE_BLOCK = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
@@ -83,10 +86,8 @@ def lora_grad_kernel(a_base, b_base, table, tiles, num_tiles, small_ptr, coef_pt
     offs_r = tl.arange(0, RP)
     small_idx = offs_r[:, None] * RP + offs_r[None, :]
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        # a tile: (adapter, kind: 0 a column block of grad A, 1 a row block of grad B, the block)
-        i = tl.load(tiles + t * 3 + 0)
-        kind = tl.load(tiles + t * 3 + 1)
-        blk = tl.load(tiles + t * 3 + 2)
+        trow = tiles + t * 3  # this tile's row of the tile table
+        i, kind, blk = tl.load(trow + TILE_ADAPTER), tl.load(trow + TILE_KIND), tl.load(trow + TILE_BLOCK)
         arow = table + i * NF
         r = tl.load(arow + A_R)
         in_rank = offs_r < r
