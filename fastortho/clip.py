@@ -125,12 +125,31 @@ def _load_transformers_folder(folder: Path, device):
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from transformers import CLIPModel
 
+    from .hf import folder_config
+
+    model_type = folder_config(folder).get("model_type")
+    if model_type == "clip_vision_model":
+        raise ValueError(f"weights_path: {folder} is a transformers CLIPVisionModel folder: an image tower alone, "
+                         f"without the text tower, projection and logit scale a CLIP needs for zero-shot heads. Use "
+                         f"it as a fine-tuned model (TaskVector.from_checkpoints(<pretrained CLIPModel folder>, "
+                         f"{folder}), or fastortho-eval --finetuned) with the full pretrained CLIPModel as the base")
+    if model_type not in (None, "clip"):
+        raise ValueError(f"weights_path: {folder} holds a transformers {model_type!r} model, not a CLIPModel")
     try:
-        hf = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
-    except (OSError, ValueError, KeyError) as e:
+        hf, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"weights_path: {folder} has config.json but is not a readable transformers CLIPModel "
                          f"folder ({first})") from None
+    # position_ids: a buffer older transformers saved and newer ones rebuild (not a weight)
+    problems = {kind: [k for k in info.get(kind, []) if not str(k).endswith("position_ids")]
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ValueError(f"weights_path: {folder} does not hold the CLIPModel its config.json describes: "
+                         + _key_report(problems["missing_keys"], problems["unexpected_keys"],
+                                       [str(m) for m in problems["mismatched_keys"]])
+                         + "; the model would be partly random")
+    hf = hf.eval()
     image_size = hf.config.vision_config.image_size
     mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     processor_cfg = folder / "preprocessor_config.json"
@@ -212,13 +231,40 @@ def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | 
         from .task_vectors import load_checkpoint
 
         state = load_checkpoint(path)
+    from .hf import clip_layout, describe
+
+    layout = clip_layout(state)
+    if layout is not None:
+        raise ValueError(f"weights_path: {path} holds {describe(layout)} state dict, not open_clip's {model_name}; "
+                         f"pass its model folder (config.json beside it) for a CLIPModel, or use a CLIPVisionModel "
+                         f"as a fine-tuned model (TaskVector.from_checkpoints)")
     options = _architecture_options(model_name, pretrained, path, meta)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **options)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"weights_path: {path} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k.rpartition(".")[2] not in _NOT_WEIGHTS]
+    mismatched = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"weights_path: {path} does not fit {model_name}: "
+                         + _key_report(missing, unexpected, mismatched)
+                         + " (another architecture's weights? check the model name)")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected})
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+# Entries of OpenAI's / older checkpoints that are not weights of open_clip's model (a mask
+# open_clip rebuilds, position ids, OpenAI's size scalars): ignored when loading.
+_NOT_WEIGHTS = ("attn_mask", "position_ids", "input_resolution", "context_length", "vocab_size")
+
+
+def _key_report(missing, unexpected, mismatched) -> str:
+    """One line naming the counts and a few names of each kind of disagreement."""
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(map(str, keys[:3]))})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched))
+             if keys]
+    return "; ".join(parts)
 
 
 def main(argv=None) -> None:

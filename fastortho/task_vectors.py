@@ -81,6 +81,47 @@ def load_checkpoint(path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+def read_weights(path, what: str = "path") -> dict[str, Tensor]:
+    """A state dict from a weights file (:func:`load_checkpoint`) or a Hugging Face model folder
+    (:func:`fastortho.hf.read_folder`)."""
+    from . import hf
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not hf.is_model_folder(p):
+            raise FileNotFoundError(f"{what}: {p} is a folder without Hugging Face weights (expected config.json "
+                                    f"beside {' or '.join(hf.SINGLE_FILES + hf.SHARD_INDEXES)}); pass a weights "
+                                    f"file or a model folder")
+        return hf.read_folder(p)
+    return load_checkpoint(p)
+
+
+def _pair_clip_layouts(pre: dict, fine: dict, meta: dict) -> tuple[dict, dict, dict]:
+    """Two Hugging Face CLIP state dicts in different layouts, on one naming of their image
+    tower; anything else as given."""
+    import logging
+
+    from . import hf
+
+    lp, lf = hf.clip_layout(pre), hf.clip_layout(fine)
+    if lp is None or lf is None or lp == lf:
+        return pre, fine, meta
+    pre_t, fine_t = hf.image_tower(pre), hf.image_tower(fine)
+    extra = sorted(set(fine_t) - set(pre_t))
+    frozen = sorted(set(pre_t) - set(fine_t))
+    if extra or [k for k in frozen if k != hf.PROJECTION]:
+        raise ValueError(f"pretrained_path, finetuned_path: {hf.describe(lp)} and {hf.describe(lf)} whose image "
+                         f"towers differ: {len(extra)} tensors only in the fine-tuned (e.g. {extra[:3]}), "
+                         f"{len(frozen)} only in the pretrained (e.g. {frozen[:3]}); are they the same backbone?")
+    if frozen:
+        logging.getLogger("fastortho").warning(
+            "fastortho: %s is not in the fine-tuned %s (FusionBench fine-tunes without it): it stays at its "
+            "pretrained value and is not part of the task vector", ", ".join(frozen), hf.describe(lf))
+        meta["frozen"] = json.dumps(frozen)
+    meta.setdefault("layouts", f"{lp} + {lf}")
+    return {k: pre_t[k] for k in fine_t}, fine_t, meta
+
+
 class TaskVector(Mapping[str, Tensor]):
     """``name -> (fine-tuned - pretrained)`` over floating-point tensors, with metadata.
 
@@ -123,7 +164,17 @@ class TaskVector(Mapping[str, Tensor]):
 
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_path, metadata=None) -> TaskVector:
-        return cls.from_models(load_checkpoint(pretrained_path), load_checkpoint(finetuned_path), metadata)
+        """From two weights files (safetensors, or torch checkpoints read with
+        ``weights_only=True``) or Hugging Face model folders (``config.json`` beside single or
+        sharded safetensors: FusionBench's checkpoints). Hugging Face CLIPs in different layouts
+        (a ``CLIPModel`` pretrained with ``CLIPVisionModel`` fine-tuned models; transformers-4
+        and -5 files) are paired on their image tower (:func:`fastortho.hf.image_tower`); what
+        the fine-tuned model lacks of it (``visual_projection``, which FusionBench does not
+        tune) stays at its pretrained value and is named in ``metadata["frozen"]``."""
+        pre = read_weights(pretrained_path, "pretrained_path")
+        fine = read_weights(finetuned_path, "finetuned_path")
+        pre, fine, meta = _pair_clip_layouts(pre, fine, dict(metadata or {}))
+        return cls.from_models(pre, fine, meta)
 
     @classmethod
     def from_linearized(cls, lin: LinearizedModel, metadata=None) -> TaskVector:

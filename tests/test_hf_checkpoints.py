@@ -1,0 +1,138 @@
+"""Hugging Face CLIP checkpoints in the formats FusionBench distributes (issue 29, items 1-2):
+a ``CLIPModel`` pretrained folder and ``CLIPVisionModel`` fine-tuned folders written by
+transformers itself (``save_pretrained``: transformers 5's layout, single and sharded), and the
+transformers-4 layout (the same tensors with the ``vision_model.`` prefix, as the hub's
+files are). Tiny random models; nothing is downloaded."""
+import json
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import fastortho as fo  # noqa: E402
+from fastortho.clip import load_clip  # noqa: E402
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
+            max_position_embeddings=16)
+
+
+@pytest.fixture(autouse=True)
+def quiet_transformers():
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(level)
+
+
+def _pretrained(folder, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
+    model.save_pretrained(folder)
+    return model
+
+
+def _finetuned(pretrained, folder, seed, *, layout="t5", shard=False):
+    """A CLIPVisionModel with the pretrained image tower plus a small update, written as
+    transformers writes it (``layout="t5"``), or with its keys prefixed as transformers 4 wrote
+    them (``"t4"``)."""
+    vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+    tower = {k.removeprefix("vision_model."): v for k, v in pretrained.state_dict().items()
+             if k.startswith("vision_model.")}
+    gen = torch.Generator().manual_seed(seed)
+    missing, unexpected = vision.load_state_dict(tower, strict=False)
+    assert not [k for k in missing if not k.endswith("position_ids")] and not unexpected
+    with torch.no_grad():
+        for p in vision.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    vision.save_pretrained(folder, max_shard_size="40KB" if shard else "5GB")
+    if layout == "t4":
+        path = folder / "model.safetensors"
+        save_file({"vision_model." + k: v for k, v in load_file(path).items()}, str(path), metadata={"format": "pt"})
+    return vision
+
+
+def test_a_vision_model_folder_is_refused_where_a_full_clip_is_needed(tmp_path):
+    pre = _pretrained(tmp_path / "pre")
+    _finetuned(pre, tmp_path / "fine", seed=1)
+    with pytest.raises(ValueError, match="is a transformers CLIPVisionModel folder: an image tower alone.*"
+                                         "TaskVector.from_checkpoints"):
+        load_clip("ViT-B-32", tmp_path / "fine")
+    model, _, _ = load_clip("ViT-B-32", tmp_path / "pre")  # the full CLIPModel loads
+    assert torch.equal(model.hf.visual_projection.weight, pre.visual_projection.weight)
+
+
+def test_a_clip_folder_missing_tensors_is_refused_not_left_random(tmp_path):
+    _pretrained(tmp_path / "pre")
+    path = tmp_path / "pre" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["visual_projection.weight"], tensors["text_model.final_layer_norm.weight"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold the CLIPModel its config.json describes: 2 missing "
+                                         r"\(e\.g\. .*visual_projection.weight.*partly random"):
+        load_clip("ViT-B-32", tmp_path / "pre")
+
+
+def test_an_open_clip_model_refuses_weights_that_do_not_fit(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    small = open_clip.create_model("RN50", pretrained=None).state_dict()
+    save_file({k: v.contiguous() for k, v in list(small.items())[:40]}, str(tmp_path / "rn50.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit ViT-B-32: \d+ missing .*; \d+ unexpected .*; 2 of another "
+                                         r"shape"):
+        load_clip("ViT-B-32", tmp_path / "rn50.safetensors")
+    pre = _pretrained(tmp_path / "pre")
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(tmp_path / "hf.safetensors"))
+    with pytest.raises(ValueError, match="holds a transformers CLIPModel state dict, not open_clip's ViT-B-32"):
+        load_clip("ViT-B-32", tmp_path / "hf.safetensors")
+
+
+@pytest.mark.parametrize("layout, shard", [("t5", False), ("t5", True), ("t4", False)])
+def test_fusionbench_folders_make_task_vectors_of_the_image_tower(tmp_path, layout, shard):
+    pre = _pretrained(tmp_path / "pre")
+    fine = _finetuned(pre, tmp_path / "fine", seed=2, layout=layout, shard=shard)
+    if shard:
+        assert (tmp_path / "fine" / "model.safetensors.index.json").is_file()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fastortho")
+    logger.addHandler(handler)
+    try:
+        tv = fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "fine")
+    finally:
+        logger.removeHandler(handler)
+    assert any("visual_projection.weight is not in the fine-tuned" in r.getMessage() for r in records)
+    assert json.loads(tv.metadata["frozen"]) == ["visual_projection.weight"]
+    pre_state, fine_state = pre.state_dict(), fine.state_dict()
+    tower = [k for k in pre_state if k.startswith("vision_model.") and not k.endswith("position_ids")]
+    assert sorted(tv) == sorted(tower)
+    for k in tower:
+        assert torch.equal(tv[k], fine_state[k.removeprefix("vision_model.")] - pre_state[k]), k
+
+
+def test_vectors_of_either_transformers_layout_are_the_same(tmp_path):
+    pre = _pretrained(tmp_path / "pre")
+    _finetuned(pre, tmp_path / "t5", seed=3, layout="t5")
+    _finetuned(pre, tmp_path / "t4", seed=3, layout="t4")
+    a = fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "t5")
+    b = fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "t4")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # a t4 file against a t5 file (both CLIPVisionModel): paired on one naming, nothing frozen
+    c = fo.TaskVector.from_checkpoints(tmp_path / "t4" / "model.safetensors", tmp_path / "t5" / "model.safetensors")
+    assert "frozen" not in c.metadata and all(float(v.abs().max()) == 0 for v in c.values())
+
+
+def test_broken_folders_name_what_is_wrong(tmp_path):
+    pre = _pretrained(tmp_path / "pre")
+    _finetuned(pre, tmp_path / "fine", seed=4, shard=True)
+    shards = sorted((tmp_path / "fine").glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="lacks 1 of the .* shards its index names"):
+        fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "fine")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="finetuned_path: .*empty is a folder without Hugging Face weights"):
+        fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "empty")
