@@ -30,6 +30,9 @@ PROJECTION = "visual_projection.weight"
 # A key every CLIP image tower has, in the two namings.
 _PATCH = "embeddings.patch_embedding.weight"
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# FusionBench's names of the eight tasks -> the project's (fastortho.datasets.TASKS8)
+FUSIONBENCH_TASKS = {"sun397": "SUN397", "stanford-cars": "Cars", "resisc45": "RESISC45", "eurosat": "EuroSAT",
+                     "svhn": "SVHN", "gtsrb": "GTSRB", "mnist": "MNIST", "dtd": "DTD"}
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -122,3 +125,71 @@ def image_tower(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def describe(layout: str | None) -> str:
     return {"clip": "a transformers CLIPModel", "vision": "a transformers-4 CLIPVisionModel",
             "vision-unprefixed": "a transformers-5 CLIPVisionModel"}.get(layout or "", "not a Hugging Face CLIP")
+
+
+def task_name(name: str) -> str:
+    """A task named FusionBench's way (``stanford-cars``) or the project's (``Cars``), as the
+    project names it; other names as given."""
+    return FUSIONBENCH_TASKS.get(name, FUSIONBENCH_TASKS.get(name.lower(), name))
+
+
+def model_pool(path) -> dict[str, Path]:
+    """The local model folders of a FusionBench model-pool YAML (``models:`` mapping a name to
+    a path; ``_pretrained_`` included), keyed by the project's task names. Relative paths are
+    read from the YAML's folder. Entries that are hub names rather than local folders, or
+    loader specifications (``_target_: ...``), raise: fastortho never downloads."""
+    path = Path(path).expanduser()
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError("reading a FusionBench model-pool YAML needs PyYAML: pip install pyyaml") from None
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--finetuned: {path} is not a readable YAML file ({e})") from None
+    models = cfg.get("models") if isinstance(cfg, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"--finetuned: {path} has no 'models:' mapping (a FusionBench model pool names its models "
+                         f"there, e.g. 'sun397: <folder>')")
+    out, problems = {}, []
+    for name, where in models.items():
+        if not isinstance(where, str):
+            problems.append(f"{name}: a loader specification ({type(where).__name__}); only folder paths are read")
+            continue
+        folder = Path(where).expanduser()
+        folder = folder if folder.is_absolute() else path.parent / folder
+        if not folder.is_dir():
+            problems.append(f"{name}: {where} is not a local folder (a hub name? fastortho never downloads: "
+                            f"huggingface-cli download {where} --local-dir <dir>, then put <dir> here)")
+            continue
+        out[task_name(str(name))] = folder
+    if problems:
+        raise ValueError(f"--finetuned: {path}: " + "; ".join(problems))
+    return out
+
+
+def finetuned_folders(path, tasks) -> dict[str, Path]:
+    """Per task the fine-tuned model folder: from a FusionBench model-pool YAML, or from a
+    folder with one sub-folder per task, named the project's way (``Cars``), FusionBench's
+    (``stanford-cars``) or as the hub repository (``clip-vit-base-patch32_stanford-cars``)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        pool = model_pool(path)
+    elif path.is_dir():
+        pool = {}
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            name = sub.name.rpartition("_")[2] if "_" in sub.name else sub.name
+            for candidate in (sub.name, name):
+                task = task_name(candidate)
+                if task in tasks and task not in pool:
+                    pool[task] = sub
+                    break
+    else:
+        raise FileNotFoundError(f"--finetuned: {path} is neither a folder of fine-tuned model folders nor a "
+                                f"FusionBench model-pool YAML")
+    missing = [t for t in tasks if t not in pool]
+    if missing:
+        fb = {v: k for k, v in FUSIONBENCH_TASKS.items()}
+        raise FileNotFoundError(f"--finetuned: {path} has no fine-tuned model of {missing} (a sub-folder named e.g. "
+                                f"{missing[0]} or {fb.get(missing[0], missing[0])}, or a 'models:' entry)")
+    return {t: pool[t] for t in tasks}

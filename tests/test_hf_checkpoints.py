@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fastortho as fo  # noqa: E402
+from fastortho import hf  # noqa: E402
 from fastortho.clip import load_clip  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -136,3 +137,66 @@ def test_broken_folders_name_what_is_wrong(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="finetuned_path: .*empty is a folder without Hugging Face weights"):
         fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "empty")
+
+
+def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, monkeypatch, capsys):
+    """fastortho-eval --finetuned on the clip8 benchmark: a CLIPModel pretrained folder, one
+    CLIPVisionModel folder per task named FusionBench's way, the hub's way or the project's,
+    in both transformers layouts; then the same models through a FusionBench model-pool YAML.
+    Single-task accuracy is that of the fine-tuned tower itself."""
+    pytest.importorskip("scipy")
+    from test_real_inputs import write_benchmark_root
+
+    from fastortho.commands import eval as eval_command
+    from fastortho.datasets import TASKS8
+
+    write_benchmark_root(tmp_path / "data", monkeypatch, first_only=True)
+    # random weights classify at chance and a split scored 0 cannot normalize task addition: the
+    # real zero-shot head, tilted to class 0, which nearly every image here is
+    from fastortho import clip
+    from fastortho.offline import PrototypeHead
+
+    real_head = clip.zero_shot_head
+
+    def tilted_head(*args, **kwargs):
+        head = real_head(*args, **kwargs)
+        bias = torch.zeros(head.weight.shape[0])
+        bias[0] = 1e4
+        return PrototypeHead(head.weight, bias, normalize=head.normalize)
+    monkeypatch.setattr(clip, "zero_shot_head", tilted_head)
+    text = dict(TEXT, max_position_embeddings=77, vocab_size=49408)  # open_clip's tokenizer reads the prompts
+    torch.manual_seed(0)
+    pre = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16))
+    pre.save_pretrained(tmp_path / "pre")
+    names = {"SUN397": "sun397", "Cars": "clip-vit-base-patch32_stanford-cars", "RESISC45": "RESISC45",
+             "EuroSAT": "eurosat", "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd"}
+    for i, folder in enumerate(names.values()):
+        _finetuned(pre, tmp_path / "pool" / folder, seed=10 + i, layout="t4" if i % 2 else "t5")
+    common = ["--benchmark", "clip8", "--model", "ViT-B-32", "--weights", str(tmp_path / "pre"), "--data-root",
+              str(tmp_path / "data"), "--device", "cpu", "--workers", "0", "--no-progress", "--no-negation"]
+    eval_command.main([*common, "--finetuned", str(tmp_path / "pool"), "--out", str(tmp_path / "from-folders")])
+    results = json.loads((tmp_path / "from-folders" / "results.json").read_text())
+    assert set(results["single_task"]) == set(TASKS8)
+    assert "| task | zero-shot |" in capsys.readouterr().out
+    pool = {"_pretrained_": "../pre", **{fb: f"../pool/{names[t]}" for fb, t in
+                                        hf.FUSIONBENCH_TASKS.items()}}
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "pool.yaml").write_text(
+        "_target_: fusion_bench.modelpool.CLIPVisionModelPool\nmodels:\n"
+        + "".join(f"  {k}: {v}\n" for k, v in pool.items()))
+    eval_command.main([*common, "--finetuned", str(tmp_path / "yaml" / "pool.yaml"), "--out",
+                       str(tmp_path / "from-yaml")])
+    again = json.loads((tmp_path / "from-yaml" / "results.json").read_text())
+    assert again["single_task"] == results["single_task"] and again["addition"] == results["addition"]
+
+
+def test_model_pool_entries_that_are_not_local_folders_are_named(tmp_path):
+    (tmp_path / "pool.yaml").write_text("models:\n  _pretrained_: openai/clip-vit-base-patch32\n"
+                                        "  sun397:\n    _target_: x.y\n")
+    with pytest.raises(ValueError, match=r"_pretrained_: openai/clip-vit-base-patch32 is not a local folder.*"
+                                         r"never downloads.*sun397: a loader specification"):
+        hf.model_pool(tmp_path / "pool.yaml")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sun397").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no fine-tuned model of \['Cars'\].*stanford-cars"):
+        hf.finetuned_folders(tmp_path / "tasks", ["SUN397", "Cars"])

@@ -1,5 +1,6 @@
 """``fastortho-eval``: single-task accuracy, task addition (coefficient searched on the
-validation splits) and negation of a folder of task vectors; results.json and plots."""
+validation splits) and negation of a folder of task vectors, or of fine-tuned Hugging Face
+model folders (FusionBench's); results.json and plots."""
 from __future__ import annotations
 
 import argparse
@@ -76,10 +77,37 @@ def check_vectors(vectors: dict[str, TaskVector], files: dict[str, Path]) -> str
     return next(iter(modes.values()))
 
 
+def finetuned_vectors(bench, source: Path, weights) -> tuple[dict[str, TaskVector], dict[str, Path]]:
+    """The task vectors of fine-tuned model folders (``--finetuned``) against the pretrained
+    ``--weights``, which the benchmark's encoder must be able to take (a CLIPModel folder for
+    Hugging Face image towers)."""
+    from ..hf import finetuned_folders
+
+    if weights is None:
+        raise InputProblems(["--finetuned: pass the pretrained model as --weights (the CLIPModel folder the "
+                             "fine-tuned models started from)"])
+    folders = finetuned_folders(source, list(bench.tasks))
+    vectors = {t: TaskVector.from_checkpoints(weights, f, {"task": t, "mode": "nonlinear", "source": str(f)})
+               for t, f in folders.items()}
+    encoder_keys = set(bench.encoder().state_dict())
+    foreign = sorted(set().union(*vectors.values()) - encoder_keys)
+    if foreign:
+        raise InputProblems([f"--finetuned: the fine-tuned models' tensors are not the benchmark encoder's "
+                             f"({len(foreign)} of them, e.g. {foreign[:2]}): with Hugging Face fine-tuned folders, "
+                             f"--weights must be the pretrained transformers CLIPModel folder"])
+    return vectors, folders
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser("fastortho-eval", "Single-task, task addition and negation.")
     benchmark_args(p)
-    p.add_argument("--vectors", type=Path, required=True, help="directory of {task}.safetensors task vectors")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vectors", type=Path, help="directory of {task}.safetensors task vectors")
+    src.add_argument("--finetuned", type=Path,
+                     help="fine-tuned models instead of vectors: a folder with one Hugging Face model folder per task "
+                          "(named as the project or FusionBench names the task, e.g. Cars or stanford-cars), or a "
+                          "FusionBench model-pool YAML; their vectors are taken against --weights (the pretrained "
+                          "CLIPModel folder)")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
     p.add_argument("--no-negation", action="store_true",
                    help="skip task negation (then the control task's data is not needed)")
@@ -113,11 +141,14 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_writable(args.out, "--out")  # before minutes of evaluation, not at the first write
     bench = get_benchmark(args)
-    files = {t: args.vectors / f"{t}.safetensors" for t in bench.tasks}
-    missing = [str(f) for f in files.values() if not f.exists()]
-    if missing:
-        raise SystemExit(f"--vectors: missing task vectors {missing} (run fastortho-finetune --out first)")
-    vectors = {t: TaskVector.load(f) for t, f in files.items()}
+    if args.finetuned is not None:
+        vectors, files = finetuned_vectors(bench, args.finetuned, args.weights)
+    else:
+        files = {t: args.vectors / f"{t}.safetensors" for t in bench.tasks}
+        missing = [str(f) for f in files.values() if not f.exists()]
+        if missing:
+            raise SystemExit(f"--vectors: missing task vectors {missing} (run fastortho-finetune --out first)")
+        vectors = {t: TaskVector.load(f) for t, f in files.items()}
     mode = check_vectors(vectors, files)
     res = evaluate_vectors(bench, vectors, mode, device=resolve_device(args.device), out=args.out,
                            progress=not args.no_progress, negation=not args.no_negation)
