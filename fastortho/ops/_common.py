@@ -298,15 +298,20 @@ class ListOp:
     implementation, ``setup_context`` and ``backward``, without the custom-op dispatch, whose
     Python cost grows with the number of list arguments (milliseconds for a ViT's 100 tensors).
     ``backward`` reads ``ctx.eager`` to call the plain gradient function instead of its
-    registered op there. The op's first output is the differentiable one.
+    registered op there. The op's first output is the differentiable one. ``num_args``: the
+    op's own argument count; a call's further arguments are dropped (the plans pass every
+    backend the same ones).
     """
 
-    def __init__(self, op, impl: Callable, setup_context: Callable, backward: Callable, num_lists: int):
-        self.op, self.impl, self.num_lists = op, impl, num_lists
+    def __init__(self, op, impl: Callable, setup_context: Callable, backward: Callable, num_lists: int,
+                 num_args: int | None = None):
+        self.op, self.impl, self.num_lists, self.num_args = op, impl, num_lists, num_args
         self.setup_context, self.backward = setup_context, backward
         op.register_autograd(backward, setup_context=setup_context)
 
     def __call__(self, *args):
+        if self.num_args is not None:  # arguments past the op's own (a plan's common ones) are dropped
+            args = args[:self.num_args]
         if torch.compiler.is_compiling():
             return self.op(*args)[0]
         lists, statics = args[:self.num_lists], args[self.num_lists:]

@@ -23,9 +23,9 @@ def _rank_padding(As) -> int:
 
 
 def penalty_values(As: list[Tensor], Bs: list[Tensor], scales: list[float], squared: bool,
-                   precision: str, need_grad: bool = True) -> tuple[Tensor, Tensor]:
+                   precision: str) -> tuple[Tensor, Tensor]:
     """Per-adapter penalties and the small matrices backward needs (made either way: the values
-    come from them; ``need_grad`` is the plans' common signature)."""
+    come from them)."""
     from ...kernels.lora_orthoreg import lora_penalty
 
     sq, small = lora_penalty(As, Bs, tuple(scales), precision)
@@ -44,7 +44,7 @@ lora_grad_triton = torch.library.custom_op("fastortho::lora_grad_triton", grad_b
 
 
 @lora_ortho_triton.register_fake
-def _(As, Bs, scales, squared, precision, need_grad=True):
+def _(As, Bs, scales, squared, precision):
     rp = _rank_padding(As)
     return (As[0].new_empty(len(As), dtype=torch.float32),
             As[0].new_empty((len(As), 2, rp, rp), dtype=torch.float32))
@@ -56,7 +56,7 @@ def _(As, Bs, scales, small, coef, precision):
 
 
 def _setup_context(ctx, inputs, output):
-    As, Bs, scales, squared, precision, _need_grad = inputs
+    As, Bs, scales, squared, precision = inputs
     values, small = output
     ctx.scales, ctx.squared, ctx.precision, ctx.n = list(scales), squared, precision, len(As)
     ctx.save_for_backward(values, small, *As, *Bs)
@@ -68,8 +68,9 @@ def _backward(ctx, grad_values, _grad_small):
     As, Bs = list(tensors[:ctx.n]), list(tensors[ctx.n:])
     coef = upstream_coefficient(values, grad_values, ctx.squared, 1.0)
     flat = grad_op(ctx, grad_buffer, lora_grad_triton)(As, Bs, ctx.scales, small, coef, ctx.precision)
-    return (*lora_grad_views(flat, adapter_shapes(As, Bs)), None, None, None, None)
+    return (*lora_grad_views(flat, adapter_shapes(As, Bs)), None, None, None)
 
 
-# triton_lora_penalty(As, Bs, scales, squared, precision, need_grad) -> per-adapter values.
-triton_lora_penalty = ListOp(lora_ortho_triton, penalty_values, _setup_context, _backward, num_lists=2)
+# triton_lora_penalty(As, Bs, scales, squared, precision[, need_grad]) -> per-adapter values
+# (need_grad, the plans' common argument, is dropped).
+triton_lora_penalty = ListOp(lora_ortho_triton, penalty_values, _setup_context, _backward, num_lists=2, num_args=5)

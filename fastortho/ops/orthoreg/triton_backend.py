@@ -52,12 +52,11 @@ def _pairs(flat: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(zip(flat[0::2], flat[1::2]))
 
 
-def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool, precision: str,
-               need_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def gram_parts(weights: list[Tensor], bases: list[Tensor], squared: bool,
+               precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward: per-layer penalties, the scratch of ``X^T``, the buffer of ``G - I``, and the
     "tf32" mode's per-layer scales and statistics (empty in the other modes). The scratch is
-    what the penalty's values are computed from, so it is written whether or not a gradient
-    follows (``need_grad``: the plans' common signature)."""
+    what the values are computed from, so it is written whether or not a gradient follows."""
     from ...kernels.orthoreg import scratch_penalty
 
     sq, gmi, xt, scales, amax_bits = scratch_penalty(weights, bases, precision)
@@ -110,7 +109,7 @@ ortho_scratch_grad_fp16 = torch.library.custom_op("fastortho::ortho_scratch_grad
 
 
 @ortho_scratch_gram.register_fake
-def _(weights, bases, squared, precision, need_grad=True):
+def _(weights, bases, squared, precision):
     from ...kernels.orthoreg import scratch_dtype
 
     layout = _layout(weight_shapes(weights))
@@ -133,7 +132,7 @@ def _(xt, gmi, coef, shapes, precision):
 
 
 def _setup_context(ctx, inputs, output):
-    weights, _, squared, precision, _need_grad = inputs
+    weights, _, squared, precision = inputs
     values, xt, gmi, scales, amax_bits = output
     shapes = tuple(map(_SHAPE, weights))
     try:
@@ -156,24 +155,25 @@ def _backward(ctx, grad_values, _grad_x, _grad_gmi, _grad_used, _grad_stats):
         grads = into_grad.group_gradients(
             ctx, layout.groups, ctx.dtypes, lambda g, out: _group_grad(xt, gmi, coefs, layout, g, ctx.precision, out),
             lambda: grad_op(ctx, group_grads, ortho_scratch_grad)(xt, gmi, coef, ctx.shapes, ctx.precision))
-        return grads, [None] * n, None, None, None
+        return grads, [None] * n, None, None
     # "tf32": one launch writes every layer, so straight into .grad for all layers or for none.
     offsets = list(layout.o_offsets)
     mode, weights = into_grad.plan(ctx, list(range(n)), offsets, layout.o_numel) if into_grad.allowed(ctx, n) \
         else (into_grad.AUTOGRAD, [])
     if isinstance(mode, Tensor):
         flat_grads(xt, gmi, scales, amax_bits, coef, ctx.shapes, out=mode)
-        return [None] * n, [None] * n, None, None, None
+        return [None] * n, [None] * n, None, None
     flat = grad_op(ctx, flat_grads, ortho_scratch_grad_fp16)(xt, gmi, scales, amax_bits, coef, ctx.shapes)
     if mode == into_grad.FRESH:
         into_grad.install(weights, [flat[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)])
-        return [None] * n, [None] * n, None, None, None
+        return [None] * n, [None] * n, None, None
     grads: list[Tensor | None] = [None] * n
     for buf, (_, idx) in zip(group_views(flat, ctx.shapes), layout.groups):
         for j, i in enumerate(idx):
             grads[i] = buf[j] if ctx.dtypes[i] == torch.float32 else buf[j].to(ctx.dtypes[i])
-    return grads, [None] * n, None, None, None
+    return grads, [None] * n, None, None
 
 
-# triton_penalty(weights, bases, squared, precision, need_grad) -> per-layer values.
-triton_penalty = ListOp(ortho_scratch_gram, gram_parts, _setup_context, _backward, num_lists=2)
+# triton_penalty(weights, bases, squared, precision[, need_grad]) -> per-layer values (need_grad,
+# the plans' common argument, is dropped: the scratch is written either way).
+triton_penalty = ListOp(ortho_scratch_gram, gram_parts, _setup_context, _backward, num_lists=2, num_args=4)
