@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import secrets
 import shutil
 import socket
@@ -233,3 +234,25 @@ def fingerprint(state: Mapping[str, Tensor]) -> str:
 __all__ = ["RunLock", "RunLockedError", "atomic_path", "check_writable", "discard", "fingerprint", "json_metadata",
            "open_safetensors", "publish", "read_safetensors", "save_safetensors", "sha256_file", "temporary_name",
            "write_file", "write_text"]
+
+
+def load_checkpoint(path) -> dict[str, Tensor]:
+    """A state_dict from a safetensors file or a torch checkpoint (``weights_only=True``: never
+    unpickles code). A checkpoint holding ``{"state_dict": ...}`` is unwrapped."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return read_safetensors(path, "path")[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"path: {path} is empty (0 bytes): an interrupted download or copy?")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"path: {path} is not a readable torch checkpoint of tensors ({first})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"path: {path} holds a {type(obj).__name__}, not a state_dict")
+    return dict(obj)

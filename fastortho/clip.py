@@ -228,7 +228,7 @@ def load_clip(model_name: str, weights_path, device="cpu", *, pretrained: str | 
 
         state, meta = read_safetensors(path, "weights_path")
     else:
-        from .task_vectors import load_checkpoint
+        from ._files import load_checkpoint
 
         state = load_checkpoint(path)
     from .hf import clip_layout, describe

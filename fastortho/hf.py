@@ -58,7 +58,7 @@ def is_model_folder(path) -> bool:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
-    from .task_vectors import load_checkpoint
+    from ._files import load_checkpoint
 
     return load_checkpoint(path)
 

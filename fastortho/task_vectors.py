@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_materialized, check_real
+from ._files import load_checkpoint
 from .linearize import LinearizedModel
 
 FORMAT = "fastortho.TaskVector"
@@ -55,30 +55,6 @@ def _untie(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, li
         seen[ident] = k
         kept[k] = v
     return kept, aliases
-
-
-def load_checkpoint(path) -> dict[str, Tensor]:
-    """A state_dict from a safetensors file or a torch checkpoint (``weights_only=True``: never
-    unpickles code). A checkpoint holding ``{"state_dict": ...}`` is unwrapped."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from ._files import read_safetensors
-
-        return read_safetensors(path, "path")[0]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"path: no such file: {path}")
-    if Path(path).stat().st_size == 0:
-        raise ValueError(f"path: {path} is empty (0 bytes): an interrupted download or copy?")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"path: {path} is not a readable torch checkpoint of tensors ({first})") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"path: {path} holds a {type(obj).__name__}, not a state_dict")
-    return dict(obj)
 
 
 def read_weights(path, what: str = "path") -> dict[str, Tensor]:

@@ -9,12 +9,15 @@ functions are the seams where fused kernels plug in.
 
 Which file holds what (one job each):
 
+- ``__init__.py``       the names the rest of fastortho imports (this package's API)
 - ``policy.py``         how a dual op runs: ``fastortho.set_kernels`` resolved through the
                         registries ``DUAL_LINEAR`` / ``ATTENTION_TANGENT``, and the per-shape
                         measurement of "auto" on CUDA
 - ``rules.py``          linear, conv2d, LayerNorm, BatchNorm, GELU, softmax, elementwise
 - ``attention.py``      scaled dot-product attention and ``nn.MultiheadAttention`` (through
                         the linear and SDPA rules)
+- ``values.py``         the ``Dual`` value, ``split`` / ``wrap``, argument binding, the
+                        ``torch.func.jvp`` fallback
 - ``triton_backend.py`` autograd Functions (with vmap rules) over the Triton kernels of
                         ``fastortho/kernels/dual_linear.py`` and ``attention_tangent.py``
 
