@@ -327,8 +327,13 @@ class ClipBenchmark:
         *,
         pretrained: str | None = None,
         allow_torchscript: bool = False,
+        data_format: str = "auto",
     ):
-        from .datasets import CONTROL, TASKS8, classnames, get_dataset
+        import functools
+
+        from .datasets import CONTROL, TASKS8, check_format, classnames, get_dataset
+
+        get_dataset = functools.partial(get_dataset, data_format=check_format(data_format))
 
         self.model, self.preprocess, self.tokenizer = load_clip(model_name, weights_path, device, pretrained=pretrained,
                                                                 allow_torchscript=allow_torchscript)

@@ -67,6 +67,107 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+# The tasks' Hugging Face datasets (FusionBench's ``tanganke/<name>``), as folders under the
+# root: ``save_to_disk`` output (``dataset_dict.json``) or the hub's parquet snapshot
+# (``data/<split>-*.parquet``, what ``huggingface-cli download --repo-type dataset`` leaves).
+HF_NAMES = {"Cars": "stanford-cars", "DTD": "dtd", "EuroSAT": "eurosat", "GTSRB": "gtsrb", "MNIST": "mnist",
+            "RESISC45": "resisc45", "SUN397": "sun397", "SVHN": "svhn"}
+DATA_FORMATS = ("auto", "folder", "hf")
+HF_EXPECTED = ("<root>/{name}/ as a Hugging Face dataset: DatasetDict.save_to_disk output (dataset_dict.json) or "
+               "the hub's parquet snapshot (data/train-*.parquet, data/test-*.parquet)")
+
+
+def hf_location(name: str, root: Path) -> tuple[str, Path] | None:
+    """``("disk" | "parquet", folder)`` where task ``name``'s Hugging Face dataset is under
+    ``root``, or None."""
+    hf_name = HF_NAMES.get(name)
+    if hf_name is None:
+        return None
+    folder = root / hf_name
+    if (folder / "dataset_dict.json").is_file():
+        return "disk", folder
+    if folder.is_dir() and (any((folder / "data").glob("*.parquet")) or any(folder.glob("*.parquet"))):
+        return "parquet", folder
+    return None
+
+
+def check_format(data_format: str) -> str:
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format: expected one of {DATA_FORMATS}, got {data_format!r}")
+    return data_format
+
+
+class HFImageDataset(Dataset):
+    """One split of a Hugging Face image-classification dataset (an image column, ``image`` or
+    ``img``, and a ``ClassLabel`` ``label``) as ``(transform(image), label)`` pairs; ``classes``
+    are the ClassLabel's names."""
+
+    def __init__(self, split, transform=None, where: str = ""):
+        features = split.features
+        self.image_key = next((k for k in ("image", "img") if k in features), None)
+        label = features.get("label")
+        if self.image_key is None or label is None or not hasattr(label, "names"):
+            raise ValueError(f"dataset {where}: expected an image column ('image' or 'img') and a ClassLabel 'label' "
+                             f"column, got {list(features)}")
+        self.data, self.transform, self.classes = split, transform, list(label.names)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = self.data[int(i)]
+        image = item[self.image_key].convert("RGB")
+        return (self.transform(image) if self.transform is not None else image), int(item["label"])
+
+
+_HF_LOADED: dict[tuple, object] = {}
+
+
+def _load_hf(kind: str, folder: Path):
+    """The DatasetDict of a task's folder, read once per process, offline."""
+    key = (kind, str(folder))
+    if key not in _HF_LOADED:
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"{folder} is a Hugging Face dataset: reading it needs the datasets library "
+                              f"(pip install datasets)") from None
+        if kind == "disk":
+            loaded = datasets.load_from_disk(str(folder))
+        else:
+            files = sorted((folder / "data").glob("*.parquet")) or sorted(folder.glob("*.parquet"))
+            by_split: dict[str, list[str]] = {}
+            for f in files:
+                by_split.setdefault(f.name.split("-")[0].split(".")[0], []).append(str(f))
+            from ._config import cache_dir
+
+            loaded = datasets.load_dataset("parquet", data_files=by_split, cache_dir=str(cache_dir() / "hf-datasets"))
+        if not isinstance(loaded, datasets.DatasetDict):
+            raise ValueError(f"{folder}: expected a DatasetDict (splits), got a {type(loaded).__name__}")
+        _HF_LOADED[key] = loaded
+    return _HF_LOADED[key]
+
+
+def _hf_dataset(name: str, root: Path, split_name: str, transform, part: str) -> Dataset:
+    kind, folder = hf_location(name, root)
+    splits = _load_hf(kind, folder)
+    for needed in ("train", "test"):
+        if needed not in splits:
+            raise FileNotFoundError(f"dataset {name!r}: {folder} has the splits {list(splits)}, no {needed!r}")
+
+    def make(split):
+        return HFImageDataset(splits[split], transform, f"{name!r} ({folder}, {split})")
+    if "validation" in splits:  # the dataset's own held-out split
+        if split_name.endswith("Val"):
+            return make("validation")
+        return make("train" if part == "train" else "test")
+    if part == "train" or split_name.endswith("Val"):
+        full = make("train")
+        train_idx, val_idx = val_split(len(full))
+        return Subset(full, val_idx if split_name.endswith("Val") else train_idx)
+    return make("test")
+
+
 def _torchvision(name: str, root: Path, split: str, transform):
     import torchvision.datasets as tv
 
@@ -82,14 +183,33 @@ def _torchvision(name: str, root: Path, split: str, transform):
     raise ValueError(name)
 
 
-def missing_layout(name: str, root: Path, split: str) -> str | None:
+def dataset_format(name: str, root: Path, data_format: str = "auto") -> str:
+    """"hf" or "folder": how dataset ``name`` is read under ``root``. "auto" takes the
+    Hugging Face dataset when its folder is there (a ``save_to_disk`` folder has ``train/``
+    like the folder layout, so it is looked for first), else the folder layout."""
+    check_format(data_format)
+    if data_format == "auto":
+        return "hf" if hf_location(name, root) is not None else "folder"
+    return data_format
+
+
+def missing_layout(name: str, root: Path, split: str, data_format: str = "auto") -> str | None:
     """Why dataset ``name``'s ``split`` cannot be read under ``root`` (its folder is absent),
     or None: the up-front check, without reading any file."""
+    fmt = dataset_format(name, root, data_format)
+    if fmt == "hf":
+        if hf_location(name, root) is None:
+            return (f"dataset {name!r}: no Hugging Face dataset under {root / HF_NAMES.get(name, name)}. Expected "
+                    f"layout: {HF_EXPECTED.format(name=HF_NAMES.get(name, name))}")
+        return None
     layout = LAYOUTS[name]
     where = root / layout.paths[split]
     if not where.exists():
+        hf_name = HF_NAMES.get(name)
+        also = (f", or {HF_EXPECTED.format(name=hf_name)} (--data-format auto finds either)"
+                if hf_name and data_format == "auto" else "")
         return (
-            f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}. "
+            f"dataset {name!r} ({split}): {where} does not exist. Expected layout: {layout.expected}{also}. "
             f"fastortho never downloads datasets; prepare them under --data-root first"
         )
     return None
@@ -98,7 +218,7 @@ def missing_layout(name: str, root: Path, split: str) -> str | None:
 def _base(name: str, root: Path, split: str, transform) -> Dataset:
     layout = LAYOUTS[name]
     where = root / layout.paths[split]
-    problem = missing_layout(name, root, split)
+    problem = missing_layout(name, root, split, "folder")
     if problem:
         raise FileNotFoundError(problem)
     if layout.kind == "folder":
@@ -120,9 +240,12 @@ def val_split(n: int, fraction: float = 0.1, max_val: int = 5000, seed: int = 0)
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def get_dataset(split_name: str, root, transform=None, part: str = "eval") -> Dataset:
+def get_dataset(split_name: str, root, transform=None, part: str = "eval", data_format: str = "auto") -> Dataset:
     """The dataset of a split name: ``"MNIST"`` (test split), ``"MNISTVal"`` (held-out 10% of
-    train), or with ``part="train"`` the training split minus the validation part."""
+    train), or with ``part="train"`` the training split minus the validation part.
+    ``data_format``: "folder" (the task-vectors layout), "hf" (a Hugging Face dataset, whose own
+    validation split, when it has one, is ``{name}Val`` and leaves train whole) or "auto"."""
+    check_format(data_format)
     name = split_name.removesuffix("Val")
     if name not in LAYOUTS:
         raise ValueError(f"split_name: expected one of {sorted(LAYOUTS)} (or ...Val), got {split_name!r}")
@@ -131,6 +254,11 @@ def get_dataset(split_name: str, root, transform=None, part: str = "eval") -> Da
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"root: {root} is not a directory")
+    if dataset_format(name, root, data_format) == "hf":
+        problem = missing_layout(name, root, "train", data_format)
+        if problem:
+            raise FileNotFoundError(problem)
+        return _hf_dataset(name, root, split_name, transform, part)
     if part == "train" or split_name.endswith("Val"):
         full = _base(name, root, "train", transform)
         train_idx, val_idx = val_split(len(full))

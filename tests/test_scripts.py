@@ -306,7 +306,7 @@ def test_clip8_reads_only_the_tasks_the_run_uses(monkeypatch, tmp_path, reg, exp
         raise Stop
     checked = []
     monkeypatch.setattr(fastortho.clip, "ClipBenchmark", recording)
-    monkeypatch.setattr(command_common, "check_clip_inputs", lambda w, root, tasks: checked.append(tasks))
+    monkeypatch.setattr(command_common, "check_clip_inputs", lambda w, root, tasks, *fmt: checked.append(tasks))
     with pytest.raises(Stop):
         finetune_command.main(["--benchmark", "clip8", "--weights", "w.pt", "--data-root", "/data", "--tasks", "DTD",
                                "--reg", reg, "--out", str(tmp_path / "runs"), "--device", "cpu"])

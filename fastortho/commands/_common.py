@@ -57,7 +57,11 @@ def benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-torchscript", action="store_true",
                    help="accept a TorchScript archive as --weights (OpenAI's format; loading it runs code from the "
                         "file): better, convert it once with python -m fastortho.clip convert")
-    g.add_argument("--data-root", help="root of the datasets in the task-vectors layout (clip8)")
+    g.add_argument("--data-root", help="root of the datasets: the task-vectors layout or Hugging Face datasets (clip8)")
+    g.add_argument("--data-format", choices=["auto", "folder", "hf"], default="auto",
+                   help="how each dataset under --data-root is read: folder (the task-vectors layout), hf (Hugging "
+                        "Face datasets: save_to_disk folders or the hub's parquet snapshot, e.g. <root>/sun397), or "
+                        "auto (per dataset, whichever is there)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--workers", type=int, default=4,
@@ -132,12 +136,13 @@ def get_benchmark(args, tasks: list[str] | None = None):
     needed = list(tasks or TASKS8)
     if not getattr(args, "no_negation", True) and CONTROL not in needed:  # fastortho-eval's negation
         needed.append(CONTROL)
-    check_clip_inputs(args.weights, args.data_root, needed)
+    data_format = getattr(args, "data_format", "auto")
+    check_clip_inputs(args.weights, args.data_root, needed, data_format)
     return ClipBenchmark(args.model, args.weights, args.data_root, device=resolve_device(args.device), tasks=tasks,
-                         pretrained=args.pretrained, allow_torchscript=args.allow_torchscript)
+                         pretrained=args.pretrained, allow_torchscript=args.allow_torchscript, data_format=data_format)
 
 
-def check_clip_inputs(weights, data_root, tasks: list[str]) -> None:
+def check_clip_inputs(weights, data_root, tasks: list[str], data_format: str = "auto") -> None:
     """Every problem with ``--weights`` and ``--data-root`` at once (before a model loads)."""
     from ..datasets import LAYOUTS, missing_layout
 
@@ -161,7 +166,8 @@ def check_clip_inputs(weights, data_root, tasks: list[str]) -> None:
         root = Path(data_root).expanduser()
         for t in tasks:
             if t not in unknown:
-                problems += [p for split in ("train", "test") if (p := missing_layout(t, root, split))]
+                found = [p for split in ("train", "test") if (p := missing_layout(t, root, split, data_format))]
+                problems += list(dict.fromkeys(found))  # a Hugging Face dataset's one message, once
     if problems:
         raise InputProblems(problems)
 
