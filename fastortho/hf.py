@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 VISION_PREFIX = "vision_model."
@@ -193,3 +194,126 @@ def finetuned_folders(path, tasks) -> dict[str, Path]:
         raise FileNotFoundError(f"--finetuned: {path} has no fine-tuned model of {missing} (a sub-folder named e.g. "
                                 f"{missing[0]} or {fb.get(missing[0], missing[0])}, or a 'models:' entry)")
     return {t: pool[t] for t in tasks}
+
+
+# ----------------------------------------------------------------------------- open_clip <-> HF
+
+# open_clip VisionTransformer names -> CLIPVisionModel names (transformers-4 layout: every key
+# under vision_model.), per block and outside the blocks; in_proj is split into q / k / v.
+_OUTER = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+          "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+          "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+          "ln_post.bias": "post_layernorm.bias"}
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+          "mlp.c_proj": "mlp.fc2"}
+
+
+def _check_plain_vit(visual) -> None:
+    """Only the standard CLIP ViT maps exactly onto CLIPVisionModel."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"model: expected an open_clip VisionTransformer image tower, got {type(visual).__name__} "
+                         f"(CLIPVisionModel is a ViT)")
+    blocks = visual.transformer.resblocks
+    odd = [what for what, bad in (
+        ("attentional pooling", getattr(visual, "attn_pool", None) is not None),
+        ("pooling other than the class token", getattr(visual, "pool_type", "tok") != "tok"),
+        ("a final LayerNorm after pooling", getattr(visual, "final_ln_after_pool", False)),
+        ("no LayerNorm before the blocks", type(visual.ln_pre).__name__ == "Identity"),
+        ("layer scale", any(type(b.ls_1).__name__ != "Identity" for b in blocks)),
+        ("a patch dropout or a class-token-free stem", getattr(visual, "class_embedding", None) is None),
+    ) if bad]
+    if odd:
+        raise ValueError(f"model: this open_clip ViT has {', '.join(odd)}: no CLIPVisionModel computes the same")
+
+
+def open_clip_to_hf(visual) -> tuple[dict, dict[str, Tensor]]:
+    """``(config, state)`` of the ``CLIPVisionModel`` that computes what open_clip's ViT image
+    tower ``visual`` computes: the transformers config (``model_type`` "clip_vision_model") and
+    the tensors under transformers-4 names (``vision_model.*``, which transformers 4 and 5
+    both read), plus ``visual_projection.weight`` (``proj`` transposed: image features are
+    ``pooler_output @ visual_projection.weight.T``). Exact: tensors are copied, never
+    recomputed."""
+    _check_plain_vit(visual)
+    state = visual.state_dict()
+    blocks = visual.transformer.resblocks
+    width = int(state["class_embedding"].shape[0])
+    act = type(blocks[0].mlp.gelu).__name__
+    if act not in ("GELU", "QuickGELU"):
+        raise ValueError(f"model: the MLP activation {act} has no CLIPVisionModel counterpart")
+    attn = blocks[0].attn
+    config = {
+        "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], "hidden_size": width,
+        "intermediate_size": int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": len(blocks), "num_attention_heads": int(attn.num_heads),
+        "image_size": int(visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size),
+        "patch_size": int(state["conv1.weight"].shape[-1]), "num_channels": int(state["conv1.weight"].shape[1]),
+        "hidden_act": "quick_gelu" if act == "QuickGELU" else "gelu", "layer_norm_eps": float(visual.ln_pre.eps),
+        "projection_dim": int(state["proj"].shape[1]) if "proj" in state else width,
+    }
+    out: dict[str, Tensor] = {}
+    for k, v in _OUTER.items():
+        out[VISION_PREFIX + v] = state[k].detach().clone()
+    for i in range(len(blocks)):
+        src, dst = f"transformer.resblocks.{i}.", f"{VISION_PREFIX}encoder.layers.{i}."
+        for a, b in _BLOCK.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = state[f"{src}{a}.{p}"].detach().clone()
+        for p in ("weight", "bias"):
+            for name, part in zip("qkv", state[f"{src}attn.in_proj_{p}"].chunk(3)):
+                out[f"{dst}self_attn.{name}_proj.{p}"] = part.detach().clone()
+    if "proj" in state:
+        out[PROJECTION] = state["proj"].detach().t().contiguous().clone()
+    return config, {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_to_open_clip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`open_clip_to_hf`'s tensors: open_clip ViT names from a CLIPVisionModel
+    state in any layout (q / k / v concatenated back into ``in_proj``)."""
+    tower = image_tower(state)
+    out: dict[str, Tensor] = {}
+    for k, v in _OUTER.items():
+        out[k] = tower[VISION_PREFIX + v]
+    layers = sorted({int(k.split(".")[3]) for k in tower if k.startswith(VISION_PREFIX + "encoder.layers.")})
+    for i in layers:
+        src, dst = f"{VISION_PREFIX}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for a, b in _BLOCK.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{a}.{p}"] = tower[f"{src}{b}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{p}"] = torch.cat([tower[f"{src}self_attn.{n}_proj.{p}"] for n in "qkv"])
+    if PROJECTION in tower:
+        out["proj"] = tower[PROJECTION].t().contiguous()
+    return out
+
+
+def write_vision_folder(folder, config: Mapping, state: Mapping[str, Tensor], *, overwrite: bool = False,
+                        what: str = "out") -> Path:
+    """A ``CLIPVisionModel`` folder transformers 4 and 5 read: ``config.json`` and
+    ``model.safetensors`` (``vision_model.*`` keys; ``visual_projection.weight``, which
+    CLIPVisionModel has not, is left out). Built under a hidden name and renamed into place, so
+    the folder appears whole or not at all; an existing one is replaced only with ``overwrite``."""
+    import shutil
+
+    from ._files import discard, publish, save_safetensors, temporary_name, write_text
+
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if k.startswith(VISION_PREFIX)}
+    if not tensors:
+        raise ValueError(f"{what}: no vision_model.* tensors to write")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{what}: {folder} exists; pass overwrite=True to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(folder)
+    tmp.mkdir()
+    try:
+        write_text(tmp / "config.json", json.dumps({**config, "torch_dtype": "float32"}, indent=1), what)
+        save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"}, what)
+        if folder.exists():
+            discard(folder)
+        publish(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

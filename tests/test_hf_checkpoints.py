@@ -200,3 +200,47 @@ def test_model_pool_entries_that_are_not_local_folders_are_named(tmp_path):
     (tmp_path / "tasks" / "sun397").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no fine-tuned model of \['Cars'\].*stanford-cars"):
         hf.finetuned_folders(tmp_path / "tasks", ["SUN397", "Cars"])
+
+
+# ----------------------------------------------------------------------------- open_clip -> HF
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_open_clip_towers_map_exactly_onto_clip_vision_models(tmp_path, quick_gelu):
+    """open_clip -> HF -> open_clip gives identical tensors, and transformers' own
+    CLIPVisionModel, read from the written folder, computes the same image features."""
+    transformer = pytest.importorskip("open_clip.transformer")
+    from open_clip.transformer import QuickGELU
+
+    torch.manual_seed(0)
+    visual = transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                                           output_dim=16, act_layer=QuickGELU if quick_gelu else torch.nn.GELU).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and embeddings
+        for p in visual.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    config, state = hf.open_clip_to_hf(visual)
+    back = hf.hf_to_open_clip(state)
+    original = visual.state_dict()
+    assert sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
+    folder = hf.write_vision_folder(tmp_path / "export", config, state)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(k.startswith("vision_model.") for k in load_file(folder / "model.safetensors"))  # transformers 4's names
+    model, info = transformers.CLIPVisionModel.from_pretrained(str(folder), output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if not k.endswith("position_ids")] and not info["unexpected_keys"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours = visual(x)
+        theirs = model.eval()(pixel_values=x).pooler_output @ state["visual_projection.weight"].T
+    assert (ours - theirs).norm() <= 1e-5 * ours.norm()
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        hf.write_vision_folder(tmp_path / "export", config, state)
+    written = load_file(folder / "model.safetensors")
+    assert sorted(written) == sorted(k for k in state if k != "visual_projection.weight")
+    assert all(torch.equal(written[k], state[k]) for k in written)
+
+
+def test_an_open_clip_tower_without_a_clip_vision_model_counterpart_is_refused():
+    transformer = pytest.importorskip("open_clip.transformer")
+    visual = transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=1, heads=4, mlp_ratio=4.0,
+                                           output_dim=16, ls_init_value=0.1)
+    with pytest.raises(ValueError, match="this open_clip ViT has layer scale: no CLIPVisionModel computes the same"):
+        hf.open_clip_to_hf(visual)
