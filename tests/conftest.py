@@ -174,3 +174,21 @@ def pytest_report_header(config):
     if INTERPRETER_LOOP_PROBLEM:
         lines.append(f"fastortho: kernel tests that loop are SKIPPED: {INTERPRETER_LOOP_PROBLEM}")
     return lines
+
+
+@pytest.fixture
+def tilted_zero_shot_heads(monkeypatch):
+    """fastortho.clip.zero_shot_head built for real (text tower, tokenizer and all), then tilted
+    to class 0: random weights classify at chance, and a split scored 0 cannot normalize task
+    addition; the tiny benchmark datasets put nearly every image in class 0."""
+    from fastortho import clip
+    from fastortho.offline import PrototypeHead
+
+    real_head = clip.zero_shot_head
+
+    def tilted_head(*args, **kwargs):
+        head = real_head(*args, **kwargs)
+        bias = torch.zeros(head.weight.shape[0])
+        bias[0] = 1e4
+        return PrototypeHead(head.weight, bias, normalize=head.normalize)
+    monkeypatch.setattr(clip, "zero_shot_head", tilted_head)

@@ -348,33 +348,8 @@ def test_a_linearized_step_issues_at_most_twice_an_ordinary_steps_ops():
     """The measure that predicts a linearized step's host cost (bench/host_cost.py): ATen ops
     of forward + backward, each Dual construction counted as one more, against an ordinary
     step's; an open_clip ViT of 4 blocks. The target of issue 28 is 2.0x."""
-    transformer = pytest.importorskip("open_clip.transformer")
-    from fastortho.testing import count_aten_ops
+    pytest.importorskip("open_clip")
+    from fastortho.testing import linearized_op_ratio
 
-    torch.manual_seed(0)
-    model = transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0,
-                                          output_dim=16).train()
-    x = torch.randn(2, 3, 32, 32)
-    lin = fo.linearize(model)
-
-    def ordinary():
-        model(x).square().mean().backward()
-
-    def linearized():
-        lin(x).square().mean().backward()
-
-    ordinary(), linearized()
-    plain = count_aten_ops(ordinary)["total"]
-    made = [0]
-    original = torch.Tensor._make_subclass
-
-    def counting(cls, data, *args, **kwargs):
-        made[0] += 1
-        return original(cls, data, *args, **kwargs)
-
-    torch.Tensor._make_subclass = staticmethod(counting)
-    try:
-        ours = count_aten_ops(linearized)["total"]
-    finally:
-        torch.Tensor._make_subclass = original
-    assert (ours + made[0]) / plain <= 2.0, (ours, made[0], plain)
+    result = linearized_op_ratio(layers=4)
+    assert result["ratio_with_constructions"] <= 2.0, result

@@ -139,7 +139,8 @@ def test_broken_folders_name_what_is_wrong(tmp_path):
         fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "empty")
 
 
-def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, monkeypatch, capsys):
+def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, monkeypatch, capsys,
+                                                                  tilted_zero_shot_heads):
     """fastortho-eval --finetuned on the clip8 benchmark: a CLIPModel pretrained folder, one
     CLIPVisionModel folder per task named FusionBench's way, the hub's way or the project's,
     in both transformers layouts; then the same models through a FusionBench model-pool YAML.
@@ -151,19 +152,6 @@ def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, mon
     from fastortho.datasets import TASKS8
 
     write_benchmark_root(tmp_path / "data", monkeypatch, first_only=True)
-    # random weights classify at chance and a split scored 0 cannot normalize task addition: the
-    # real zero-shot head, tilted to class 0, which nearly every image here is
-    from fastortho import clip
-    from fastortho.offline import PrototypeHead
-
-    real_head = clip.zero_shot_head
-
-    def tilted_head(*args, **kwargs):
-        head = real_head(*args, **kwargs)
-        bias = torch.zeros(head.weight.shape[0])
-        bias[0] = 1e4
-        return PrototypeHead(head.weight, bias, normalize=head.normalize)
-    monkeypatch.setattr(clip, "zero_shot_head", tilted_head)
     text = dict(TEXT, max_position_embeddings=77, vocab_size=49408)  # open_clip's tokenizer reads the prompts
     torch.manual_seed(0)
     pre = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16))

@@ -286,7 +286,8 @@ def test_every_benchmark_dataset_reads_from_its_real_format(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("checkpoint", ["transformers", "open_clip hub", "openai"])
-def test_the_readme_benchmark_commands_run_on_local_checkpoints(checkpoint, tiny_clip, tmp_path, monkeypatch, capsys):
+def test_the_readme_benchmark_commands_run_on_local_checkpoints(checkpoint, tiny_clip, tmp_path, monkeypatch, capsys,
+                                                                tilted_zero_shot_heads):
     """fastortho-finetune and fastortho-eval on the clip8 benchmark as the README writes them,
     from a Hugging Face CLIPModel folder, an open_clip hub folder and OpenAI's TorchScript
     archive converted once, all built here with random weights in the real file formats."""
@@ -300,19 +301,6 @@ def test_the_readme_benchmark_commands_run_on_local_checkpoints(checkpoint, tiny
     from fastortho.commands import finetune as finetune_command
 
     write_benchmark_root(tmp_path / "data", monkeypatch, first_only=True)
-    # Random weights classify at chance, and a split scored 0 cannot normalize task addition:
-    # the real zero-shot head is built (text tower, tokenizer and all), then tilted to class 0,
-    # which nearly every image here is.
-    real_head = clip.zero_shot_head
-
-    def tilted_head(*args, **kwargs):
-        from fastortho.offline import PrototypeHead
-
-        head = real_head(*args, **kwargs)
-        bias = torch.zeros(head.weight.shape[0])
-        bias[0] = 1e4
-        return PrototypeHead(head.weight, bias, normalize=head.normalize)
-    monkeypatch.setattr(clip, "zero_shot_head", tilted_head)
     name, original = tiny_clip
     if checkpoint == "transformers":
         transformers = pytest.importorskip("transformers")
