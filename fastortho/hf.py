@@ -317,3 +317,105 @@ def write_vision_folder(folder, config: Mapping, state: Mapping[str, Tensor], *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+# ----------------------------------------------------------------------------- out to FusionBench
+
+def encoder_to_hf(encoder) -> tuple[dict, dict[str, Tensor]]:
+    """``(config, state)`` of a CLIPVisionModel computing what an image encoder computes: an
+    open_clip ViT (:func:`open_clip_to_hf`) or fastortho's Hugging Face image tower."""
+    vision = getattr(encoder, "vision_model", None)
+    if vision is not None and hasattr(vision, "config"):
+        config = {k: v for k, v in vision.config.to_dict().items() if not k.startswith("_")}
+        config.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"])
+        return config, {k: v.detach() for k, v in encoder.state_dict().items()}
+    return open_clip_to_hf(encoder)
+
+
+def write_model_pool(path, folders: Mapping[str, Path]) -> Path:
+    """A FusionBench ``CLIPVisionModelPool`` YAML naming local folders (``_pretrained_`` and the
+    tasks, FusionBench's names), so that any FusionBench method merges them."""
+    from ._files import write_text
+
+    lines = ["_target_: fusion_bench.modelpool.CLIPVisionModelPool", "_recursive_: false", "models:"]
+    lines += [f"  {name}: {Path(folder).resolve()}" for name, folder in folders.items()]
+    return write_text(path, "\n".join(lines) + "\n", "out")
+
+
+def export_fusionbench(encoder, vectors: Mapping, out, *, alpha: float = 1.0, overwrite: bool = False) -> Path:
+    """The pretrained ``encoder`` and, per task, ``encoder + alpha * vector`` as CLIPVisionModel
+    folders under ``out`` (``_pretrained_`` and FusionBench's task names), with
+    ``modelpool.yaml`` beside them. A linearized (TTA) vector is refused: its model is the
+    linearization, which a CLIPVisionModel folder would silently turn into the network. A
+    vector's update of the image projection cannot be written (a CLIPVisionModel has none; a
+    warning names the tasks)."""
+    from .task_vectors import TaskVector
+
+    linearized = [t for t, v in vectors.items() if isinstance(v, TaskVector) and v.metadata.get("mode") == "linearized"]
+    if linearized:
+        raise ValueError(f"vectors: {linearized} are linearized (TTA) task vectors: their fine-tuned model is "
+                         f"f(x; th0) + J(x) tau, not the network at th0 + tau, so a CLIPVisionModel folder would be "
+                         f"evaluated as a different model. Evaluate them with fastortho-eval (linearized mode)")
+    dropped = [t for t, v in vectors.items()
+               if any(k in v and float(v[k].abs().max()) > 0 for k in ("proj", PROJECTION))]
+    if dropped:
+        import logging
+
+        logging.getLogger("fastortho").warning(
+            "fastortho: the task vectors of %s change the image projection, which a CLIPVisionModel has not: the "
+            "exported folders keep the tower's update only (FusionBench applies the pretrained CLIPModel's "
+            "projection); fine-tune with the projection frozen for an exact export", ", ".join(dropped))
+    out = Path(out).expanduser()
+    names = {v: k for k, v in FUSIONBENCH_TASKS.items()}
+    folders: dict[str, Path] = {}
+    config, state = encoder_to_hf(encoder)
+    folders["_pretrained_"] = write_vision_folder(out / "_pretrained_", config, state, overwrite=overwrite)
+    for task, vector in vectors.items():
+        config, state = encoder_to_hf(vector.apply_to(encoder, alpha))
+        name = names.get(task, task)
+        folders[name] = write_vision_folder(out / name, config, state, overwrite=overwrite)
+    write_model_pool(out / "modelpool.yaml", folders)
+    return out
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastortho.hf",
+                                description="Export to FusionBench / Hugging Face: CLIPVisionModel folders and a "
+                                            "model-pool YAML.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="pretrained + each task vector -> CLIPVisionModel folders + modelpool.yaml")
+    e.add_argument("--model", default="ViT-B-32", help="open_clip model name of --weights (ignored for a CLIPModel "
+                                                       "folder)")
+    e.add_argument("--weights", required=True, help="the pretrained weights the vectors were taken against")
+    e.add_argument("--pretrained", help="the open_clip pretrained tag of --weights (e.g. openai)")
+    e.add_argument("--vectors", type=Path, required=True, help="folder of {task}.safetensors task vectors")
+    e.add_argument("--alpha", type=float, default=1.0, help="scale of each vector (1: the fine-tuned model)")
+    e.add_argument("--out", type=Path, required=True, help="folder for the model folders and modelpool.yaml")
+    e.add_argument("--overwrite", action="store_true", help="replace model folders that exist")
+    return p
+
+
+def main(argv=None) -> None:
+    """``python -m fastortho.hf export``: fastortho's task vectors applied to their pretrained
+    model, written as CLIPVisionModel folders with a FusionBench model pool."""
+    from .clip import load_clip
+    from .task_vectors import TaskVector
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    files = sorted(args.vectors.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"--vectors: {args.vectors} holds no .safetensors task vectors")
+    model, _, _ = load_clip(args.model, args.weights, pretrained=args.pretrained)
+    vectors = {f.stem: TaskVector.load(f) for f in files}
+    try:
+        out = export_fusionbench(model.visual, vectors, args.out, alpha=args.alpha, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"python -m fastortho.hf export: {err}") from None
+    print(f"wrote {len(vectors) + 1} CLIPVisionModel folders and {out / 'modelpool.yaml'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -232,3 +232,57 @@ def test_an_open_clip_tower_without_a_clip_vision_model_counterpart_is_refused()
                                            output_dim=16, ls_init_value=0.1)
     with pytest.raises(ValueError, match="this open_clip ViT has layer scale: no CLIPVisionModel computes the same"):
         hf.open_clip_to_hf(visual)
+
+
+def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
+    """python -m fastortho.hf export: an open_clip model's task vectors (as fastortho-finetune
+    writes them) applied and written as CLIPVisionModel folders with modelpool.yaml; each folder,
+    read by transformers, computes the applied open_clip tower's features; the pool reads back
+    through fastortho.hf.model_pool; a linearized vector is refused."""
+    open_clip = pytest.importorskip("open_clip")
+    yaml = pytest.importorskip("yaml")
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "fastortho-export-vit.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "fastortho-export-vit.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("fastortho-export-vit", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "pre.safetensors"))
+    visual = model.visual.eval()
+    (tmp_path / "vectors").mkdir()
+    tuned = {}
+    for i, task in enumerate(["SUN397", "Cars"]):
+        fine = {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in visual.state_dict().items()}
+        tv = fo.TaskVector.from_models(visual.state_dict(), fine, {"task": task, "mode": "nonlinear"})
+        tv.save(tmp_path / "vectors" / f"{task}.safetensors")
+        tuned[task] = tv.apply_to(visual)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("fastortho").addHandler(handler)
+    try:
+        hf.main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
+                 "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb")])
+    finally:
+        logging.getLogger("fastortho").removeHandler(handler)
+    assert any("Cars, SUN397 change the image projection" in r.getMessage() for r in records)
+    pool = yaml.safe_load((tmp_path / "fb" / "modelpool.yaml").read_text())
+    assert pool["_target_"] == "fusion_bench.modelpool.CLIPVisionModelPool"
+    assert set(pool["models"]) == {"_pretrained_", "sun397", "stanford-cars"}
+    assert set(hf.model_pool(tmp_path / "fb" / "modelpool.yaml")) == {"_pretrained_", "SUN397", "Cars"}
+    x = torch.randn(2, 3, 32, 32)
+    for name, reference in (("_pretrained_", visual), ("sun397", tuned["SUN397"]), ("stanford-cars", tuned["Cars"])):
+        exported = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "fb" / name)).eval()
+        assert exported.config.hidden_act == "quick_gelu"
+        reference.proj = None  # the tower's pooled output: what a CLIPVisionModel computes
+        with torch.no_grad():
+            ours, theirs = reference(x), exported(pixel_values=x).pooler_output
+        assert (ours - theirs).norm() <= 1e-5 * ours.norm(), name
+    lin = fo.TaskVector.load(tmp_path / "vectors" / "SUN397.safetensors")
+    lin.metadata["mode"] = "linearized"
+    with pytest.raises(ValueError, match=r"\['SUN397'\] are linearized \(TTA\) task vectors"):
+        hf.export_fusionbench(visual, {"SUN397": lin}, tmp_path / "lin")
+    with pytest.raises(SystemExit, match="exists; pass overwrite=True"):
+        hf.main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
+                 "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb")])

@@ -79,6 +79,18 @@ def test_readme_commands_name_options_that_exist():
         assert options <= known, (prog, options - known)
 
 
+def test_readme_export_command_names_options_that_exist():
+    from fastortho import hf
+
+    shell = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))
+    commands = re.findall(r"python -m fastortho\.hf export\b((?:[^\n]|\\\n)*)", shell)
+    assert commands
+    export = next(a for a in hf.build_parser()._actions if a.dest == "command").choices["export"]
+    known = {o for a in export._actions for o in a.option_strings}
+    for command in commands:
+        assert set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", command.split("#")[0])) <= known, command
+
+
 def test_readme_and_design_links_stay_inside_the_repo():
     for text in (README, (ROOT / "docs" / "design.md").read_text()):
         assert "DESIGN section" not in text  # the design is docs/design.md, inside the repo
