@@ -69,7 +69,7 @@ def test_readme_commands_name_options_that_exist():
     parsers = {"fastortho-finetune": finetune.build_parser(), "fastortho-eval": eval_command.build_parser(),
                "fastortho-ablate": ablate.build_parser()}
     shell = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))  # the commands as written to run
-    commands = re.findall(r"(fastortho-(?:finetune|eval|ablate)\b(?:[^\n]|\\\n)*)", shell)
+    commands = re.findall(r"(fastortho-(?:finetune|eval|ablate)\b(?:\\\n|[^\n])*)", shell)
     assert len(commands) >= 4
     for command in commands:
         prog = command.split()[0]
@@ -83,7 +83,7 @@ def test_readme_export_command_names_options_that_exist():
     from fastortho import hf
 
     shell = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))
-    commands = re.findall(r"python -m fastortho\.hf export\b((?:[^\n]|\\\n)*)", shell)
+    commands = re.findall(r"python -m fastortho\.hf export\b((?:\\\n|[^\n])*)", shell)
     assert commands
     export = next(a for a in hf.build_parser()._actions if a.dest == "command").choices["export"]
     known = {o for a in export._actions for o in a.option_strings}
