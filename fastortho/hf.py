@@ -169,6 +169,14 @@ def model_pool(path) -> dict[str, Path]:
     return out
 
 
+def yaml_models(path) -> dict[str, str]:
+    """The ``models:`` mapping of a model-pool YAML as written (names and folder paths, as
+    strings): what FusionBench's ``CLIPVisionModelPool(models=...)`` takes."""
+    import yaml
+
+    return {str(k): str(v) for k, v in yaml.safe_load(Path(path).read_text())["models"].items()}
+
+
 def finetuned_folders(path, tasks) -> dict[str, Path]:
     """Per task the fine-tuned model folder: from a FusionBench model-pool YAML, or from a
     folder with one sub-folder per task, named the project's way (``Cars``), FusionBench's

@@ -286,3 +286,45 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
     with pytest.raises(SystemExit, match="exists; pass overwrite=True"):
         hf.main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
                  "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb")])
+
+
+# ----------------------------------------------------------------------------- FusionBench itself
+
+def test_fusionbench_task_arithmetic_agrees_on_its_folders_and_on_exported_ones(tmp_path):
+    """FusionBench's CLIPVisionModelPool + TaskArithmeticAlgorithm (the real library) on (1)
+    folders in its own formats and (2) fastortho's export of an open_clip model's vectors: its
+    merged model equals fastortho's sum of task vectors applied at the same scale."""
+    pytest.importorskip("fusion_bench")
+    from fusion_bench.method import TaskArithmeticAlgorithm
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    pre = _pretrained(tmp_path / "pre")
+    for i, task in enumerate(["sun397", "dtd", "mnist"]):
+        _finetuned(pre, tmp_path / task, seed=20 + i, layout="t4" if i == 1 else "t5")
+    pool = CLIPVisionModelPool(models={"_pretrained_": str(tmp_path / "pre"),
+                                       **{t: str(tmp_path / t) for t in ("sun397", "dtd", "mnist")}})
+    merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(pool)
+    vectors = [fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / t) for t in ("sun397", "dtd", "mnist")]
+    tower = hf.image_tower(pre.state_dict())
+    ours = sum(vectors).apply_to({k: v for k, v in tower.items() if k in vectors[0]}, 0.3)
+    theirs = hf.image_tower(merged.state_dict())
+    assert sorted(ours) == sorted(k for k in theirs if not k.endswith("position_ids"))
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    assert worst <= 1e-6, worst
+
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(1)
+    visual = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4,
+                                                     mlp_ratio=4.0, output_dim=16).eval()
+    base = visual.state_dict()
+    exported_vectors = {}
+    for i, task in enumerate(["SUN397", "DTD"]):
+        fine = {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in base.items() if k != "proj"}
+        exported_vectors[task] = fo.TaskVector.from_models({k: base[k] for k in fine}, fine)
+    hf.export_fusionbench(visual, exported_vectors, tmp_path / "fb")
+    pool = CLIPVisionModelPool(models=hf.yaml_models(tmp_path / "fb" / "modelpool.yaml"))
+    merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(pool)
+    back = hf.hf_to_open_clip(merged.state_dict())
+    ours = sum(exported_vectors.values()).apply_to(base, 0.3)
+    worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
+    assert worst <= 1e-6, worst
