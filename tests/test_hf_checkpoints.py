@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import fastortho as fo  # noqa: E402
 from fastortho import hf  # noqa: E402
 from fastortho.clip import load_clip  # noqa: E402
+from fastortho.export import main as export_main  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
@@ -235,7 +236,7 @@ def test_an_open_clip_tower_without_a_clip_vision_model_counterpart_is_refused()
 
 
 def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
-    """python -m fastortho.hf export: an open_clip model's task vectors (as fastortho-finetune
+    """python -m fastortho.export export: an open_clip model's task vectors (as fastortho-finetune
     writes them) applied and written as CLIPVisionModel folders with modelpool.yaml; each folder,
     read by transformers, computes the applied open_clip tower's features; the pool reads back
     through fastortho.hf.model_pool; a linearized vector is refused."""
@@ -262,7 +263,7 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
     handler.emit = records.append
     logging.getLogger("fastortho").addHandler(handler)
     try:
-        hf.main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
+        export_main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
                  "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb")])
     finally:
         logging.getLogger("fastortho").removeHandler(handler)
@@ -284,7 +285,7 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
     with pytest.raises(ValueError, match=r"\['SUN397'\] are linearized \(TTA\) task vectors"):
         hf.export_fusionbench(visual, {"SUN397": lin}, tmp_path / "lin")
     with pytest.raises(SystemExit, match="exists; pass overwrite=True"):
-        hf.main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
+        export_main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
                  "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb")])
 
 

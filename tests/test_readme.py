@@ -80,13 +80,13 @@ def test_readme_commands_name_options_that_exist():
 
 
 def test_readme_export_command_names_options_that_exist():
-    from fastortho import hf
+    from fastortho import export
 
     shell = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))
-    commands = re.findall(r"python -m fastortho\.hf export\b((?:\\\n|[^\n])*)", shell)
+    commands = re.findall(r"python -m fastortho\.export export\b((?:\\\n|[^\n])*)", shell)
     assert commands
-    export = next(a for a in hf.build_parser()._actions if a.dest == "command").choices["export"]
-    known = {o for a in export._actions for o in a.option_strings}
+    sub = next(a for a in export.build_parser()._actions if a.dest == "command").choices["export"]
+    known = {o for a in sub._actions for o in a.option_strings}
     for command in commands:
         assert set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", command.split("#")[0])) <= known, command
 
