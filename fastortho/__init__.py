@@ -1,10 +1,11 @@
 """fastortho: fused kernels for weight-disentanglement regularizers in task arithmetic."""
-from . import analysis  # (plots import matplotlib only when drawn)
+from . import analysis, merge  # (plots import matplotlib only when drawn)
 from ._config import set_exchange, set_kernels
 from ._files import RunLockedError
 from ._version import __version__
 from .layers import select_parameters
 from .linearize import LinearizedModel, linearize
+from .merge import merge_tasks, merge_vectors
 from .lora import LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters, lora_delta_weights, merge_lora
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
@@ -33,7 +34,10 @@ __all__ = [
     "attention_only",
     "lora_adapters",
     "lora_delta_weights",
+    "merge",
     "merge_lora",
+    "merge_tasks",
+    "merge_vectors",
     "ortho_loss",
     "select_parameters",
     "set_exchange",

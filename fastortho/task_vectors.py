@@ -329,17 +329,21 @@ def _progress(iterable, desc: str, total: int | None = None, show: bool = True):
 
 @dataclass
 class AdditionResult:
-    """Task addition at the chosen ``alpha``: ``test`` has the result keys; ``search`` the
-    validation curve (alpha -> average absolute and normalized accuracy)."""
+    """A merge at the chosen ``alpha``: ``test`` has the result keys; ``search`` the
+    validation curve (alpha -> average absolute and normalized accuracy); ``method`` the merge
+    method (:data:`fastortho.merge.METHODS`), ``select`` the rule that chose alpha."""
     alpha: float
     test: dict[str, float]
     search: list[dict[str, float]] = field(default_factory=list)
+    method: str = "ta"
+    select: str = "normalized"
 
 
 def task_addition(pretrained, task_vectors: Mapping[str, TaskVector], evaluate: Callable[[object, str], float], *,
                   alphas: Sequence[float] = ADDITION_ALPHAS, select: str = "normalized", val_suffix: str | None = "Val",
                   finetuned_accuracy: Mapping[str, float] | None = None, progress: bool = True) -> AdditionResult:
-    """Merge ``th0 + alpha * sum_t tau_t`` with one ``alpha`` chosen on validation splits.
+    """Merge ``th0 + alpha * sum_t tau_t`` with one ``alpha`` chosen on validation splits
+    (:func:`fastortho.merge.merge_tasks` with ``method="ta"``; the other methods are there).
 
     Args:
         pretrained: a module, state_dict or LinearizedModel (see :meth:`TaskVector.apply_to`).
@@ -350,40 +354,10 @@ def task_addition(pretrained, task_vectors: Mapping[str, TaskVector], evaluate: 
         finetuned_accuracy: single-task accuracies by dataset name (also the ``...Val`` names)
             used to normalize; missing ones are measured with ``th0 + tau_t``.
     """
-    if select not in ("normalized", "absolute"):
-        raise ValueError(f"select: expected 'normalized' or 'absolute', got {select!r}")
-    if not task_vectors:
-        raise ValueError("task_vectors: expected at least one {task: TaskVector}")
-    tasks = list(task_vectors)
-    single = dict(finetuned_accuracy or {})
+    from .merge import merge_tasks
 
-    def normalizer(split: str, task: str) -> float:
-        if split not in single:
-            single[split] = float(evaluate(task_vectors[task].apply_to(pretrained, 1.0), split))
-        if single[split] <= 0:
-            raise ValueError(f"finetuned_accuracy[{split!r}] = {single[split]}: cannot normalize by it")
-        return single[split]
-
-    merged_tv = sum(task_vectors.values())
-    search = []
-    for alpha in _progress(alphas, "task addition: alpha search", show=progress):
-        model = merged_tv.apply_to(pretrained, float(alpha))
-        accs = {t: float(evaluate(model, _split(t, val_suffix))) for t in tasks}
-        row = {"alpha": float(alpha), "avg_top1": float(np.mean(list(accs.values())))}
-        if select == "normalized":
-            row["avg_normalized_top1"] = float(np.mean([accs[t] / normalizer(_split(t, val_suffix), t) for t in tasks]))
-        search.append(row)
-    key = "avg_normalized_top1" if select == "normalized" else "avg_top1"
-    best = max(search, key=lambda r: r[key])  # first (smallest) alpha on ties
-    model = merged_tv.apply_to(pretrained, best["alpha"])
-    test: dict[str, float] = {}
-    for t in tasks:
-        acc = float(evaluate(model, t))
-        test[f"{t}:top1"] = acc
-        test[f"{t}:normalized_top1"] = acc / normalizer(t, t)
-    test["avg_top1"] = float(np.mean([test[f"{t}:top1"] for t in tasks]))
-    test["avg_normalized_top1"] = float(np.mean([test[f"{t}:normalized_top1"] for t in tasks]))
-    return AdditionResult(best["alpha"], test, search)
+    return merge_tasks(pretrained, task_vectors, evaluate, method="ta", alphas=alphas, select=select,
+                       val_suffix=val_suffix, finetuned_accuracy=finetuned_accuracy, progress=progress)
 
 
 def _split(task: str, suffix: str | None) -> str:

@@ -1,0 +1,285 @@
+"""The merge methods: each maps task vectors ``tau_1..tau_T`` (same keys and shapes) to one
+merged vector; the merged model is ``th0 + alpha * merged``, alpha searched on validation.
+
+All but task arithmetic work on stacked copies of one shape group at a time
+(:mod:`._chunks`): elementwise steps and the per-layer SVDs are single batched calls per chunk,
+on ``device`` (default: where the vectors are). Temporaries stay under about two vector-sized
+buffers: the stacked chunk is at most half a vector, its SVD factors about as much again; TIES
+needs one flat vector (plus the copy ``kthvalue`` makes) to find each task's threshold.
+
+Each docstring names where the method differs from FusionBench 0.2.33's implementation
+(tests/test_merge.py runs both on the same vectors).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._chunks import shape_chunks, stack, unstack, vector_numel
+
+Vectors = Sequence[Mapping[str, Tensor]]
+
+
+def _compute_dtype(vectors: Vectors) -> torch.dtype:
+    # SVD has no half-precision kernels; float64 vectors (the reference tests) stay float64
+    return torch.float64 if next(iter(vectors[0].values())).dtype == torch.float64 else torch.float32
+
+
+def _budget(vectors: Vectors, budget: int | None) -> int:
+    return max(1, vector_numel(vectors[0]) // 2) if budget is None else budget
+
+
+class _Source:
+    """Where the stacked entries come from: ``get(t, k)`` (a task's entry, plain or dropped by
+    DARE) already on the compute ``device`` in the compute ``dtype``."""
+
+    def __init__(self, vectors: Vectors, get: Callable[[int, str], Tensor], device, dtype):
+        self.vectors, self.get, self.device, self.dtype = vectors, get, device, dtype
+
+    def stacked(self, keys: Sequence[str]) -> Tensor:
+        shape = tuple(self.vectors[0][keys[0]].shape)
+        return stack(self.get, len(self.vectors), keys, shape, self.device, self.dtype)
+
+
+def _plain(vectors: Vectors, device, dtype) -> _Source:
+    return _Source(vectors, lambda t, k: vectors[t][k].to(device=device, dtype=dtype), device, dtype)
+
+
+
+# ----------------------------------------------------------------------------- task arithmetic
+
+def task_arithmetic(vectors: Vectors, **_) -> dict[str, Tensor]:
+    """``sum_t tau_t``, added in task order (bit-identical to ``sum(task_vectors)`` and to
+    FusionBench's ``TaskArithmeticAlgorithm`` at the same coefficient)."""
+    out = {}
+    for k in vectors[0]:
+        acc = vectors[0][k]
+        for v in vectors[1:]:
+            acc = acc + v[k].to(acc.device)
+        out[k] = acc
+    return out
+
+
+# ----------------------------------------------------------------------------- DARE
+
+class DropAndRescale:
+    """DARE's random drop (Yu et al. 2024): each entry of each task vector is kept with
+    probability ``1 - p`` and rescaled by ``1 / (1 - p)``. Draws come from one generator seeded
+    with ``seed`` on the compute device, task by task, key by key: on a CPU, the same draws as
+    FusionBench's ``torch.manual_seed(seed)`` followed by its ``rand_like`` loop. The generator
+    state before each (task, key) is kept (a few KB each), so later passes see the same masks
+    without storing them."""
+
+    def __init__(self, vectors: Vectors, p: float, rescale: bool, seed: int, device, dtype):
+        self.vectors, self.p, self.rescale, self.device, self.dtype = vectors, p, rescale, device, dtype
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.states: dict[tuple[int, str], Tensor] = {}
+        self.order = [(t, k) for t in range(len(vectors)) for k in vectors[0]]
+
+    def __call__(self, t: int, k: str) -> Tensor:
+        x = self.vectors[t][k].to(device=self.device, dtype=self.dtype)
+        state = self.states.get((t, k))
+        if state is None:
+            if len(self.states) >= len(self.order) or self.order[len(self.states)] != (t, k):
+                raise RuntimeError("DropAndRescale: first pass must visit tasks then keys in order")
+            self.states[(t, k)] = self.generator.get_state()
+        else:
+            self.generator.set_state(state)
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=torch.float32) > self.p
+        x = x * keep
+        return x / (1 - self.p) if self.rescale else x
+
+
+def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 0, then: str = "ta",
+         device=None, budget: int | None = None, **ties_options) -> dict[str, Tensor]:
+    """DARE: drop each task vector's entries at rate ``p`` (rescaling the rest by
+    ``1 / (1 - p)``), then merge by task arithmetic (``then="ta"``, FusionBench's
+    ``DareTaskArithmetic``) or TIES (``then="ties"``, its ``DareTiesMerging``; ``ties_options``
+    go to :func:`ties`). ``p = 0.5`` is FusionBench's CLIP setting (the DARE paper's language
+    models tolerate 0.9). Every tensor is dropped, as FusionBench does by default
+    (``only_on_linear_weights=False``). Deterministic for a given ``seed`` and device."""
+    device = device or next(iter(vectors[0].values())).device
+    drop = DropAndRescale(vectors, p, rescale, seed, device, _compute_dtype(vectors))
+    if then == "ties":
+        return _ties(vectors, _Source(vectors, drop, device, drop.dtype), device=device, budget=budget,
+                     **ties_options)
+    if then != "ta":
+        raise ValueError(f"then: expected 'ta' or 'ties', got {then!r}")
+    out: dict[str, Tensor] = {}
+    for t in range(len(vectors)):  # task-major: FusionBench's order of draws
+        for k in vectors[0]:
+            x = drop(t, k)
+            out[k] = x if t == 0 else out[k] + x
+    like = vectors[0]
+    return {k: v.to(device=like[k].device, dtype=like[k].dtype) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- TIES
+
+def ties(vectors: Vectors, *, keep: float = 0.2, merge: str = "mean", device=None, budget: int | None = None,
+         ) -> dict[str, Tensor]:
+    """TIES-merging (Yadav et al. 2023): trim each task vector to its ``keep`` fraction of
+    largest-magnitude entries (over the whole vector; ties at the threshold are kept), elect per
+    entry the sign of the trimmed sum (an entry whose sum is exactly zero takes the sign of the
+    sum of all elected signs), and merge the entries that agree with it: their mean
+    (``merge="mean"``, the paper's disjoint mean), ``"sum"`` or signed ``"max"``.
+
+    FusionBench's ``TiesMergingAlgorithm`` computes the same; its default ``merge_func`` is
+    ``"sum"`` (with ``scaling_factor=0.3``), its ``threshold=20`` is ``keep=0.2`` here."""
+    device = device or next(iter(vectors[0].values())).device
+    return _ties(vectors, _plain(vectors, device, _compute_dtype(vectors)), keep=keep, merge=merge,
+                 device=device, budget=budget)
+
+
+def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = "mean",
+          device=None, budget: int | None = None) -> dict[str, Tensor]:
+    if merge not in ("mean", "sum", "max"):
+        raise ValueError(f"merge: expected 'mean', 'sum' or 'max', got {merge!r}")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep: expected a fraction in (0, 1], got {keep!r}")
+    keys, n = list(vectors[0]), len(vectors)
+    total = vector_numel(vectors[0])
+    rank = total - int(total * keep)  # FusionBench's k-th smallest magnitude, kept with all above it
+    thresholds = []
+    for t in range(n):  # task-major: one flat copy at a time
+        if rank < 1:
+            thresholds.append(None)
+            continue
+        flat = torch.cat([source.get(t, k).abs().reshape(-1) for k in keys])
+        thresholds.append(flat.kthvalue(rank).values)
+        del flat
+    thr_all = None if any(x is None for x in thresholds) else torch.stack(thresholds)
+    budget = _budget(vectors, budget)
+
+    def trimmed(chunk: list[str]) -> Tensor:
+        x = source.stacked(chunk)
+        if thr_all is not None:
+            x = x * (x.abs() >= thr_all.view(-1, *([1] * (x.dim() - 1))))
+        return x
+
+    # the tie-break sign is global: a first pass sums the elected signs of every entry
+    votes = torch.zeros((), dtype=torch.float64, device=device)
+    chunks = list(shape_chunks(keys, vectors[0], n, budget))
+    for chunk in chunks:
+        votes += torch.sign(trimmed(chunk).sum(0)).sum(dtype=torch.float64)
+    majority = torch.sign(votes)
+    out: dict[str, Tensor] = {}
+    for chunk in chunks:
+        x = trimmed(chunk)
+        sign = torch.sign(x.sum(0))
+        sign = torch.where(sign == 0, majority.to(sign.dtype), sign)
+        agree = x * torch.where(sign > 0, x > 0, x < 0)
+        if merge == "mean":
+            merged = agree.sum(0) / (agree != 0).sum(0).clamp_min(1)
+        elif merge == "sum":
+            merged = agree.sum(0)
+        else:
+            merged = agree.abs().amax(0) * sign
+        unstack(merged, chunk, out, vectors[0])
+    return {k: out[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------- SVD-based
+
+def _polar(a: Tensor) -> Tensor:
+    """The orthogonal polar factor ``U V^T`` of each matrix of a batch (FusionBench's
+    re-orthogonalization of concatenated singular vectors)."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def _matrix_keys(vectors: Vectors, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+    keys = list(vectors[0])
+    matrices = [k for k in keys if vectors[0][k].dim() == 2 and k not in exclude]
+    return matrices, [k for k in keys if k not in set(matrices)]
+
+
+def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, exclude: Sequence[str], device,
+               budget: int | None) -> dict[str, Tensor]:
+    """Matrices (2-D entries not in ``exclude``) through ``merge_matrices([T, L, m, n]) ->
+    [L, m, n]``, one batched call per chunk of a shape group; every other entry is the mean
+    over tasks (as FusionBench's SVD-based methods do)."""
+    device = device or next(iter(vectors[0].values())).device
+    dtype = _compute_dtype(vectors)
+    source, n, budget = _plain(vectors, device, dtype), len(vectors), _budget(vectors, budget)
+    matrices, others = _matrix_keys(vectors, exclude)
+    out: dict[str, Tensor] = {}
+    for chunk in shape_chunks(matrices, vectors[0], n, budget):
+        unstack(merge_matrices(source.stacked(chunk)), chunk, out, vectors[0])
+    for chunk in shape_chunks(others, vectors[0], n, budget):
+        unstack(source.stacked(chunk).mean(0), chunk, out, vectors[0])
+    return {k: out[k] for k in vectors[0]}
+
+
+def tsv_merge(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget: int | None = None,
+              ) -> dict[str, Tensor]:
+    """TSV-M (Gargiulo et al. 2025): per matrix, each task keeps its top ``r = int(k / T)``
+    singular triplets (``k = min(m, n)``); the concatenated left and right singular vectors are
+    each replaced by their nearest orthogonal matrix and recombined with the kept singular
+    values. Equal to FusionBench's ``TaskSingularVectorMerging`` (``compute_and_sum_svd_mem_
+    reduction``), which pads the concatenation to ``k`` columns with zeros: the padding does not
+    change the result, so it is left out here.
+
+    When a task's matrix has rank below ``r`` (a LoRA delta of low rank), the singular vectors
+    of its zero singular values are whatever the SVD returns, and they enter the orthogonal
+    factors: the merged matrix then depends on the SVD library (in FusionBench's too)."""
+    n = len(vectors)
+
+    def merge_matrices(x: Tensor) -> Tensor:
+        rank = int(min(x.shape[-2:]) / n)
+        if rank == 0:
+            return torch.zeros_like(x[0])
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # [T, L, ...]: one batched call
+        u = u[..., :rank].permute(1, 2, 0, 3).reshape(x.shape[1], x.shape[2], n * rank)  # task-major columns
+        s = s[..., :rank].permute(1, 0, 2).reshape(x.shape[1], n * rank)
+        vh = vh[..., :rank, :].permute(1, 0, 2, 3).reshape(x.shape[1], n * rank, x.shape[3])
+        return (_polar(u) * s.unsqueeze(-2)) @ _polar(vh)
+
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
+
+
+def iso_c(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget: int | None = None,
+          ) -> dict[str, Tensor]:
+    """Iso-C (Marczak et al. 2025): per matrix, the sum of the task matrices with its singular
+    values all replaced by their mean, ``mean(S) U V^T``. Equal to FusionBench's ``ISO_C_Merge``
+    (its ``scaling_factor=1.0`` default is the coefficient here)."""
+    def merge_matrices(x: Tensor) -> Tensor:
+        u, s, vh = torch.linalg.svd(x.sum(0), full_matrices=False)
+        return (u @ vh) * s.mean(-1)[:, None, None]
+
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
+
+
+def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (), device=None,
+            budget: int | None = None) -> dict[str, Tensor]:
+    """Iso-CTS (Marczak et al. 2025): per matrix, the top ``common`` fraction of the summed
+    matrix's singular directions, plus each task's top directions orthogonal to them (an equal
+    share each), re-orthogonalized, with isotropic (mean) singular values. Equal to
+    FusionBench's ``ISO_CTS_Merge`` (``common_space_fraction=0.8``)."""
+    if not 0 <= common <= 1:
+        raise ValueError(f"common: expected a fraction in [0, 1], got {common!r}")
+    n = len(vectors)
+
+    def merge_matrices(x: Tensor) -> Tensor:
+        k = min(x.shape[-2:])
+        per_task = round((k - int(k * common)) / n)
+        n_common = k - per_task * n
+        u, s, vh = torch.linalg.svd(x.sum(0), full_matrices=False)
+        uc, sc, vc = u[..., :n_common], s[..., :n_common], vh[..., :n_common, :]
+        parts_u, parts_s, parts_v = [], [], []
+        if per_task:
+            own = x - uc @ (uc.mT @ x)  # each task without the common subspace
+            ut, st, vt = torch.linalg.svd(own, full_matrices=False)
+            layers = x.shape[1]
+            parts_u.append(ut[..., :per_task].permute(1, 2, 0, 3).reshape(layers, x.shape[2], n * per_task))
+            parts_s.append(st[..., :per_task].permute(1, 0, 2).reshape(layers, n * per_task))
+            parts_v.append(vt[..., :per_task, :].permute(1, 0, 2, 3).reshape(layers, n * per_task, x.shape[3]))
+        u_all = torch.cat([*parts_u, uc], -1)
+        s_all = torch.cat([*parts_s, sc], -1)
+        v_all = torch.cat([*parts_v, vc], -2)
+        return (_polar(u_all) @ _polar(v_all)) * s_all.mean(-1)[:, None, None]
+
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
