@@ -5,8 +5,8 @@ from ._files import RunLockedError
 from ._version import __version__
 from .layers import select_parameters
 from .linearize import LinearizedModel, linearize
-from .merge import merge_tasks, merge_vectors
 from .lora import LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters, lora_delta_weights, merge_lora
+from .merge import merge_tasks, merge_vectors
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
 from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_matrix, task_addition, task_negation

@@ -291,10 +291,17 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
 
 # ----------------------------------------------------------------------------- FusionBench itself
 
-def test_fusionbench_task_arithmetic_agrees_on_its_folders_and_on_exported_ones(tmp_path):
-    """FusionBench's CLIPVisionModelPool + TaskArithmeticAlgorithm (the real library) on (1)
-    folders in its own formats and (2) fastortho's export of an open_clip model's vectors: its
-    merged model equals fastortho's sum of task vectors applied at the same scale."""
+def _ties(scaling):
+    from fusion_bench.method import TiesMergingAlgorithm
+
+    return TiesMergingAlgorithm(scaling_factor=scaling, threshold=20, remove_keys=[], merge_func="sum")
+
+
+def test_fusionbench_task_arithmetic_and_ties_agree_on_its_folders_and_on_exported_ones(tmp_path, capsys):
+    """FusionBench's CLIPVisionModelPool + TaskArithmeticAlgorithm and TiesMergingAlgorithm
+    (the real library) on (1) folders in its own formats and (2) fastortho's export of an
+    open_clip model's vectors: its merged models equal fastortho's merges of the same task
+    vectors (its TIES config: top 20%, disjoint sum) applied at the same scale."""
     pytest.importorskip("fusion_bench")
     from fusion_bench.method import TaskArithmeticAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
@@ -312,6 +319,12 @@ def test_fusionbench_task_arithmetic_agrees_on_its_folders_and_on_exported_ones(
     assert sorted(ours) == sorted(k for k in theirs if not k.endswith("position_ids"))
     worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
     assert worst <= 1e-6, worst
+    merged = _ties(0.4).run(pool)
+    ours = fo.merge_vectors(vectors, "ties", merge="sum").apply_to({k: v for k, v in tower.items() if k in vectors[0]},
+                                                                    0.4)
+    theirs = hf.image_tower(merged.state_dict())
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    assert worst <= 1e-6, worst
 
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(1)
@@ -327,5 +340,12 @@ def test_fusionbench_task_arithmetic_agrees_on_its_folders_and_on_exported_ones(
     merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(pool)
     back = hf.hf_to_open_clip(merged.state_dict())
     ours = sum(exported_vectors.values()).apply_to(base, 0.3)
+    worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
+    assert worst <= 1e-6, worst
+    # TIES' threshold is over the whole vector: the split of open_clip's fused attention
+    # projection into q, k, v moves no entry in or out of the top 20%
+    back = hf.hf_to_open_clip(_ties(0.4).run(CLIPVisionModelPool(models=hf.yaml_models(
+        tmp_path / "fb" / "modelpool.yaml"))).state_dict())
+    ours = fo.merge_vectors(exported_vectors, "ties", merge="sum").apply_to(base, 0.4)
     worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
     assert worst <= 1e-6, worst

@@ -122,7 +122,8 @@ def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 
 def ties(vectors: Vectors, *, keep: float = 0.2, merge: str = "mean", device=None, budget: int | None = None,
          ) -> dict[str, Tensor]:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its ``keep`` fraction of
-    largest-magnitude entries (over the whole vector; ties at the threshold are kept), elect per
+    largest-magnitude entries, over the whole vector (as the released code does: those at least
+    the ``(d - int(keep d))``-th smallest magnitude, i.e. one more than ``keep d`` without ties), elect per
     entry the sign of the trimmed sum (an entry whose sum is exactly zero takes the sign of the
     sum of all elected signs), and merge the entries that agree with it: their mean
     (``merge="mean"``, the paper's disjoint mean), ``"sum"`` or signed ``"max"``.
