@@ -1,8 +1,8 @@
 """The analyses of the papers, as arrays and as PNG plots: task-vector cosine similarity
 (OrthoReg Fig. 5), the pairwise tau-Jp matrix (tau-Jp Fig. 6), the weight-disentanglement
 error on an ``(a1, a2)`` grid (linear-layers paper Fig. 4), angles between the weight vectors
-of each layer's update (OrthoReg Fig. 7), the accuracy radar (Fig. 4) and the alpha
-sensitivity curve (Fig. 6b).
+of each layer's update (OrthoReg Fig. 7), the accuracy radar (Fig. 4) and the lambda and
+alpha sensitivity curves (Fig. 6a and 6b).
 
 Plots are drawn with matplotlib's object API on an Agg canvas (no global backend is set),
 written to ``path`` and the path returned.
@@ -360,6 +360,56 @@ def plot_alpha_sensitivity(curves: Mapping[str, Sequence[Mapping[str, float]] | 
     return _save(fig, path)
 
 
+def plot_lambda_sensitivity(rows: Sequence[Mapping], path, *, select: str = "absolute", run: str = "") -> Path:
+    """Merged absolute accuracy against the regularization strength lambda (OrthoReg Fig. 6a):
+    one panel per regularizer, one colour per (fine-tuning mode, merge method); solid lines are
+    the validation splits (what chooses lambda), dashed the test splits, a star the chosen
+    lambda, and a dotted line the same mode and method without the regularizer. ``rows`` are
+    ``fastortho-ablate``'s table.csv rows: ``mode, reg, lam, merge, abs, val_abs, chosen``
+    (``reg == "none"`` rows are the baselines). A log axis; a lambda of 0 puts it in symlog."""
+    regs = sorted({r["reg"] for r in rows if r["reg"] != "none"})
+    if not regs:
+        raise ValueError("rows: expected runs with a regularizer (reg other than 'none')")
+    fig = _figure(5.2 * len(regs), 6.0)
+    palette = [f"C{i}" for i in range(10)]
+    for i, reg in enumerate(regs):
+        ax = fig.add_subplot(1, len(regs), i + 1)
+        curves = sorted({(r["mode"], r["merge"]) for r in rows if r["reg"] == reg})
+        lams = sorted({float(r["lam"]) for r in rows if r["reg"] == reg})
+        for j, (mode, method) in enumerate(curves):
+            colour = palette[j % len(palette)]
+            mine = sorted((r for r in rows if (r["reg"], r["mode"], r["merge"]) == (reg, mode, method)),
+                          key=lambda r: float(r["lam"]))
+            xs = [float(r["lam"]) for r in mine]
+            label = f"{mode}, {method}"
+            ax.plot(xs, [100 * float(r["val_abs"]) for r in mine], marker="o", markersize=3, color=colour,
+                    label=label)
+            ax.plot(xs, [100 * float(r["abs"]) for r in mine], linestyle="--", marker="x", markersize=3,
+                    color=colour)
+            chosen = [r for r in mine if str(r.get("chosen")) in ("True", "true", "1")]
+            for r in chosen:
+                ax.plot([float(r["lam"])], [100 * float(r["val_abs"])], marker="*", markersize=13, color=colour,
+                        markeredgecolor="black", linestyle="none")
+            base = [r for r in rows if (r["reg"], r["mode"], r["merge"]) == ("none", mode, method)]
+            if base:
+                ax.axhline(100 * float(base[0]["abs"]), color=colour, linestyle=":", linewidth=1)
+        if lams and lams[0] <= 0:
+            positive = [x for x in lams if x > 0]
+            ax.set_xscale("symlog", linthresh=positive[0] if positive else 1.0)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel(f"regularization strength lambda ({reg})")
+        ax.set_ylabel("merged model: average top-1 accuracy (%)")
+        ax.set_title(f"{reg}: star = lambda chosen by {select} validation accuracy\n"
+                     "solid: validation, dashed: test, dotted: no regularizer (test)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="mode, merge method", title_fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.suptitle(_titled("merged accuracy against lambda", run), fontsize=11)
+    return _save(fig, path)
+
+
 __all__ = ["AXIS_NAMES", "DEFAULT_GRID", "disentanglement_error", "plot_accuracy_radar", "plot_alpha_sensitivity",
+           "plot_lambda_sensitivity",
            "plot_angle_histograms", "plot_cosine_matrix", "plot_disentanglement_error", "plot_matrix",
            "plot_taujp_matrix", "run_label", "vector_angles", "weight_angles"]

@@ -121,3 +121,26 @@ def test_run_label_from_task_vector_metadata():
                                "benchmark": "clip8"}) == RUN
     assert analysis.run_label({"mode": "lora", "regularizer": "none", "lambda": "0.1", "benchmark": "offline"}) == \
         "lora, none, offline"
+
+
+def test_lambda_sensitivity_marks_the_chosen_lambda_on_a_log_axis(figures, tmp_path):
+    """OrthoReg Fig. 6a: merged accuracy against lambda, validation and test, per mode x merge
+    method, the chosen lambda starred, the unregularized run as a reference line."""
+    rows = [{"mode": "lora", "reg": "none", "lam": 0.1, "merge": m, "abs": 0.5, "val_abs": 0.52, "chosen": True}
+            for m in ("ta", "ties")]
+    for m in ("ta", "ties"):
+        for lam, acc in ((0.1, 0.55), (1.0, 0.6), (10.0, 0.58)):
+            rows.append({"mode": "lora", "reg": "orthoreg", "lam": lam, "merge": m, "abs": acc - 0.01,
+                         "val_abs": acc, "chosen": lam == 1.0})
+    analysis.plot_lambda_sensitivity(rows, tmp_path / "lam.png", run=RUN)
+    fig = figures[-1]
+    t = texts(fig)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "lambda" in t["xlabels"][0] and "accuracy" in t["ylabels"][0]
+    assert RUN in t["titles"][-1] and "absolute" in t["titles"][0]
+    assert t["legend"] == ["lora, ta", "lora, ties"]
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [tuple(s.get_xdata()) for s in stars] == [(1.0,), (1.0,)]
+    assert (tmp_path / "lam.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="regularizer"):
+        analysis.plot_lambda_sensitivity(rows[:2], tmp_path / "none.png")

@@ -1,5 +1,7 @@
 """Fine-tuning in every mode x regularizer, the scripts end to end on the offline benchmark (a
 tiny encoder configuration), the dataset registry's errors, and the CLIP integration."""
+import csv
+import io
 import json
 
 import pytest
@@ -11,6 +13,7 @@ from fastortho.commands import _common as command_common
 from fastortho.commands import ablate
 from fastortho.commands import eval as eval_command
 from fastortho.commands import finetune as finetune_command
+from fastortho.merge import METHODS
 from fastortho.offline import EncoderConfig, OfflineBenchmark
 from fastortho.train import MODES, REGULARIZERS, FinetuneConfig, cosine_with_warmup, finetune, make_evaluator
 
@@ -146,30 +149,47 @@ def test_scripts_end_to_end(bench, tmp_path, monkeypatch, capsys):
                        "--warmup", "1", *common])
     assert all((tmp_path / "runs" / "lora-orthoreg" / f"{t}.safetensors").exists() for t in bench.tasks)
     eval_command.main(["--vectors", str(tmp_path / "runs" / "lora-orthoreg"), "--out", str(tmp_path / "eval"),
-                   "--no-progress"])
+                   "--no-progress", "--merge", "ta,tsvm"])
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert {"zero_shot", "single_task", "addition", "negation"} <= set(res)
-    printed = capsys.readouterr().out  # a table of both addition and negation, not only JSON
-    assert "| task | zero-shot | single-task | task addition | negated: target |" in printed
+    assert {"zero_shot", "single_task", "addition", "merge", "negation"} <= set(res)
+    assert list(res["merge"]) == ["ta", "tsvm"] and res["addition"] == res["merge"]["ta"]
+    assert [r["alpha"] for r in res["merge"]["tsvm"]["search"]] == list(METHODS["tsvm"].alphas)
+    printed = capsys.readouterr().out  # a table of both merging and negation, not only JSON
+    assert "| task | zero-shot | single-task | task arithmetic | TSV-M | negated: target |" in printed
+    assert "TSV-M: alpha" in printed
     assert all(f"| {t} |" in printed for t in bench.tasks) and "normalized" in printed
     assert "Digits:normalized_top1" in res["addition"] and "0.95" in res["negation"]["Digits"]
     assert (tmp_path / "eval" / "radar.png").stat().st_size > 1000
     args = ["--demo", "--modes", "nonlinear,linear", "--regs", "none,orthoreg", "--out", str(tmp_path / "abl"), *common]
     ablate.main(args)
     table = (tmp_path / "abl" / "table.md").read_text()
-    assert table.count("| Non-lin. FT |") == 2 and table.count("| TTA (linear FT) |") == 2 and "delta abs" in table
-    # the demo's lambda grid: each regularized cell fine-tuned at 0.1 and 1, the one with the best
-    # normalized accuracy on the validation splits reported (with its test numbers)
-    assert "lambda chosen from {0.1, 1} by the merged model's normalized accuracy on the validation splits" in table
+    for method in ("task arithmetic", "TIES"):  # the demo's two merge methods, one row group each
+        assert table.count(f"| {method} | Non-lin. FT |") == 2 and table.count(f"| {method} | TTA (linear FT) |") == 2
+    assert "delta abs" in table
+    # the demo's lambda grid: each regularized cell fine-tuned at 0.1 and 1, the one whose merged
+    # model has the best absolute accuracy on the validation splits reported (with its test numbers)
+    assert ("lambda chosen from {0.1, 1} per (fine-tuning method, regularizer, merge method) by the merged model's "
+            "absolute accuracy on the validation splits (--lam-select absolute)") in table
     records = [json.loads(line) for line in (tmp_path / "abl" / "runs.jsonl").read_text().splitlines()]
     for mode, name in (("nonlinear", "Non-lin. FT"), ("linear", "TTA (linear FT)")):
         tried = [r for r in records if r["mode"] == mode and r["reg"] == "orthoreg"]
         assert sorted(r["lam"] for r in tried) == [0.1, 1.0]
-        best = max(tried, key=lambda r: r["val_norm"])
-        assert f"| {name} | orthoreg | {best['lam']:g} | {100 * best['abs']:.1f} | {100 * best['norm']:.1f} |" in table
+        for method, title in (("ta", "task arithmetic"), ("ties", "TIES")):
+            best = max(tried, key=lambda r: r["merge"][method]["val_abs"])
+            m = best["merge"][method]
+            assert (f"| {title} | {name} | orthoreg | {best['lam']:g} | {100 * m['abs']:.1f} | {100 * m['norm']:.1f} |"
+                    in table)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "abl" / "table.csv").read_text())))
+    assert len(rows) == 2 * 3 * 2  # (mode, regularizer, lambda, method): every lambda, not only the chosen
+    assert sum(r["chosen"] == "True" for r in rows) == 2 * 2 * 2
+    assert (tmp_path / "abl" / "lambda_sensitivity.png").stat().st_size > 1000
     capsys.readouterr()
     ablate.main(args)  # resumable: every run is found done
     assert capsys.readouterr().out.count("done before, skipped") == 6
+    ablate.main([*args, "--merge", "ta,isoc", "--lam-select", "normalized"])  # no fine-tuning: merged again
+    out = capsys.readouterr().out
+    assert out.count("merging again, for isoc") == 6 and "| Iso-C | Non-lin. FT |" in out
+    assert "by the merged model's normalized accuracy" in out
     with pytest.raises(SystemExit):
         ablate.main(["--modes", "full", "--out", str(tmp_path / "x")])
 

@@ -16,17 +16,20 @@ import numpy as np
 
 from .._checks import check_real
 from .._files import RunLock, write_text
-from ..task_vectors import cosine_matrix
+from ..merge import METHODS, method_names
+from ..task_vectors import TaskVector, cosine_matrix
 from ..train import MODES, REGULARIZERS, FinetuneConfig, finetune
 from ._common import benchmark_args, command, get_benchmark, parser, resolve_device, run_config, train_args
 from .eval import evaluate_vectors
 
 DEMO = dict(steps=50, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=5, lam=0.1, lam_grid="0.1,1", lora_rank=8,
-            lora_alpha=16.0, taujp_batch=8)
+            lora_alpha=16.0, taujp_batch=8, merge="ta,ties")
 METHOD_NAMES = {"nonlinear": "Non-lin. FT", "linear": "TTA (linear FT)", "attention": "ATT-FT", "lora": "LoRA"}
 
 
-def run_cell(bench, mode: str, reg: str, args, device: str, run_dir: Path) -> dict:
+def run_cell(bench, mode: str, reg: str, args, device: str, run_dir: Path, merges: list[str]) -> dict:
+    """Fine-tune every task of one (mode, regularizer, lambda), save the task vectors in
+    ``run_dir`` and merge them by each method of ``merges``."""
     cfg = run_config(args, mode, reg)
     vectors, wall, memory, measure = {}, 0.0, 0, ""
     for task in bench.tasks:
@@ -36,18 +39,38 @@ def run_cell(bench, mode: str, reg: str, args, device: str, run_dir: Path) -> di
         vectors[task] = res.task_vector
         wall += res.wall_time_s
         memory, measure = max(memory, res.memory_bytes), res.memory_measure
-    res = evaluate_vectors(bench, vectors, mode, device=device, out=run_dir, progress=False, negation=False,
-                           workers=args.workers)
-    add = res["addition"]
-    # the lambda search's criterion: the merged model's best normalized accuracy on the
-    # validation splits (the alpha search's curve), never a test number
-    val_norm = max(r["avg_normalized_top1"] for r in add["search"])
-    return {"mode": mode, "reg": reg, "lam": cfg.lam, "val_norm": val_norm,
-            "abs": add["avg_top1"], "norm": add["avg_normalized_top1"], "alpha": add["alpha"],
+    record = {"mode": mode, "reg": reg, "lam": cfg.lam, "finetune_s": wall, "memory_mb": memory / 1e6,
+              "memory_measure": measure,
+              "cosine_offdiag": float(np.mean(np.abs(cosine_matrix(vectors)[~np.eye(len(vectors), dtype=bool)])))}
+    return merge_cell(bench, record, vectors, args, device, run_dir, merges)
+
+
+def merge_cell(bench, record: dict, vectors: dict | None, args, device: str, run_dir: Path, merges: list[str]) -> dict:
+    """``record`` with ``record["merge"][method]`` for each of ``merges`` (the task vectors of
+    ``run_dir`` when ``vectors`` is None): absolute and normalized test accuracy at the alpha
+    chosen on validation, and the validation accuracies there (what chooses lambda)."""
+    if vectors is None:
+        vectors = {t: TaskVector.load(run_dir / f"{t}.safetensors") for t in bench.tasks}
+    res = evaluate_vectors(bench, vectors, record["mode"], device=device, out=run_dir, progress=False,
+                           negation=False, workers=args.workers, merges=merges)
+    found = dict(record.get("merge", {}))
+    for method, r in res["merge"].items():
+        at = next(row for row in r["search"] if row["alpha"] == r["alpha"])
+        found[method] = {"abs": r["avg_top1"], "norm": r["avg_normalized_top1"], "alpha": r["alpha"],
+                         "val_abs": at["avg_top1"], "val_norm": at["avg_normalized_top1"]}
+    return {**record, "merge": found,
             "single_task": float(np.mean(list(res["single_task"].values()))),
-            "zero_shot": float(np.mean(list(res["zero_shot"].values()))),
-            "finetune_s": wall, "memory_mb": memory / 1e6, "memory_measure": measure,
-            "cosine_offdiag": float(np.mean(np.abs(cosine_matrix(vectors)[~np.eye(len(vectors), dtype=bool)])))}
+            "zero_shot": float(np.mean(list(res["zero_shot"].values())))}
+
+
+def upgrade_record(record: dict) -> dict:
+    """A run recorded before merge methods (its task-addition numbers at the top level) in
+    today's form, so that its fine-tuning is reused."""
+    if "merge" in record or "abs" not in record:
+        return record
+    old = {k: record.pop(k) for k in ("abs", "norm", "alpha", "val_norm") if k in record}
+    return {**record, "merge": {"ta": {"abs": old["abs"], "norm": old["norm"], "alpha": old["alpha"],
+                                       "val_norm": old.get("val_norm", old["norm"]), "val_abs": None}}}
 
 
 def lambda_grid(text: str | None, default: float) -> list[float]:
@@ -65,29 +88,59 @@ def lambda_grid(text: str | None, default: float) -> list[float]:
     return values
 
 
-def write_table(rows: list[dict], out: Path) -> str:
-    """Markdown and CSV in the shape of the OrthoReg paper's Table 1: per method, absolute and
-    normalized accuracy of task addition without and with each regularizer, and the delta."""
-    base = {r["mode"]: r for r in rows if r["reg"] == "none"}
-    lines = ["| method | regularizer | lambda | abs. acc | norm. acc | delta abs | delta norm | alpha | mean abs cos | "
-             "fine-tune time (s) | memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+def choose_lambdas(records: list[dict], grid: list[tuple[str, str]], merges: list[str], select: str) -> list[dict]:
+    """One row per (mode, regularizer, lambda, method) of ``records``; ``chosen`` marks, for each
+    (mode, regularizer, method), the lambda whose merged model is best on the validation splits
+    by ``select`` ("absolute" or "normalized") accuracy (the smallest lambda on ties)."""
+    key = "val_abs" if select == "absolute" else "val_norm"
+    rows = []
+    for mode, reg in grid:
+        runs = sorted((r for r in records if (r["mode"], r["reg"]) == (mode, reg)), key=lambda r: r["lam"])
+        for method in merges:
+            cands = [{"mode": mode, "reg": reg, "lam": r["lam"], "merge": method, **r["merge"][method],
+                      "single_task": r["single_task"], "zero_shot": r["zero_shot"], "finetune_s": r["finetune_s"],
+                      "memory_mb": r["memory_mb"], "memory_measure": r["memory_measure"],
+                      "cosine_offdiag": r["cosine_offdiag"], "lam_select": select, "chosen": False} for r in runs]
+            best = max(range(len(cands)), key=lambda i: cands[i][key])  # first maximum: smallest lambda
+            cands[best]["chosen"] = True
+            rows += cands
+    return rows
+
+
+def write_table(rows: list[dict], out: Path, select: str = "absolute") -> str:
+    """Markdown in the shape of the OrthoReg paper's Table 1, one row group per merge method:
+    per fine-tuning mode, absolute and normalized accuracy of the merged model without and with
+    each regularizer (at the chosen lambda), the delta and the chosen coefficient; and
+    table.csv with every (mode, regularizer, lambda, method), ``chosen`` marking the table's."""
+    chosen = [r for r in rows if r["chosen"]]
+    base = {(r["mode"], r["merge"]): r for r in chosen if r["reg"] == "none"}
+    lines = ["| merge | method | regularizer | lambda | abs. acc | norm. acc | delta abs | delta norm | alpha | "
+             "mean abs cos | fine-tune time (s) | memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if rows:
-        lines.append(f"| zero-shot | - | - | {100 * rows[0]['zero_shot']:.1f} | - | - | - | - | - | - | - |")
-    for r in rows:
-        b = base.get(r["mode"])
-        da = f"{100 * (r['abs'] - b['abs']):+.1f}" if b and r["reg"] != "none" else "-"
-        dn = f"{100 * (r['norm'] - b['norm']):+.1f}" if b and r["reg"] != "none" else "-"
-        lam = "-" if r["reg"] == "none" else f"{r['lam']:g}"
-        lines.append(
-            f"| {METHOD_NAMES[r['mode']]} | {r['reg']} | {lam} | {100 * r['abs']:.1f} | {100 * r['norm']:.1f} | {da} | "
-            f"{dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | {r['finetune_s']:.1f} | "
-            f"{r['memory_mb']:.1f} |"
-        )
+        lines.append(f"| zero-shot | - | - | - | {100 * rows[0]['zero_shot']:.1f} | - | - | - | - | - | - | - |")
+    for method in dict.fromkeys(r["merge"] for r in chosen):
+        for r in (r for r in chosen if r["merge"] == method):
+            b = base.get((r["mode"], method))
+            da = f"{100 * (r['abs'] - b['abs']):+.1f}" if b and r["reg"] != "none" else "-"
+            dn = f"{100 * (r['norm'] - b['norm']):+.1f}" if b and r["reg"] != "none" else "-"
+            lam = "-" if r["reg"] == "none" else f"{r['lam']:g}"
+            lines.append(
+                f"| {METHODS[method].title} | {METHOD_NAMES[r['mode']]} | {r['reg']} | {lam} | {100 * r['abs']:.1f} | "
+                f"{100 * r['norm']:.1f} | {da} | {dn} | {r['alpha']:.2f} | {r['cosine_offdiag']:.3f} | "
+                f"{r['finetune_s']:.1f} | {r['memory_mb']:.1f} |"
+            )
     measure = rows[0]["memory_measure"] if rows else ""
-    grids = sorted({tuple(r["lam_grid"]) for r in rows if r["reg"] != "none" and len(r.get("lam_grid", ())) > 1})
-    note = "".join(f"; lambda chosen from {{{', '.join(f'{x:g}' for x in g)}}} by the merged model's normalized "
-                   f"accuracy on the validation splits, test numbers at it" for g in grids)
-    table = "\n".join(lines) + f"\n\nmemory: {measure}, largest over the tasks of a run{note}\n"
+    grids = {}
+    for r in rows:
+        if r["reg"] != "none":
+            grids.setdefault((r["mode"], r["reg"], r["merge"]), []).append(r["lam"])
+    lam_sets = sorted({tuple(g) for g in grids.values() if len(g) > 1})
+    note = "".join(f"; lambda chosen from {{{', '.join(f'{x:g}' for x in g)}}}" for g in lam_sets)
+    if note:
+        note += (f" per (fine-tuning method, regularizer, merge method) by the merged model's {select} accuracy "
+                 f"on the validation splits (--lam-select {select}), test numbers at it")
+    table = "\n".join(lines) + (f"\n\nmemory: {measure}, largest over the tasks of a run; alpha chosen per run on the "
+                                f"validation splits by normalized accuracy{note}\n")
     write_text(out / "table.md", table, "out")
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["mode"])
@@ -111,6 +164,7 @@ def read_records(path: Path) -> tuple[list[dict], int]:
             record = json.loads(line)
             if not isinstance(record, dict) or not {"mode", "reg"} <= set(record):
                 raise ValueError("not a run record")
+            record = upgrade_record(record)
         except ValueError as e:
             print(f"warning: {path} line {number} is damaged ({e}); ignored, that run will be done again",
                   file=sys.stderr)
@@ -135,9 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ablation"),
                    help="directory for the runs (task vectors, checkpoints, plots), runs.jsonl, table.md and "
                         "table.csv")
-    p.add_argument("--lam-grid", help="comma-separated lambdas to choose from, per regularized (mode, regularizer), "
-                                      "by the merged model's normalized accuracy on the validation splits (the paper: "
-                                      "0.1,1,10,100); default: --lam only")
+    p.add_argument("--lam-grid", help="comma-separated lambdas to choose from, per regularized (mode, regularizer) "
+                                      "and merge method, by the merged model's accuracy on the validation splits "
+                                      "(--lam-select; the paper's grid: 0.1,1,10,100); default: --lam only")
+    p.add_argument("--lam-select", choices=("absolute", "normalized"), default="absolute",
+                   help="how --lam-grid chooses: the merged model's average absolute accuracy on the validation "
+                        "splits (default: the best merged model), or its normalized accuracy (the papers' rule, which "
+                        "favours a lambda that weakens single-task fitting)")
+    p.add_argument("--merge", default="ta",
+                   help=f"comma-separated merge methods, each with its coefficient searched on the validation splits: "
+                        f"{', '.join(f'{k} ({m.title})' for k, m in METHODS.items())}; default ta")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: discard the runs recorded in --out (runs.jsonl, task vectors, checkpoints) "
                         "instead of reusing them")
@@ -161,6 +222,10 @@ def main(argv=None) -> None:
     for r in regs:
         if r not in REGULARIZERS:
             raise SystemExit(f"--regs: {r!r} is not one of {REGULARIZERS}")
+    try:
+        args.merge_methods = method_names(args.merge)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     device = resolve_device(args.device)
     with RunLock(args.out, "--out"):  # checked writable and held: a second ablate on --out refuses
         run_grid(args, modes, regs, device)
@@ -182,31 +247,42 @@ def run_grid(args, modes: list[str], regs: list[str], device: str) -> None:
     lams = lambda_grid(args.lam_grid, args.lam)
     grid = [(m, r) for m in modes for r in regs]
     runs = [(m, r, lam) for m, r in grid for lam in (lams if r != "none" else [args.lam])]
+    merges = args.merge_methods
     t0 = time.perf_counter()
     records = {}
     for i, (mode, reg, lam) in enumerate(runs):
         wanted = {**settings, "lam": lam}
         what = f"{mode} + {reg}" + (f", lambda {lam:g}" if len(lams) > 1 and reg != "none" else "")
+        name = f"{mode}-{reg}" if len(lams) == 1 or reg == "none" else f"{mode}-{reg}-lam{lam:g}"
         found = next((d for d in done if d["mode"] == mode and d["reg"] == reg and d.get("settings") == wanted), None)
-        if found is not None:
+        have = found.get("merge", {}) if found is not None else {}
+        missing = [m for m in merges if m not in have or have[m].get("val_abs") is None]
+        if found is not None and not missing:
             print(f"[{i + 1}/{len(runs)}] {what}: done before, skipped")
+        elif found is not None:
+            print(f"[{i + 1}/{len(runs)}] {what}: fine-tuned before; merging again, for {', '.join(missing)}")
+            done.remove(found)
+            found = {**merge_cell(bench, found, None, args, device, args.out / name, merges), "settings": wanted}
+            done.append(found)
+            write_records(done_file, done)
         else:
             print(f"[{i + 1}/{len(runs)}] {what}")
-            name = f"{mode}-{reg}" if len(lams) == 1 or reg == "none" else f"{mode}-{reg}-lam{lam:g}"
             found = run_cell(bench, mode, reg, argparse.Namespace(**{**vars(args), "lam": lam}), device,
-                             args.out / name)
+                             args.out / name, merges)
             found["settings"] = wanted
             done.append(found)
             write_records(done_file, done)
         records[(mode, reg, lam)] = found
-    rows = []
-    for mode, reg in grid:
-        candidates = [records[(m, r, lam)] for m, r, lam in runs if (m, r) == (mode, reg)]
-        best = max(candidates, key=lambda d: d.get("val_norm", d["norm"]))  # the first (smallest lambda) on ties
-        rows.append({**{k: v for k, v in best.items() if k != "settings"},
-                     "lam_grid": [d["lam"] for d in candidates]})
-    print(write_table(rows, args.out))
+    rows = choose_lambdas([{k: v for k, v in r.items() if k != "settings"} for r in records.values()], grid, merges,
+                          args.lam_select)
+    if len(lams) > 1 and any(r != "none" for r in regs):
+        from .. import analysis
+
+        analysis.plot_lambda_sensitivity(rows, args.out / "lambda_sensitivity.png", select=args.lam_select,
+                                         run=f"{args.benchmark} benchmark, {len(bench.tasks)} tasks")
+    print(write_table(rows, args.out, args.lam_select))
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"{len(rows)} runs, {time.perf_counter() - t0:.0f} s this call; table.md, table.csv and per-run plots in "
-          f"{args.out}/ ({size / 1e6:.0f} MB in all, checkpoints included: the runs are reused by the next call with "
+    print(f"{len(runs)} runs, {time.perf_counter() - t0:.0f} s this call; table.md, table.csv, "
+          f"lambda_sensitivity.png (with a lambda grid) and per-run plots in {args.out}/ ({size / 1e6:.0f} MB in "
+          f"all, checkpoints included: the runs are reused by the next call with "
           f"the same settings; --overwrite starts over, deleting {args.out}/ removes them)")

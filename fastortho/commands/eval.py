@@ -1,23 +1,30 @@
-"""``fastortho-eval``: single-task accuracy, task addition (coefficient searched on the
-validation splits) and negation of a folder of task vectors, or of fine-tuned Hugging Face
-model folders (FusionBench's); results.json and plots."""
+"""``fastortho-eval``: single-task accuracy, merging (task arithmetic and the other methods of
+fastortho.merge, coefficient searched on the validation splits) and negation of a folder of
+task vectors, or of fine-tuned Hugging Face model folders (FusionBench's); results.json and
+plots."""
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .._files import check_writable, write_text
-from ..task_vectors import TaskVector, task_addition, task_negation
+from ..merge import METHODS, method_names
+from ..task_vectors import TaskVector, task_negation
 from ..train import make_evaluator, pretrained_for
 from ._common import InputProblems, benchmark_args, command, get_benchmark, parser, resolve_device
 
 
 def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device: str, out: Path | None,
-                     progress: bool, negation: bool = True, workers: int = 0) -> dict:
-    """Zero-shot, single-task, task addition (and negation against the control task)."""
+                     progress: bool, negation: bool = True, workers: int = 0, merges: Sequence[str] = ("ta",)) -> dict:
+    """Zero-shot, single-task, each merge method of ``merges`` with its coefficient searched on
+    the validation splits (and negation against the control task). ``results["merge"]`` has one
+    entry per method; ``results["addition"]`` is task arithmetic's, when it was asked for."""
+    from ..merge import merge_tasks
+
     evaluate = make_evaluator(bench, device=device, workers=workers)
     pretrained = pretrained_for(bench, mode, device)
     tasks = list(vectors)
@@ -28,8 +35,14 @@ def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device
         single[t] = evaluate(model, t)
         single[f"{t}Val"] = evaluate(model, f"{t}Val")
     results["single_task"] = {t: single[t] for t in tasks}
-    addition = task_addition(pretrained, vectors, evaluate, finetuned_accuracy=single, progress=progress)
-    results["addition"] = {"alpha": addition.alpha, **addition.test, "search": addition.search}
+    found = {}
+    for method in merges:
+        found[method] = merge_tasks(pretrained, vectors, evaluate, method=method, finetuned_accuracy=single,
+                                    progress=progress, device=device)
+    results["merge"] = {m: {"alpha": r.alpha, **r.test, "search": r.search, "select": r.select}
+                        for m, r in found.items()}
+    if "ta" in results["merge"]:
+        results["addition"] = results["merge"]["ta"]
     if negation and getattr(bench, "control", None):
         neg = {}
         for t in tasks:
@@ -45,11 +58,12 @@ def evaluate_vectors(bench, vectors: dict[str, TaskVector], mode: str, *, device
         run = analysis.run_label({"mode": mode, **meta})
         analysis.plot_cosine_matrix(vectors, out / "cosine.png", run=run)
         analysis.plot_accuracy_radar({"zero-shot": results["zero_shot"], "single-task": results["single_task"],
-                                      f"task addition (alpha {addition.alpha:.2f})":
-                                          {t: addition.test[f"{t}:top1"] for t in tasks}},
+                                      **{f"{METHODS[m].title} (alpha {r.alpha:.2f})":
+                                         {t: r.test[f"{t}:top1"] for t in tasks} for m, r in found.items()}},
                                      out / "radar.png", title="per-task test accuracy", run=run)
         name = f"{mode} + {meta.get('regularizer', 'none')}"
-        analysis.plot_alpha_sensitivity({name: addition.search}, out / "alpha_sensitivity.png", run=run)
+        analysis.plot_alpha_sensitivity({f"{name}, {METHODS[m].title}": r.search for m, r in found.items()},
+                                        out / "alpha_sensitivity.png", run=run)
         write_text(out / "results.json", json.dumps(results, indent=1), "out")
     return results
 
@@ -99,7 +113,7 @@ def finetuned_vectors(bench, source: Path, weights) -> tuple[dict[str, TaskVecto
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = parser("fastortho-eval", "Single-task, task addition and negation.")
+    p = parser("fastortho-eval", "Single-task, merging (task arithmetic, TIES, DARE, TSV-M, Iso-C) and negation.")
     benchmark_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--vectors", type=Path, help="directory of {task}.safetensors task vectors")
@@ -109,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "FusionBench model-pool YAML; their vectors are taken against --weights (the pretrained "
                           "CLIPModel folder)")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
+    p.add_argument("--merge", default="ta",
+                   help=f"comma-separated merge methods, each with its coefficient searched on the validation "
+                        f"splits: {', '.join(f'{k} ({m.title})' for k, m in METHODS.items())}; default ta")
     p.add_argument("--no-negation", action="store_true",
                    help="skip task negation (then the control task's data is not needed)")
     return p
@@ -116,29 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def results_table(res: dict) -> str:
     """A short markdown table of what fastortho-eval computed: per task the zero-shot,
-    single-task and merged (task addition) accuracy, and, when negation was evaluated, the
+    single-task and merged accuracy of each merge method, and, when negation was evaluated, the
     target and control accuracy at the alpha that keeps 95% of the control's zero-shot accuracy."""
-    add, negation = res["addition"], res.get("negation") or {}
-    cols = ["task", "zero-shot", "single-task", "task addition"]
+    merges, negation = res["merge"], res.get("negation") or {}
+    cols = ["task", "zero-shot", "single-task", *(METHODS[m].title for m in merges)]
     if negation:
         cols += ["negated: target", "negated: control", "negation alpha"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for task in res["single_task"]:
         cells = [task, f"{100 * res['zero_shot'][task]:.1f}", f"{100 * res['single_task'][task]:.1f}",
-                 f"{100 * add[f'{task}:top1']:.1f}"]
+                 *(f"{100 * r[f'{task}:top1']:.1f}" for r in merges.values())]
         if negation:
             at95 = negation[task]["0.95"]
             control = next(v for k, v in at95.items() if k.endswith(":top1") and k != f"{task}:top1")
             cells += [f"{100 * at95[f'{task}:top1']:.1f}", f"{100 * control:.1f}", f"{at95['alpha']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\ntask addition: alpha {add['alpha']:.2f} (chosen on the validation splits), "
-                 f"absolute {100 * add['avg_top1']:.1f}, normalized {100 * add['avg_normalized_top1']:.1f}")
+    lines.append("")
+    for m, r in merges.items():
+        lines.append(f"{METHODS[m].title}: alpha {r['alpha']:.2f} (chosen on the validation splits by {r['select']} "
+                     f"accuracy), absolute {100 * r['avg_top1']:.1f}, normalized {100 * r['avg_normalized_top1']:.1f}")
     return "\n".join(lines)
 
 
 @command("fastortho-eval")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        merges = method_names(args.merge)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     check_writable(args.out, "--out")  # before minutes of evaluation, not at the first write
     bench = get_benchmark(args)
     if args.finetuned is not None:
@@ -151,6 +174,6 @@ def main(argv=None) -> None:
         vectors = {t: TaskVector.load(f) for t, f in files.items()}
     mode = check_vectors(vectors, files)
     res = evaluate_vectors(bench, vectors, mode, device=resolve_device(args.device), out=args.out,
-                           progress=not args.no_progress, negation=not args.no_negation)
+                           progress=not args.no_progress, negation=not args.no_negation, merges=merges)
     print(results_table(res))
     print(f"results.json and plots in {args.out}/")
