@@ -3,6 +3,7 @@ a ``CLIPModel`` pretrained folder and ``CLIPVisionModel`` fine-tuned folders wri
 transformers itself (``save_pretrained``: transformers 5's layout, single and sharded), and the
 transformers-4 layout (the same tensors with the ``vision_model.`` prefix, as the hub's
 files are). Tiny random models; nothing is downloaded."""
+import copy
 import json
 import logging
 
@@ -16,6 +17,8 @@ import fastortho as fo  # noqa: E402
 from fastortho import hf  # noqa: E402
 from fastortho.clip import load_clip  # noqa: E402
 from fastortho.export import main as export_main  # noqa: E402
+
+from conftest import TOL  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
@@ -162,11 +165,15 @@ def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, mon
     for i, folder in enumerate(names.values()):
         _finetuned(pre, tmp_path / "pool" / folder, seed=10 + i, layout="t4" if i % 2 else "t5")
     common = ["--benchmark", "clip8", "--model", "ViT-B-32", "--weights", str(tmp_path / "pre"), "--data-root",
-              str(tmp_path / "data"), "--device", "cpu", "--workers", "0", "--no-progress", "--no-negation"]
-    eval_command.main([*common, "--finetuned", str(tmp_path / "pool"), "--out", str(tmp_path / "from-folders")])
+              str(tmp_path / "data"), "--device", "cpu", "--workers", "0", "--no-progress"]
+    # negation (ImageNet the control) and two merge methods on FusionBench's folders, end to end
+    eval_command.main([*common, "--finetuned", str(tmp_path / "pool"), "--out", str(tmp_path / "from-folders"),
+                       "--merge", "ta,ties"])
     results = json.loads((tmp_path / "from-folders" / "results.json").read_text())
-    assert set(results["single_task"]) == set(TASKS8)
-    assert "| task | zero-shot |" in capsys.readouterr().out
+    assert set(results["single_task"]) == set(TASKS8) == set(results["negation"])
+    assert list(results["merge"]) == ["ta", "ties"]
+    assert "| task | zero-shot | single-task | task arithmetic | TIES | negated: target |" in capsys.readouterr().out
+    common.append("--no-negation")
     pool = {"_pretrained_": "../pre", **{fb: f"../pool/{names[t]}" for fb, t in
                                         hf.FUSIONBENCH_TASKS.items()}}
     (tmp_path / "yaml").mkdir()
@@ -177,6 +184,7 @@ def test_eval_takes_fusionbench_fine_tuned_folders_and_model_pools(tmp_path, mon
                        str(tmp_path / "from-yaml")])
     again = json.loads((tmp_path / "from-yaml" / "results.json").read_text())
     assert again["single_task"] == results["single_task"] and again["addition"] == results["addition"]
+    assert "negation" not in again
 
 
 def test_model_pool_entries_that_are_not_local_folders_are_named(tmp_path):
@@ -349,3 +357,61 @@ def test_fusionbench_task_arithmetic_and_ties_agree_on_its_folders_and_on_export
     ours = fo.merge_vectors(exported_vectors, "ties", merge="sum").apply_to(base, 0.4)
     worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
     assert worst <= 1e-6, worst
+
+
+def test_analyses_run_on_fusionbench_checkpoints_as_on_fastorthos_own(tmp_path):
+    """Task vectors of FusionBench-format folders (a CLIPModel pretrained, CLIPVisionModel
+    fine-tuned models in both layouts) through the cosine matrix, the tau-Jp matrix and the
+    disentanglement error on fastortho's Hugging Face image tower, each against its definition
+    computed directly (float64: torch.func.jvp for J tau, forwards at th0 + a1 tau1 + a2 tau2)."""
+    from torch.func import functional_call, jvp
+
+    from fastortho import analysis
+    from fastortho.clip import TransformersImageTower
+
+    pre = _pretrained(tmp_path / "pre")
+    tasks = ["sun397", "dtd"]
+    for i, task in enumerate(tasks):
+        _finetuned(pre, tmp_path / task, seed=40 + i, layout="t4" if i else "t5")
+    vectors = [fo.TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / t) for t in tasks]
+    tower = TransformersImageTower(pre.vision_model, pre.visual_projection).double().eval()
+    tower.visual_projection.weight.requires_grad_(False)  # FusionBench does not tune it: not in the vectors
+    vectors = [fo.TaskVector({k: v.double() for k, v in tv.items()}) for tv in vectors]
+    assert all(set(tv) == {k for k, p in tower.named_parameters() if p.requires_grad} for tv in vectors)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in tasks]
+
+    flat = [tv.flatten(torch.float64) for tv in vectors]
+    cos = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
+    assert fo.cosine_matrix(vectors)[0, 1] == pytest.approx(cos, rel=1e-12)
+
+    params = {k: p.detach() for k, p in tower.named_parameters()}
+    # the definition's J tau by forward-mode AD, which SDPA lacks: the same weights with
+    # transformers' eager attention
+    eager = copy.deepcopy(tower)
+    eager.vision_model.config._attn_implementation = "eager"
+
+    def out_tangent(tau, x):
+        tangent = {k: tau.get(k, torch.zeros_like(p)) for k, p in params.items()}
+        return jvp(lambda p: functional_call(eager, p, (x,)), (params,), (tangent,))[1]
+
+    directed = torch.tensor([[float(out_tangent(vectors[a], xs[b]).flatten(1).square().sum(1).mean())
+                              for b in range(2)] for a in range(2)], dtype=torch.float64)
+    ours = fo.taujp_matrix(tower, vectors, xs, symmetric=False)
+    # transformers' eager attention takes its softmax in float32: the reference is that precise
+    assert float((ours - directed).norm() / directed.norm()) <= TOL["float64-taujp-matrix"]
+
+    grid = (-1.0, 0.5)
+    xi = analysis.disentanglement_error(tower, vectors[0], vectors[1], tuple(xs), grid=grid, distance="l2",
+                                        progress=False)
+    state = tower.state_dict()
+
+    def f(c1, c2, x):
+        merged = (c1 * vectors[0] + c2 * vectors[1]).apply_to(state, 1.0)
+        return functional_call(tower, merged, (x,))
+
+    a1, a2 = grid[0], grid[1]
+    expected = sum(float((f(*((a1, 0.0) if t == 0 else (0.0, a2)), xs[t]) - f(a1, a2, xs[t])).norm(dim=1).mean())
+                   for t in range(2))
+    assert xi[0, 1] == pytest.approx(expected, rel=1e-9)
+    assert xi[0, 1] > 0
