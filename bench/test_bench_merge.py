@@ -1,9 +1,11 @@
 """Every merge method of fastortho.merge on 8 ViT-B-32 task vectors, against FusionBench's
 implementation of the same method in the same run (the real ``fusion-bench`` package).
 
-The vectors are those of Hugging Face ``CLIPVisionModel``s in ViT-B/32's configuration
+The vectors have the tensors of a Hugging Face ``CLIPVisionModel`` in ViT-B/32's configuration
 (FusionBench's checkpoints: 87.8 M values, 73 matrices per vector), random, as the timings do
-not depend on the values. FusionBench's time includes taking the task vectors from its models
+not depend on the values; the models are plain modules with those parameters (no transformers
+needed, so the fastortho half also runs where FusionBench cannot be installed: its half is
+skipped there). FusionBench's time includes taking the task vectors from its models
 (8 vector subtractions) and loading the merged state into a model; fastortho's includes
 applying the merged vector to the pretrained state dict: both end with merged weights.
 
@@ -14,9 +16,9 @@ in bytes and in vector sizes, and the SVD FLOPs (a floor: ``4 m n^2 + 8 n^3`` pe
     pytest bench/test_bench_merge.py --benchmark-only [--benchmark-json=bench/results/NAME.json]
 """
 import contextlib
-import copy
 import io
 import logging
+import math
 import threading
 import time
 
@@ -24,9 +26,6 @@ import pytest
 import torch
 
 from conftest import DEVICE, sync
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("fusion_bench")
 
 N_TASKS = 8
 # (our method, our options, FusionBench's algorithm factory, the coefficient for both)
@@ -50,33 +49,60 @@ def _dare_ties():
                            threshold=20, remove_keys=[], merge_func="sum")
 
 
-@pytest.fixture(scope="module")
-def models():
-    """The pretrained ViT-B/32 image tower and 8 fine-tuned copies (small full-rank updates)."""
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    pre = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
-        patch_size=32)).to(DEVICE).eval()
-    transformers.logging.set_verbosity(level)
-    fines = []
-    for t in range(N_TASKS):
-        fine = copy.deepcopy(pre)
-        gen = torch.Generator(device=DEVICE).manual_seed(t)
-        with torch.no_grad():
-            for p in fine.parameters():
-                p.add_(1e-3 * torch.randn(p.shape, generator=gen, device=DEVICE))
-        fines.append(fine)
-    return pre, fines
+def vit_b32_shapes(width=768, mlp=3072, layers=12, patches=49):
+    """``name -> shape`` of a ViT-B/32 ``CLIPVisionModel`` (without the ``vision_model.`` prefix)."""
+    shapes = {"embeddings.class_embedding": (width,), "embeddings.patch_embedding.weight": (width, 3, 32, 32),
+              "embeddings.position_embedding.weight": (patches + 1, width), "pre_layrnorm.weight": (width,),
+              "pre_layrnorm.bias": (width,)}
+    for i in range(layers):
+        block = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{block}self_attn.{proj}.weight"] = (width, width)
+            shapes[f"{block}self_attn.{proj}.bias"] = (width,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{block}{norm}.weight"] = shapes[f"{block}{norm}.bias"] = (width,)
+        shapes[f"{block}mlp.fc1.weight"], shapes[f"{block}mlp.fc1.bias"] = (mlp, width), (mlp,)
+        shapes[f"{block}mlp.fc2.weight"], shapes[f"{block}mlp.fc2.bias"] = (width, mlp), (width,)
+    shapes["post_layernorm.weight"] = shapes["post_layernorm.bias"] = (width,)
+    return shapes
 
 
-@pytest.fixture(scope="module")
-def vectors(models):
+class Weights(torch.nn.Module):
+    """A module holding the given tensors as parameters (names with dots made flat)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(value, requires_grad=False))
+
+
+def pretrained_state():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    return {k.replace(".", "__"): 0.02 * torch.randn(shape, generator=gen, device=DEVICE)
+            for k, shape in vit_b32_shapes().items()}
+
+
+def task_update(t, like):
+    """Task ``t``'s update: small and full-rank (the SVD costs do not depend on the values)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1 + t)
+    return {k: 1e-3 * torch.randn(v.shape, generator=gen, device=DEVICE) for k, v in like.items()}
+
+
+# Built per test, outside the timing: the inputs of one implementation at a time, so that
+# FusionBench's TIES (about 5 vector copies per task) fits in a 24 GiB machine beside them.
+def fastortho_inputs():
     import fastortho as fo
 
-    pre, fines = models
-    return {f"task{i}": fo.TaskVector.from_models(pre, f) for i, f in enumerate(fines)}
+    pre = pretrained_state()
+    return pre, {f"task{t}": fo.TaskVector(task_update(t, pre)) for t in range(N_TASKS)}
+
+
+def fusionbench_pool():
+    from fusion_bench.modelpool import BaseModelPool
+
+    pre = pretrained_state()
+    models = {f"task{t}": Weights({k: pre[k] + u for k, u in task_update(t, pre).items()}) for t in range(N_TASKS)}
+    return BaseModelPool(models={"_pretrained_": Weights(pre), **models})
 
 
 class PeakMemory:
@@ -118,24 +144,15 @@ class PeakMemory:
             time.sleep(0.002)
 
 
-def _svd_flops(vectors, method):
-    n = len(vectors)
+def _svd_flops(vector, method):
     total = 0
-    for x in next(iter(vectors.values())).values():
+    for x in vector.values():
         if x.dim() != 2:
             continue
         m, k = max(x.shape), min(x.shape)
         one = 4 * m * k * k + 8 * k ** 3
-        total += {"tsvm": n + 2, "isoc": 1, "isocts": n + 3}.get(method, 0) * one
+        total += {"tsvm": N_TASKS + 2, "isoc": 1, "isocts": N_TASKS + 3}.get(method, 0) * one
     return total
-
-
-def _pool(models):
-    from fusion_bench.modelpool import BaseModelPool
-
-    pre, fines = models  # FusionBench edits the models of its pool: fresh copies per run
-    return BaseModelPool(models={"_pretrained_": copy.deepcopy(pre),
-                                 **{f"task{i}": copy.deepcopy(f) for i, f in enumerate(fines)}})
 
 
 def _fusionbench_run(method, pool):
@@ -155,28 +172,32 @@ def _fusionbench_run(method, pool):
 
 @pytest.mark.parametrize("impl", ["fusionbench", "fastortho"])
 @pytest.mark.parametrize("method", list(CASES))
-def test_merge(benchmark, models, vectors, method, impl):
+def test_merge(benchmark, method, impl):
     import fastortho as fo
 
+    if impl == "fusionbench":
+        pytest.importorskip("fusion_bench")
     options, _, alpha = CASES[method]
-    pre_state = models[0].state_dict()
     benchmark.group = f"merge {method}, {N_TASKS} x ViT-B-32"
     peaks = []
 
-    def run(*pool):
+    def setup():
+        return ((fastortho_inputs(),) if impl == "fastortho" else (fusionbench_pool(),)), {}
+
+    def run(inputs):
         with PeakMemory() as mem:
             if impl == "fastortho":
-                merged = fo.merge_vectors(vectors, method, **options).apply_to(pre_state, alpha)
+                pre, vectors = inputs
+                merged = fo.merge_vectors(vectors, method, **options).apply_to(pre, alpha)
                 sync()
             else:
-                merged = _fusionbench_run(method, *pool)
+                merged = _fusionbench_run(method, inputs)
         peaks.append(mem.bytes)
-        del merged
-
-    def setup():  # the pool's model copies are not FusionBench's merging: built outside the timing
-        return ((_pool(models),) if impl == "fusionbench" else ()), {}
 
     benchmark.pedantic(run, setup=setup, rounds=1, iterations=1, warmup_rounds=0)
-    vector_bytes = sum(x.numel() * x.element_size() for x in next(iter(vectors.values())).values())
+    shapes = vit_b32_shapes()
+    vector_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     benchmark.extra_info.update(peak_bytes=peaks[-1], peak_vectors=round(peaks[-1] / vector_bytes, 2),
-                                vector_bytes=vector_bytes, svd_flop=_svd_flops(vectors, method), n_tasks=N_TASKS)
+                                vector_bytes=vector_bytes, n_tasks=N_TASKS,
+                                svd_flop=_svd_flops({k: torch.empty(s, device="meta") for k, s in shapes.items()},
+                                                    method))

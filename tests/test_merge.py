@@ -236,3 +236,20 @@ def test_merge_tasks_searches_each_methods_grid_and_selects_as_asked():
     assert 0.3 <= ta.alpha <= 0.6  # the sum is two: x = 2 alpha
     assert ta.test["avg_top1"] == pytest.approx((evaluate({"w": torch.full((3,), 2 * ta.alpha)}, "A") +
                                                  evaluate({"w": torch.full((3,), 2 * ta.alpha)}, "B")) / 2)
+
+
+@pytest.mark.parametrize("kind", ["normal", "half-zero", "few-values"])
+def test_kth_smallest_equals_kthvalue_on_large_inputs(kind):
+    """TIES' threshold: the bracketed selection returns kthvalue's exact value, also with many
+    ties (DARE-dropped vectors are half zeros) and at the ends."""
+    from fastortho.merge.methods import kth_smallest
+
+    gen = torch.Generator().manual_seed(0)
+    n = (1 << 22) + 12345
+    x = torch.randn(n, generator=gen).abs()
+    if kind == "half-zero":
+        x = torch.where(torch.rand(n, generator=gen) > 0.5, x, 0.0)
+    elif kind == "few-values":
+        x = torch.randint(0, 4, (n,), generator=gen).float()
+    for rank in (1, 777, n // 2, n - int(0.2 * n), n):
+        assert torch.equal(kth_smallest(x, rank), x.kthvalue(rank).values), rank

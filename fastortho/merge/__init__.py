@@ -93,8 +93,10 @@ def check_mergeable(task_vectors, what: str = "task_vectors") -> tuple[list[str]
         raise ValueError(f"{what}: the task vectors come from different fine-tuning modes ("
                          + ", ".join(f"{n}: {m}" for n, m in modes.items()) + "); merge vectors of one mode only")
     for name, v in zip(names, vectors):
-        finite = torch.stack([torch.isfinite(x).all() for x in v.values()])
-        if not bool(finite.all()):  # one host sync per vector
+        # one read of each tensor (NaN and inf reach the min or max); one host sync per vector
+        finite = torch.stack([torch.stack(torch.aminmax(x)).isfinite().all() if x.numel() else
+                              torch.ones((), dtype=torch.bool, device=x.device) for x in v.values()])
+        if not bool(finite.all()):
             bad = [k for k, ok in zip(v, finite.tolist()) if not ok]
             raise ValueError(f"{what}: {name} has NaN or infinite entries (in {len(bad)} tensor(s), e.g. {bad[0]}): "
                              f"the run that made it diverged")

