@@ -1,5 +1,6 @@
 """``python -m fastortho.export export``: fastortho's task vectors as CLIPVisionModel folders
-with a FusionBench model pool (``fastortho.hf.export_fusionbench``)."""
+with a FusionBench model pool (``fastortho.hf.export_fusionbench``), and optionally their merged
+model by any fastortho.merge method."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,11 @@ def build_parser():
     e.add_argument("--pretrained", help="the open_clip pretrained tag of --weights (e.g. openai)")
     e.add_argument("--vectors", type=Path, required=True, help="folder of {task}.safetensors task vectors")
     e.add_argument("--alpha", type=float, default=1.0, help="scale of each vector (1: the fine-tuned model)")
+    e.add_argument("--merge", help="also write the merged model of the vectors by this method (ta, ties, dare, tsvm, "
+                                   "isoc, ...: fastortho.merge.METHODS) as the folder merged-<method>, outside the "
+                                   "pool; needs --merge-alpha")
+    e.add_argument("--merge-alpha", type=float, help="the merged model's coefficient (th0 + alpha * merged), e.g. the "
+                                                     "alpha fastortho-eval --merge chose")
     e.add_argument("--out", type=Path, required=True, help="folder for the model folders and modelpool.yaml")
     e.add_argument("--overwrite", action="store_true", help="replace model folders that exist")
     return p
@@ -33,6 +39,14 @@ def main(argv=None) -> None:
 
     p = build_parser()
     args = p.parse_args(argv)
+    if (args.merge is None) != (args.merge_alpha is None):
+        raise SystemExit("python -m fastortho.export export: --merge and --merge-alpha go together (the method and "
+                         "the coefficient of the merged model)")
+    if args.merge is not None:
+        from .merge import METHODS
+
+        if args.merge not in METHODS:
+            raise SystemExit(f"--merge: expected one of {', '.join(METHODS)}, got {args.merge!r}")
     files = sorted(args.vectors.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"--vectors: {args.vectors} holds no .safetensors task vectors")
@@ -40,7 +54,14 @@ def main(argv=None) -> None:
     vectors = {f.stem: TaskVector.load(f) for f in files}
     try:
         out = export_fusionbench(model.visual, vectors, args.out, alpha=args.alpha, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as err:
+        if args.merge is not None:
+            from .hf import encoder_to_hf, write_vision_folder
+            from .merge import merge_vectors
+
+            merged = merge_vectors(vectors, args.merge).apply_to(model.visual, args.merge_alpha)
+            folder = write_vision_folder(out / f"merged-{args.merge}", *encoder_to_hf(merged), overwrite=args.overwrite)
+            print(f"wrote the merged model ({args.merge}, alpha {args.merge_alpha:g}) to {folder}")
+    except (ValueError, TypeError, FileExistsError) as err:
         raise SystemExit(f"python -m fastortho.export export: {err}") from None
     print(f"wrote {len(vectors) + 1} CLIPVisionModel folders and {out / 'modelpool.yaml'}")
 
