@@ -281,19 +281,12 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
     assert set(pool["models"]) == {"_pretrained_", "sun397", "stanford-cars"}
     assert set(hf.model_pool(tmp_path / "fb" / "modelpool.yaml")) == {"_pretrained_", "SUN397", "Cars"}
     x = torch.randn(2, 3, 32, 32)
-    for name, reference in (("_pretrained_", visual), ("sun397", tuned["SUN397"]), ("stanford-cars", tuned["Cars"])):
-        exported = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "fb" / name)).eval()
-        assert exported.config.hidden_act == "quick_gelu"
-        reference.proj = None  # the tower's pooled output: what a CLIPVisionModel computes
-        with torch.no_grad():
-            ours, theirs = reference(x), exported(pixel_values=x).pooler_output
-        assert (ours - theirs).norm() <= 1e-5 * ours.norm(), name
     # the merged model too, by a fastortho method, as a folder outside the pool
     export_main(["export", "--model", "fastortho-export-vit", "--weights", str(tmp_path / "pre.safetensors"),
                  "--vectors", str(tmp_path / "vectors"), "--out", str(tmp_path / "fb"), "--overwrite",
                  "--merge", "ties", "--merge-alpha", "0.7"])
     vectors = {t: fo.TaskVector.load(tmp_path / "vectors" / f"{t}.safetensors") for t in ("Cars", "SUN397")}
-    reference = fo.merge_vectors(vectors, "ties").apply_to(visual, 0.7)
+    reference = fo.merge_vectors(vectors, "ties").apply_to(visual, 0.7)  # a copy: visual keeps its proj
     reference.proj = None
     exported = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "fb" / "merged-ties")).eval()
     with torch.no_grad():
@@ -303,6 +296,13 @@ def test_task_vectors_export_as_a_fusionbench_model_pool(tmp_path):
         "_pretrained_", "sun397", "stanford-cars"}
     with pytest.raises(SystemExit, match="--merge and --merge-alpha go together"):
         export_main(["export", "--weights", "w", "--vectors", "v", "--out", "o", "--merge", "ties"])
+    for name, reference in (("_pretrained_", visual), ("sun397", tuned["SUN397"]), ("stanford-cars", tuned["Cars"])):
+        exported = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "fb" / name)).eval()
+        assert exported.config.hidden_act == "quick_gelu"
+        reference.proj = None  # the tower's pooled output: what a CLIPVisionModel computes
+        with torch.no_grad():
+            ours, theirs = reference(x), exported(pixel_values=x).pooler_output
+        assert (ours - theirs).norm() <= 1e-5 * ours.norm(), name
     lin = fo.TaskVector.load(tmp_path / "vectors" / "SUN397.safetensors")
     lin.metadata["mode"] = "linearized"
     with pytest.raises(ValueError, match=r"\['SUN397'\] are linearized \(TTA\) task vectors"):
