@@ -253,3 +253,23 @@ def test_kth_smallest_equals_kthvalue_on_large_inputs(kind):
         x = torch.randint(0, 4, (n,), generator=gen).float()
     for rank in (1, 777, n // 2, n - int(0.2 * n), n):
         assert torch.equal(kth_smallest(x, rank), x.kthvalue(rank).values), rank
+
+
+def test_an_svd_that_fails_in_float32_is_solved_in_float64(monkeypatch):
+    """LAPACK's float32 gesdd can fail on matrices with many repeated zero singular values
+    (Iso-CTS's projected task matrices): the batch is solved again in float64."""
+    gen = torch.Generator().manual_seed(0)
+    tvs = [fo.TaskVector({"w": torch.randn(12, 8, generator=gen)}) for _ in range(3)]
+    expected = merge_vectors(tvs, "isocts")["w"]
+    real, calls = torch.linalg.svd, []
+
+    def flaky(x, full_matrices=True):
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = merge_vectors(tvs, "isocts")["w"]
+    assert got.dtype == torch.float32 and torch.float64 in calls
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

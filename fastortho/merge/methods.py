@@ -207,10 +207,24 @@ def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = 
 
 # ----------------------------------------------------------------------------- SVD-based
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of each matrix of a batch. LAPACK's float32 ``gesdd`` can fail to converge on
+    matrices with many repeated (zero) singular values, which Iso-CTS makes by projecting the
+    common subspace out of each task (FusionBench's Iso-CTS fails there on ViT-B-32 shapes): a
+    batch that fails is solved again in float64 and rounded back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def _polar(a: Tensor) -> Tensor:
     """The orthogonal polar factor ``U V^T`` of each matrix of a batch (FusionBench's
     re-orthogonalization of concatenated singular vectors)."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = svd(a)
     return u @ vh
 
 
@@ -255,7 +269,7 @@ def tsv_merge(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, bud
         rank = int(min(x.shape[-2:]) / n)
         if rank == 0:
             return torch.zeros_like(x[0])
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # [T, L, ...]: one batched call
+        u, s, vh = svd(x)  # [T, L, ...]: one batched call
         u = u[..., :rank].permute(1, 2, 0, 3).reshape(x.shape[1], x.shape[2], n * rank)  # task-major columns
         s = s[..., :rank].permute(1, 0, 2).reshape(x.shape[1], n * rank)
         vh = vh[..., :rank, :].permute(1, 0, 2, 3).reshape(x.shape[1], n * rank, x.shape[3])
@@ -270,7 +284,7 @@ def iso_c(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget:
     values all replaced by their mean, ``mean(S) U V^T``. Equal to FusionBench's ``ISO_C_Merge``
     (its ``scaling_factor=1.0`` default is the coefficient here)."""
     def merge_matrices(x: Tensor) -> Tensor:
-        u, s, vh = torch.linalg.svd(x.sum(0), full_matrices=False)
+        u, s, vh = svd(x.sum(0))
         return (u @ vh) * s.mean(-1)[:, None, None]
 
     return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
@@ -290,12 +304,12 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
         k = min(x.shape[-2:])
         per_task = round((k - int(k * common)) / n)
         n_common = k - per_task * n
-        u, s, vh = torch.linalg.svd(x.sum(0), full_matrices=False)
+        u, s, vh = svd(x.sum(0))
         uc, sc, vc = u[..., :n_common], s[..., :n_common], vh[..., :n_common, :]
         parts_u, parts_s, parts_v = [], [], []
         if per_task:
             own = x - uc @ (uc.mT @ x)  # each task without the common subspace
-            ut, st, vt = torch.linalg.svd(own, full_matrices=False)
+            ut, st, vt = svd(own)
             layers = x.shape[1]
             parts_u.append(ut[..., :per_task].permute(1, 2, 0, 3).reshape(layers, x.shape[2], n * per_task))
             parts_s.append(st[..., :per_task].permute(1, 0, 2).reshape(layers, n * per_task))
