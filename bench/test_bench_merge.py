@@ -11,9 +11,14 @@ applying the merged vector to the pretrained state dict: both end with merged we
 
 Each record's extra_info has the peak memory above what was allocated before the call (on a
 GPU ``max_memory_allocated``; on a CPU the resident-set high-water mark, sampled every 2 ms),
-in bytes and in vector sizes, and the SVD FLOPs (a floor: ``4 m n^2 + 8 n^3`` per thin SVD).
+in bytes and in vector sizes (the merged output included), and the SVD FLOPs (a floor:
+``4 m n^2 + 8 n^3`` per thin SVD). On a CPU, run it with ``MALLOC_MMAP_THRESHOLD_=65536``:
+glibc then maps every large block and returns it when freed, so the resident set follows the
+live memory (by default it raises its threshold after frees and reuses freed heap memory
+without growing the resident set, so peaks read low).
 
-    pytest bench/test_bench_merge.py --benchmark-only [--benchmark-json=bench/results/NAME.json]
+    MALLOC_MMAP_THRESHOLD_=65536 pytest bench/test_bench_merge.py --benchmark-only \
+        [--benchmark-json=bench/results/NAME.json]
 """
 import contextlib
 import io
