@@ -319,4 +319,7 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
         v_all = torch.cat([*parts_v, vc], -2)
         return (_polar(u_all) @ _polar(v_all)) * s_all.mean(-1)[:, None, None]
 
+    # each chunk has three chunk-sized companions here (the projected tasks and both SVD
+    # factors), twice that in the float64 retry: quarter-vector chunks keep them under two vectors
+    budget = max(1, vector_numel(vectors[0]) // 4) if budget is None else budget
     return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
