@@ -273,3 +273,24 @@ def test_an_svd_that_fails_in_float32_is_solved_in_float64(monkeypatch):
     got = merge_vectors(tvs, "isocts")["w"]
     assert got.dtype == torch.float32 and torch.float64 in calls
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum", "max"])
+@pytest.mark.parametrize("lean", [1, -1])
+def test_ties_exact_cancellations_take_the_majority_sign_as_fusionbench(merge, lean):
+    """Small integers make many entries' trimmed sums exactly zero with nonzero tasks: those
+    entries take the sign of the sum of all elected signs, settled after the single pass; the
+    result equals FusionBench's ties_merging on the flat stack, over several chunks."""
+    utils = pytest.importorskip("fusion_bench.method.ties_merging.ties_merging_utils")
+    gen = torch.Generator().manual_seed(3 if lean > 0 else 4)
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    weights = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0]) + torch.tensor([0.0, 0.0, 0.0, 0.6, 0.6]) * (lean > 0) \
+        + torch.tensor([0.6, 0.6, 0.0, 0.0, 0.0]) * (lean < 0)
+    flat = values[torch.multinomial(weights, 3 * 1100, replacement=True, generator=gen)].view(3, 1100)
+    tvs = [fo.TaskVector({"a": f[:600].view(12, 50), "b": f[600:].view(10, 50)}) for f in flat]
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = utils.ties_merging(flat.clone(), reset_thresh=60, merge_func=merge)
+    ours = merge_vectors(tvs, "ties", keep=0.6, merge=merge, budget=1)
+    assert torch.equal(torch.cat([ours["a"].reshape(-1), ours["b"].reshape(-1)]), theirs)
+    trimmed_sum = flat.sum(0)  # (a superset check: some zero sums exist among nonzero tasks)
+    assert bool(((trimmed_sum == 0) & (flat != 0).any(0)).any())

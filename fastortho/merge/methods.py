@@ -183,26 +183,44 @@ def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = 
             x = x * (x.abs() >= thr_all.view(-1, *([1] * (x.dim() - 1))))
         return x
 
-    # the tie-break sign is global: a first pass sums the elected signs of every entry
+    # One pass. The elected sign of an entry whose trimmed sum is exactly zero is the sign of
+    # the sum of all elected signs, known only at the end: such entries where some task is
+    # nonzero (rare) keep their merge under both signs and are settled afterwards. Where every
+    # task is zero, the merge is zero under any sign.
     votes = torch.zeros((), dtype=torch.float64, device=device)
-    chunks = list(shape_chunks(keys, vectors[0], n, budget))
-    for chunk in chunks:
-        votes += torch.sign(trimmed(chunk).sum(0)).sum(dtype=torch.float64)
-    majority = torch.sign(votes)
     out: dict[str, Tensor] = {}
-    for chunk in chunks:
+    undecided = []  # (chunk, index of the entries in the chunk, merge if +, merge if -)
+    for chunk in shape_chunks(keys, vectors[0], n, budget):
         x = trimmed(chunk)
         sign = torch.sign(x.sum(0))
-        sign = torch.where(sign == 0, majority.to(sign.dtype), sign)
-        agree = x * torch.where(sign > 0, x > 0, x < 0)
-        if merge == "mean":
-            merged = agree.sum(0) / (agree != 0).sum(0).clamp_min(1)
-        elif merge == "sum":
-            merged = agree.sum(0)
-        else:
-            merged = agree.abs().amax(0) * sign
-        unstack(merged, chunk, out, vectors[0])
+        votes += sign.sum(dtype=torch.float64)
+        open_ = (sign == 0) & (x != 0).any(0)
+        if bool(open_.any()):  # one host sync per chunk
+            where = open_.nonzero(as_tuple=True)
+            picked = x[(slice(None), *where)]
+            ones = torch.ones(picked.shape[1:], dtype=x.dtype, device=x.device)
+            undecided.append((chunk, where, _disjoint(picked, ones, merge), _disjoint(picked, -ones, merge)))
+        unstack(_disjoint(x, sign, merge), chunk, out, vectors[0])  # a zero sign: as a zero majority would
+    majority = float(torch.sign(votes))
+    for chunk, where, plus, minus in undecided:
+        if majority == 0:
+            continue
+        value = plus if majority > 0 else minus
+        for i, k in enumerate(chunk):
+            mine = where[0] == i
+            out[k][tuple(w[mine] for w in where[1:])] = value[mine].to(out[k].dtype)
     return {k: out[k] for k in keys}
+
+
+def _disjoint(x: Tensor, sign: Tensor, merge: str) -> Tensor:
+    """TIES' disjoint merge over the task axis (0) of the entries that agree with ``sign``
+    (a zero sign keeps the negative ones, as the released code's ``where`` does)."""
+    agree = x * torch.where(sign > 0, x > 0, x < 0)
+    if merge == "mean":
+        return agree.sum(0) / (agree != 0).sum(0).clamp_min(1)
+    if merge == "sum":
+        return agree.sum(0)
+    return agree.abs().amax(0) * sign
 
 
 # ----------------------------------------------------------------------------- SVD-based
