@@ -6,10 +6,10 @@ from ._version import __version__
 from .layers import select_parameters
 from .linearize import LinearizedModel, linearize
 from .lora import LoRAAdapter, TrainableReport, add_lora, attention_only, lora_adapters, lora_delta_weights, merge_lora
-from .merge import merge_tasks, merge_vectors
+from .merge import merge_tasks, merge_vectors, task_addition
 from .orthoreg import OrthoReg, ortho_loss
 from .snapshot import Snapshot, snapshot
-from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_matrix, task_addition, task_negation
+from .task_vectors import AdditionResult, NegationResult, TaskVector, cosine_matrix, task_negation
 from .taujp import TauJpRegularizer, taujp_loss, taujp_matrix
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""Task vectors (``tau_t = th_t - th0``) and task arithmetic: addition with one coefficient
-searched on validation splits, and negation under a control-task constraint
+"""Task vectors (``tau_t = th_t - th0``) and task arithmetic: negation under a control-task
+constraint here, addition (and the other merge methods) in :mod:`fastortho.merge`
 (docs/design.md section 1; Ilharco et al. 2023, Ortiz-Jimenez et al. 2023).
 
 Everything here is model- and data-agnostic: evaluation is an ``evaluate(model, task) ->
@@ -339,27 +339,6 @@ class AdditionResult:
     select: str = "normalized"
 
 
-def task_addition(pretrained, task_vectors: Mapping[str, TaskVector], evaluate: Callable[[object, str], float], *,
-                  alphas: Sequence[float] = ADDITION_ALPHAS, select: str = "normalized", val_suffix: str | None = "Val",
-                  finetuned_accuracy: Mapping[str, float] | None = None, progress: bool = True) -> AdditionResult:
-    """Merge ``th0 + alpha * sum_t tau_t`` with one ``alpha`` chosen on validation splits
-    (:func:`fastortho.merge.merge_tasks` with ``method="ta"``; the other methods are there).
-
-    Args:
-        pretrained: a module, state_dict or LinearizedModel (see :meth:`TaskVector.apply_to`).
-        task_vectors: ``{dataset name: task vector}``.
-        evaluate: ``evaluate(model, dataset name) -> accuracy``; called with ``f"{task}{val_suffix}"``
-            during the search (``val_suffix=None`` searches on the test splits themselves).
-        select: "normalized" (average of acc / single-task acc, the default) or "absolute".
-        finetuned_accuracy: single-task accuracies by dataset name (also the ``...Val`` names)
-            used to normalize; missing ones are measured with ``th0 + tau_t``.
-    """
-    from .merge import merge_tasks
-
-    return merge_tasks(pretrained, task_vectors, evaluate, method="ta", alphas=alphas, select=select,
-                       val_suffix=val_suffix, finetuned_accuracy=finetuned_accuracy, progress=progress)
-
-
 def _split(task: str, suffix: str | None) -> str:
     return task if not suffix else f"{task}{suffix}"
 
@@ -422,4 +401,4 @@ def cosine_matrix(task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Ma
 
 
 __all__ = ["ADDITION_ALPHAS", "AdditionResult", "NEGATION_ALPHAS", "NegationResult", "TaskVector", "cosine_matrix",
-           "load_checkpoint", "task_addition", "task_negation"]
+           "load_checkpoint", "task_negation"]

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..task_vectors import ADDITION_ALPHAS, AdditionResult
 from . import methods
 
-GRID_01 = tuple(round(0.05 * i, 2) for i in range(21))  # TTA's {0, 0.05, ..., 1}
+GRID_01 = ADDITION_ALPHAS  # TTA's {0, 0.05, ..., 1}
 GRID_02 = tuple(round(0.1 * i, 1) for i in range(21))  # {0, 0.1, ..., 2}
 GRID_03 = tuple(round(0.1 * i, 1) for i in range(31))  # {0, 0.1, ..., 3}
 
@@ -197,5 +198,25 @@ def merge_tasks(pretrained, task_vectors, evaluate: Callable[[object, str], floa
     return AdditionResult(best["alpha"], test, search, method=method, select=select)
 
 
+def task_addition(pretrained, task_vectors: Mapping[str, Mapping[str, Tensor]],
+                  evaluate: Callable[[object, str], float], *,
+                  alphas: Sequence[float] = GRID_01, select: str = "normalized", val_suffix: str | None = "Val",
+                  finetuned_accuracy: Mapping[str, float] | None = None, progress: bool = True) -> AdditionResult:
+    """Merge ``th0 + alpha * sum_t tau_t`` with one ``alpha`` chosen on validation splits
+    (:func:`fastortho.merge.merge_tasks` with ``method="ta"``; the other methods are there).
+
+    Args:
+        pretrained: a module, state_dict or LinearizedModel (see :meth:`TaskVector.apply_to`).
+        task_vectors: ``{dataset name: task vector}``.
+        evaluate: ``evaluate(model, dataset name) -> accuracy``; called with ``f"{task}{val_suffix}"``
+            during the search (``val_suffix=None`` searches on the test splits themselves).
+        select: "normalized" (average of acc / single-task acc, the default) or "absolute".
+        finetuned_accuracy: single-task accuracies by dataset name (also the ``...Val`` names)
+            used to normalize; missing ones are measured with ``th0 + tau_t``.
+    """
+    return merge_tasks(pretrained, task_vectors, evaluate, method="ta", alphas=alphas, select=select,
+                       val_suffix=val_suffix, finetuned_accuracy=finetuned_accuracy, progress=progress)
+
+
 __all__ = ["GRID_01", "GRID_02", "GRID_03", "METHODS", "MergeMethod", "check_mergeable", "merge_tasks",
-           "merge_vectors", "method_names"]
+           "merge_vectors", "method_names", "task_addition"]
