@@ -209,6 +209,8 @@ def test_bad_inputs_are_named(clip_models):
         merge_vectors(vectors, "ties", p=0.5)
     with pytest.raises(ValueError, match="keep"):
         merge_vectors(vectors, "ties", keep=0.0)
+    with pytest.raises(ValueError, match="p: expected a drop rate"):
+        merge_vectors(vectors, "dare", p=1.0)
     with pytest.raises(ValueError, match="unknown merge method"):
         method_names("ta,tie")
     with pytest.raises(TypeError, match="task vector"):

@@ -5,7 +5,7 @@ All but task arithmetic work on stacked copies of one shape group at a time
 (:mod:`._chunks`): elementwise steps and the per-layer SVDs are single batched calls per chunk,
 on ``device`` (default: where the vectors are). Temporaries stay under about two vector-sized
 buffers: the stacked chunk is at most half a vector, its SVD factors about as much again; TIES
-needs one flat vector (plus the copy ``kthvalue`` makes) to find each task's threshold.
+needs one flat vector (plus a quarter-size mask) to find each task's threshold.
 
 Each docstring names where the method differs from FusionBench 0.2.33's implementation
 (tests/test_merge.py runs both on the same vectors).
@@ -47,7 +47,6 @@ def _plain(vectors: Vectors, device, dtype) -> _Source:
     return _Source(vectors, lambda t, k: vectors[t][k].to(device=device, dtype=dtype), device, dtype)
 
 
-
 # ----------------------------------------------------------------------------- task arithmetic
 
 def task_arithmetic(vectors: Vectors, **_) -> dict[str, Tensor]:
@@ -55,7 +54,10 @@ def task_arithmetic(vectors: Vectors, **_) -> dict[str, Tensor]:
     FusionBench's ``TaskArithmeticAlgorithm`` at the same coefficient)."""
     out = {}
     for k in vectors[0]:
-        acc = vectors[0][k].clone()
+        dtype = vectors[0][k].dtype
+        for v in vectors[1:]:
+            dtype = torch.promote_types(dtype, v[k].dtype)  # as sum() of TaskVectors promotes
+        acc = vectors[0][k].to(dtype, copy=True)
         for v in vectors[1:]:
             acc.add_(v[k].to(acc.device))  # in place: one output allocation, the same roundings
         out[k] = acc
@@ -101,6 +103,8 @@ def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 
     go to :func:`ties`). ``p = 0.5`` is FusionBench's CLIP setting (the DARE paper's language
     models tolerate 0.9). Every tensor is dropped, as FusionBench does by default
     (``only_on_linear_weights=False``). Deterministic for a given ``seed`` and device."""
+    if not 0 <= p < 1:
+        raise ValueError(f"p: expected a drop rate in [0, 1), got {p!r}")
     device = device or next(iter(vectors[0].values())).device
     drop = DropAndRescale(vectors, p, rescale, seed, device, _compute_dtype(vectors))
     if then == "ties":
