@@ -207,6 +207,8 @@ def test_bad_inputs_are_named(clip_models):
         merge_vectors(vectors, "average")
     with pytest.raises(ValueError, match="ties takes"):
         merge_vectors(vectors, "ties", p=0.5)
+    with pytest.raises(ValueError, match="ta takes no options"):
+        merge_vectors(vectors, "ta", exclude=["x"])
     with pytest.raises(ValueError, match="keep"):
         merge_vectors(vectors, "ties", keep=0.0)
     with pytest.raises(ValueError, match="p: expected a drop rate"):

@@ -12,13 +12,14 @@ coefficient grid. Design notes: docs/design.md section 9.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..task_vectors import ADDITION_ALPHAS, AdditionResult
+from ..task_vectors import ADDITION_ALPHAS, AdditionResult, TaskVector, _progress, _same_layout, _split
 from . import methods
 
 GRID_01 = ADDITION_ALPHAS  # TTA's {0, 0.05, ..., 1}
@@ -73,8 +74,6 @@ def check_mergeable(task_vectors, what: str = "task_vectors") -> tuple[list[str]
     message naming the problem when empty, of different layouts (keys or shapes: vectors of
     different models), of different fine-tuning modes (metadata ``mode``: a linearized model's
     vector is applied to a linearized model) or with NaN or infinite entries."""
-    from ..task_vectors import _same_layout
-
     if isinstance(task_vectors, Mapping) and all(isinstance(v, Mapping) for v in task_vectors.values()):
         names, vectors = [str(k) for k in task_vectors], list(task_vectors.values())
     elif isinstance(task_vectors, Sequence) and not isinstance(task_vectors, (str, bytes)):
@@ -110,17 +109,16 @@ def merge_vectors(task_vectors, method: str = "ta", *, device=None, **options):
     device and dtype, whose metadata names the method, its options and the tasks. ``options``
     override the method's published ones (e.g. ``merge="sum"`` for TIES, ``seed=1`` for DARE);
     ``device`` runs the batched steps elsewhere (e.g. ``"cuda"`` for vectors kept on the CPU)."""
-    import json
-
-    from ..task_vectors import TaskVector
-
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     spec = METHODS[method]
     names, vectors = check_mergeable(task_vectors)
-    unknown = sorted(set(options) - set(spec.options) - {"exclude", "budget", "then"})
+    allowed = set(spec.options) | ({"budget"} if method != "ta" else set())
+    allowed |= {"exclude"} if method in ("tsvm", "isoc", "isocts") else set()
+    allowed |= {"then"} if method.startswith("dare") else set()
+    unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"options: {method} takes {sorted(spec.options) or 'no options'}, not {unknown}")
+        raise ValueError(f"options: {method} takes {sorted(allowed) or 'no options'}, not {unknown}")
     chosen = {**spec.options, **options}
     extra = {"device": device} if method != "ta" else {}
     with torch.no_grad():
@@ -153,8 +151,6 @@ def merge_tasks(pretrained, task_vectors, evaluate: Callable[[object, str], floa
     Returns an :class:`~fastortho.task_vectors.AdditionResult` (``method`` names the method).
     """
     import numpy as np
-
-    from ..task_vectors import AdditionResult, _progress, _split
 
     if select not in ("normalized", "absolute"):
         raise ValueError(f"select: expected 'normalized' or 'absolute', got {select!r}")
