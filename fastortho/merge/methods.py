@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._chunks import shape_chunks, stack, unstack, vector_numel
+from ._svd import polar, svd, top_svd
 
 Vectors = Sequence[Mapping[str, Tensor]]
 
@@ -229,27 +230,6 @@ def _disjoint(x: Tensor, sign: Tensor, merge: str) -> Tensor:
 
 # ----------------------------------------------------------------------------- SVD-based
 
-def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of each matrix of a batch. LAPACK's float32 ``gesdd`` can fail to converge on
-    matrices with many repeated (zero) singular values, which Iso-CTS makes by projecting the
-    common subspace out of each task (FusionBench's Iso-CTS fails there on ViT-B-32 shapes): a
-    batch that fails is solved again in float64 and rounded back."""
-    try:
-        return torch.linalg.svd(x, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        if x.dtype == torch.float64:
-            raise
-        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
-
-
-def _polar(a: Tensor) -> Tensor:
-    """The orthogonal polar factor ``U V^T`` of each matrix of a batch (FusionBench's
-    re-orthogonalization of concatenated singular vectors)."""
-    u, _, vh = svd(a)
-    return u @ vh
-
-
 def _matrix_keys(vectors: Vectors, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
     keys = list(vectors[0])
     matrices = [k for k in keys if vectors[0][k].dim() == 2 and k not in exclude]
@@ -291,11 +271,11 @@ def tsv_merge(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, bud
         rank = int(min(x.shape[-2:]) / n)
         if rank == 0:
             return torch.zeros_like(x[0])
-        u, s, vh = svd(x)  # [T, L, ...]: one batched call
-        u = u[..., :rank].permute(1, 2, 0, 3).reshape(x.shape[1], x.shape[2], n * rank)  # task-major columns
-        s = s[..., :rank].permute(1, 0, 2).reshape(x.shape[1], n * rank)
-        vh = vh[..., :rank, :].permute(1, 0, 2, 3).reshape(x.shape[1], n * rank, x.shape[3])
-        return (_polar(u) * s.unsqueeze(-2)) @ _polar(vh)
+        u, s, vh = top_svd(x, rank)  # [T, L, ...]: one batched call
+        u = u.permute(1, 2, 0, 3).reshape(x.shape[1], x.shape[2], n * rank)  # task-major columns
+        s = s.permute(1, 0, 2).reshape(x.shape[1], n * rank)
+        vh = vh.permute(1, 0, 2, 3).reshape(x.shape[1], n * rank, x.shape[3])
+        return (polar(u) * s.unsqueeze(-2)) @ polar(vh)
 
     return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
 
@@ -331,15 +311,15 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
         parts_u, parts_s, parts_v = [], [], []
         if per_task:
             own = x - uc @ (uc.mT @ x)  # each task without the common subspace
-            ut, st, vt = svd(own)
+            ut, st, vt = top_svd(own, per_task)
             layers = x.shape[1]
-            parts_u.append(ut[..., :per_task].permute(1, 2, 0, 3).reshape(layers, x.shape[2], n * per_task))
-            parts_s.append(st[..., :per_task].permute(1, 0, 2).reshape(layers, n * per_task))
-            parts_v.append(vt[..., :per_task, :].permute(1, 0, 2, 3).reshape(layers, n * per_task, x.shape[3]))
+            parts_u.append(ut.permute(1, 2, 0, 3).reshape(layers, x.shape[2], n * per_task))
+            parts_s.append(st.permute(1, 0, 2).reshape(layers, n * per_task))
+            parts_v.append(vt.permute(1, 0, 2, 3).reshape(layers, n * per_task, x.shape[3]))
         u_all = torch.cat([*parts_u, uc], -1)
         s_all = torch.cat([*parts_s, sc], -1)
         v_all = torch.cat([*parts_v, vc], -2)
-        return (_polar(u_all) @ _polar(v_all)) * s_all.mean(-1)[:, None, None]
+        return (polar(u_all) @ polar(v_all)) * s_all.mean(-1)[:, None, None]
 
     # each chunk has three chunk-sized companions here (the projected tasks and both SVD
     # factors), twice that in the float64 retry: quarter-vector chunks keep them under two vectors

@@ -1,0 +1,121 @@
+"""Batched thin SVDs for the SVD-based merge methods.
+
+On a GPU a batch goes to torch in one call: its cuSOLVER path solves a batch's matrices on
+parallel streams. On a CPU torch solves a batch one matrix at a time with every thread on
+each, and three things make that slower than it needs to be (measured on the 2-core CI
+machine, MKL, ViT-B-32 shapes; bench/NOTES.md):
+
+- LAPACK's SVD does half its work in level-2 BLAS and scales poorly with threads (2 threads:
+  1.3-1.5x one). Independent matrices scale with the threads instead, so a batch is split into
+  one slice per thread, each solved single-threaded.
+- MKL's ``gesdd`` takes twice as long on a wide matrix (768 x 3072) as on its transpose: wide
+  matrices are solved transposed.
+- A tall matrix (rows >= 2 x columns) whose top singular triplets only are needed (TSV-M's
+  and Iso-CTS's per-task ones) is reduced by Householder QR first, ``x = QR``; the SVD of the
+  small ``R`` gives the singular values and right vectors, and Q is applied to the kept left
+  vectors only. ``gesdd`` does the same reduction but forms Q and multiplies all of ``U``.
+
+All of these are the same LAPACK algorithms in the same precision as one ``torch.linalg.svd``
+call: results agree with it to round-off (tests/test_merge.py).
+
+LAPACK's float32 ``gesdd`` can fail to converge on matrices with many repeated (zero) singular
+values, which Iso-CTS makes by projecting the common subspace out of each task (FusionBench's
+Iso-CTS fails there on ViT-B-32 shapes): a batch that fails is solved again in float64 and
+rounded back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import torch
+from torch import Tensor
+
+Triplets = tuple[Tensor, Tensor, Tensor]
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def svd(x: Tensor) -> Triplets:
+    """Thin SVD ``u, s, vh`` of each matrix of a batch ``[..., m, n]``."""
+    return top_svd(x, min(x.shape[-2:]))
+
+
+def top_svd(x: Tensor, rank: int) -> Triplets:
+    """The top ``rank`` singular triplets of each matrix of a batch: ``u [..., m, rank]``,
+    ``s [..., rank]`` (descending), ``vh [..., rank, n]``."""
+    try:
+        return _top_svd(x, rank)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = _top_svd(x.double(), rank)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
+def polar(x: Tensor) -> Tensor:
+    """The orthogonal polar factor ``U V^T`` of each matrix of a batch (FusionBench's
+    re-orthogonalization of concatenated singular vectors)."""
+    u, _, vh = svd(x)
+    return u @ vh
+
+
+def _top_svd(x: Tensor, rank: int) -> Triplets:
+    m, n = x.shape[-2:]
+    if x.device.type != "cpu":
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if m < n:  # solved as its transpose (see the module docstring)
+        u, s, vh = _top_svd(x.mT, rank)
+        return vh.mT, s, u.mT
+    batch = x.shape[:-2]
+    flat = x.reshape(-1, m, n)
+    b = flat.shape[0]
+    u, s, vh = flat.new_empty(b, m, rank), flat.new_empty(b, rank), flat.new_empty(b, rank, n)
+    solve = _reduced_by_qr if m >= 2 * n and rank < n else _thin
+    _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], rank, u[lo:hi], s[lo:hi], vh[lo:hi]), b)
+    return u.reshape(*batch, m, rank), s.reshape(*batch, rank), vh.reshape(*batch, rank, n)
+
+
+def _thin(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+    if rank == min(x.shape[-2:]):
+        torch.linalg.svd(x, full_matrices=False, out=(u, s, vh))
+        return
+    uf, sf, vhf = torch.linalg.svd(x, full_matrices=False)
+    u.copy_(uf[..., :rank])
+    s.copy_(sf[..., :rank])
+    vh.copy_(vhf[..., :rank, :])
+
+
+def _reduced_by_qr(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+    n = x.shape[-1]
+    reflectors, tau = torch.geqrf(x)  # x = Q R, Q as Householder reflectors
+    ur, sr, vhr = torch.linalg.svd(reflectors[..., :n, :].triu(), full_matrices=False)
+    s.copy_(sr[..., :rank])
+    vh.copy_(vhr[..., :rank, :])
+    u.zero_()
+    u[..., :n, :] = ur[..., :rank]
+    u.copy_(torch.ormqr(reflectors, tau, u))  # Q [ur; 0]
+
+
+def _per_thread_slices(solve: Callable[[int, int], None], batch: int) -> None:
+    """``solve(lo, hi)`` on contiguous slices of the batch, one per intra-op thread, each
+    single-threaded. torch's thread setting is process-wide: it is restored at once, and
+    nothing else should run torch on the CPU meanwhile."""
+    global _pool
+    threads = min(torch.get_num_threads(), batch)
+    if threads < 2:
+        solve(0, batch)
+        return
+    bounds = [batch * i // threads for i in range(threads + 1)]
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="fastortho-svd")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        jobs = [_pool.submit(solve, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        wait(jobs)  # all finished before a failure is raised (and the batch solved again)
+        for job in jobs:
+            job.result()
+    finally:
+        torch.set_num_threads(before)
