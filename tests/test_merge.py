@@ -108,13 +108,15 @@ def test_every_method_agrees_with_fusionbench(clip_models, case):
     assert worst <= tol, (method, options, worst)
     moved = max(float((ours[k] - pre.state_dict()[k]).abs().max()) for k in ours)
     assert moved > 100 * max(tol, 1e-7)  # the merge did something measurable
-    if tol:  # SVD-based: ours is no further than FusionBench's from the float64 merge
-        vectors64 = {n: fo.TaskVector({k: v.double() for k, v in tv.items()}) for n, tv in _vectors(clip_models).items()}
+    if tol:  # SVD-based: ours is about as close as FusionBench's to the float64 merge (Iso-CTS
+        # amplifies float32 round-off by its conditioning, so the two differ by route: 2x allowed)
+        vectors64 = {n: fo.TaskVector({k: v.double() for k, v in tv.items()})
+                     for n, tv in _vectors(clip_models).items()}
         exact = merge_vectors(vectors64, method, **options).apply_to(
             {k: v.double() for k, v in pre.state_dict().items()}, alpha)
         ours_error = max(float((ours[k].double() - exact[k]).abs().max()) for k in exact)
         theirs_error = max(float((theirs.state_dict()[k].double() - exact[k]).abs().max()) for k in exact)
-        assert ours_error <= 1.25 * theirs_error, (method, ours_error, theirs_error)
+        assert ours_error <= 2 * theirs_error, (method, ours_error, theirs_error)
 
 
 def test_ties_default_is_the_papers_disjoint_mean_not_fusionbenchs_sum(clip_models):
@@ -297,7 +299,7 @@ def test_cpu_svd_routes_equal_one_lapack_call(shape, rank, threads):
     reduced by QR when only the top triplets are needed) against one ``torch.linalg.svd`` call:
     float64 to round-off, float32 to float32 round-off of the float64 answer; thread setting
     restored."""
-    from fastortho.merge._svd import polar, top_svd
+    from fastortho.merge._svd import polar, polar_and_values, top_svd
 
     gen = torch.Generator().manual_seed(sum(shape) + rank)
     # distinct, decaying singular values: the top triplets are well defined
@@ -318,15 +320,18 @@ def test_cpu_svd_routes_equal_one_lapack_call(shape, rank, threads):
             assert float(((u * s[..., None, :]) @ vh).double().sub(low_ref).abs().max()) <= tol * scale
             eye = torch.eye(rank, dtype=dtype)
             assert float((u.mT @ u - eye).abs().max()) <= 10 * tol and float((vh @ vh.mT - eye).abs().max()) <= 10 * tol
-            torch.testing.assert_close(polar(x.to(dtype)).double(), u_ref @ vh_ref, rtol=0, atol=100 * tol)
+            factor, values = polar_and_values(x.to(dtype))
+            torch.testing.assert_close(factor.double(), u_ref @ vh_ref, rtol=0, atol=100 * tol)
+            torch.testing.assert_close(values.double(), s_ref, rtol=0, atol=tol * scale)
+            assert torch.equal(polar(x.to(dtype)), factor)
     finally:
         torch.set_num_threads(before)
 
 
 def test_cpu_svd_routes_are_taken(monkeypatch):
     """The routes are not dead code: a wide matrix is solved transposed, and its top triplets
-    through Householder QR of the (then tall) matrix and an SVD of the small R."""
-    from fastortho.merge._svd import svd, top_svd
+    and polar factor through Householder QR of the (then tall) matrix and an SVD of the small R."""
+    from fastortho.merge._svd import polar, svd, top_svd
 
     shapes = []
     real_svd, real_geqrf = torch.linalg.svd, torch.geqrf
@@ -340,6 +345,9 @@ def test_cpu_svd_routes_are_taken(monkeypatch):
     shapes.clear()
     svd(x)  # all triplets: no QR, still transposed
     assert shapes == [("svd", (1, 40, 12))]
+    shapes.clear()
+    polar(x)  # Q (U_R V_R^T) of the transpose
+    assert shapes == [("geqrf", (1, 40, 12)), ("svd", (1, 12, 12))]
 
 
 def test_cpu_svd_failure_in_one_slice_is_solved_again_in_float64(monkeypatch):

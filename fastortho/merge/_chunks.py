@@ -38,6 +38,19 @@ def stack(get: Callable[[int, str], Tensor], n_tasks: int, keys: Sequence[str], 
     return out
 
 
+def stacked_sum(get: Callable[[int, str], Tensor], n_tasks: int, keys: Sequence[str], shape, device, dtype,
+                ) -> Tensor:
+    """``[len(keys), *shape]``: the sum over tasks of ``get(t, k)``, accumulated task by task
+    (FusionBench's order) without stacking the tasks."""
+    out = torch.empty((len(keys), *shape), device=device, dtype=dtype)
+    for i, k in enumerate(keys):
+        out[i].copy_(get(0, k))
+    for t in range(1, n_tasks):
+        for i, k in enumerate(keys):
+            out[i].add_(get(t, k))
+    return out
+
+
 def unstack(merged: Tensor, keys: Sequence[str], out: dict[str, Tensor], like: Mapping[str, Tensor]) -> None:
     """Write ``merged[i]`` as entry ``keys[i]`` of ``out``, on the device and in the dtype of
     ``like[key]`` (the first task's vector)."""

@@ -14,6 +14,8 @@ machine, MKL, ViT-B-32 shapes; bench/NOTES.md):
   and Iso-CTS's per-task ones) is reduced by Householder QR first, ``x = QR``; the SVD of the
   small ``R`` gives the singular values and right vectors, and Q is applied to the kept left
   vectors only. ``gesdd`` does the same reduction but forms Q and multiplies all of ``U``.
+  A tall matrix's polar factor is ``Q (U_R V_R^T)`` the same way (Q applied once, to the
+  small product, instead of forming Q, then U, then ``U V^T``).
 
 All of these are the same LAPACK algorithms in the same precision as one ``torch.linalg.svd``
 call: results agree with it to round-off (tests/test_merge.py).
@@ -56,8 +58,19 @@ def top_svd(x: Tensor, rank: int) -> Triplets:
 def polar(x: Tensor) -> Tensor:
     """The orthogonal polar factor ``U V^T`` of each matrix of a batch (FusionBench's
     re-orthogonalization of concatenated singular vectors)."""
-    u, _, vh = svd(x)
-    return u @ vh
+    return polar_and_values(x)[0]
+
+
+def polar_and_values(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``U V^T`` and the singular values ``s`` of each matrix of a batch. On a CPU a tall
+    matrix's factor is ``Q (U_R V_R^T)`` from its Householder QR, Q applied once."""
+    try:
+        return _polar(x)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        p, s = _polar(x.double())
+        return p.to(x.dtype), s.to(x.dtype)
 
 
 def _top_svd(x: Tensor, rank: int) -> Triplets:
@@ -75,6 +88,38 @@ def _top_svd(x: Tensor, rank: int) -> Triplets:
     solve = _reduced_by_qr if m >= 2 * n and rank < n else _thin
     _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], rank, u[lo:hi], s[lo:hi], vh[lo:hi]), b)
     return u.reshape(*batch, m, rank), s.reshape(*batch, rank), vh.reshape(*batch, rank, n)
+
+
+def _polar(x: Tensor) -> tuple[Tensor, Tensor]:
+    m, n = x.shape[-2:]
+    if x.device.type != "cpu":
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u @ vh, s
+    if m < n:
+        p, s = _polar(x.mT)
+        return p.mT, s
+    flat = x.reshape(-1, m, n)
+    b = flat.shape[0]
+    p, s = flat.new_empty(b, m, n), flat.new_empty(b, n)
+    solve = _polar_by_qr if m >= 2 * n else _polar_thin
+    _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], p[lo:hi], s[lo:hi]), b)
+    return p.reshape(x.shape), s.reshape(*x.shape[:-2], n)
+
+
+def _polar_thin(x: Tensor, p: Tensor, s: Tensor) -> None:
+    u, sf, vh = torch.linalg.svd(x, full_matrices=False)
+    torch.matmul(u, vh, out=p)
+    s.copy_(sf)
+
+
+def _polar_by_qr(x: Tensor, p: Tensor, s: Tensor) -> None:
+    n = x.shape[-1]
+    reflectors, tau = torch.geqrf(x)
+    ur, sr, vhr = torch.linalg.svd(reflectors[..., :n, :].triu(), full_matrices=False)
+    s.copy_(sr)
+    p.zero_()
+    torch.matmul(ur, vhr, out=p[..., :n, :])
+    p.copy_(torch.ormqr(reflectors, tau, p))  # Q [U_R V_R^T; 0]
 
 
 def _thin(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:

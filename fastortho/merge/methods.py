@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ._chunks import shape_chunks, stack, unstack, vector_numel
-from ._svd import polar, svd, top_svd
+from ._chunks import shape_chunks, stack, stacked_sum, unstack, vector_numel
+from ._svd import polar, polar_and_values, top_svd
 
 Vectors = Sequence[Mapping[str, Tensor]]
 
@@ -42,6 +42,10 @@ class _Source:
     def stacked(self, keys: Sequence[str]) -> Tensor:
         shape = tuple(self.vectors[0][keys[0]].shape)
         return stack(self.get, len(self.vectors), keys, shape, self.device, self.dtype)
+
+    def summed(self, keys: Sequence[str]) -> Tensor:
+        shape = tuple(self.vectors[0][keys[0]].shape)
+        return stacked_sum(self.get, len(self.vectors), keys, shape, self.device, self.dtype)
 
 
 def _plain(vectors: Vectors, device, dtype) -> _Source:
@@ -237,17 +241,18 @@ def _matrix_keys(vectors: Vectors, exclude: Sequence[str]) -> tuple[list[str], l
 
 
 def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, exclude: Sequence[str], device,
-               budget: int | None) -> dict[str, Tensor]:
+               budget: int | None, summed: bool = False) -> dict[str, Tensor]:
     """Matrices (2-D entries not in ``exclude``) through ``merge_matrices([T, L, m, n]) ->
-    [L, m, n]``, one batched call per chunk of a shape group; every other entry is the mean
-    over tasks (as FusionBench's SVD-based methods do)."""
+    [L, m, n]`` (with ``summed``: of the task sum ``[L, m, n]``, never stacked), one batched
+    call per chunk of a shape group; every other entry is the mean over tasks (as
+    FusionBench's SVD-based methods do)."""
     device = device or next(iter(vectors[0].values())).device
     dtype = _compute_dtype(vectors)
     source, n, budget = _plain(vectors, device, dtype), len(vectors), _budget(vectors, budget)
     matrices, others = _matrix_keys(vectors, exclude)
     out: dict[str, Tensor] = {}
     for chunk in shape_chunks(matrices, vectors[0], n, budget):
-        unstack(merge_matrices(source.stacked(chunk)), chunk, out, vectors[0])
+        unstack(merge_matrices(source.summed(chunk) if summed else source.stacked(chunk)), chunk, out, vectors[0])
     for chunk in shape_chunks(others, vectors[0], n, budget):
         unstack(source.stacked(chunk).mean(0), chunk, out, vectors[0])
     return {k: out[k] for k in vectors[0]}
@@ -285,11 +290,11 @@ def iso_c(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget:
     """Iso-C (Marczak et al. 2025): per matrix, the sum of the task matrices with its singular
     values all replaced by their mean, ``mean(S) U V^T``. Equal to FusionBench's ``ISO_C_Merge``
     (its ``scaling_factor=1.0`` default is the coefficient here)."""
-    def merge_matrices(x: Tensor) -> Tensor:
-        u, s, vh = svd(x.sum(0))
-        return (u @ vh) * s.mean(-1)[:, None, None]
+    def merge_matrices(total: Tensor) -> Tensor:
+        factor, s = polar_and_values(total)
+        return factor * s.mean(-1)[:, None, None]
 
-    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget, summed=True)
 
 
 def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (), device=None,
@@ -306,8 +311,7 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
         k = min(x.shape[-2:])
         per_task = round((k - int(k * common)) / n)
         n_common = k - per_task * n
-        u, s, vh = svd(x.sum(0))
-        uc, sc, vc = u[..., :n_common], s[..., :n_common], vh[..., :n_common, :]
+        uc, sc, vc = top_svd(x.sum(0), n_common)
         parts_u, parts_s, parts_v = [], [], []
         if per_task:
             own = x - uc @ (uc.mT @ x)  # each task without the common subspace
