@@ -36,6 +36,7 @@ from torch import Tensor
 Triplets = tuple[Tensor, Tensor, Tensor]
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def svd(x: Tensor) -> Triplets:
@@ -147,14 +148,16 @@ def _per_thread_slices(solve: Callable[[int, int], None], batch: int) -> None:
     """``solve(lo, hi)`` on contiguous slices of the batch, one per intra-op thread, each
     single-threaded. torch's thread setting is process-wide: it is restored at once, and
     nothing else should run torch on the CPU meanwhile."""
-    global _pool
+    global _pool, _pool_size
     threads = min(torch.get_num_threads(), batch)
     if threads < 2:
         solve(0, batch)
         return
     bounds = [batch * i // threads for i in range(threads + 1)]
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="fastortho-svd")
+    if _pool_size < threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="fastortho-svd"), threads
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
