@@ -225,6 +225,8 @@ def test_bad_inputs_are_named(clip_models):
         merge_vectors(vectors, "ties", keep=0.0)
     with pytest.raises(ValueError, match="p: expected a drop rate"):
         merge_vectors(vectors, "dare", p=1.0)
+    with pytest.raises(ValueError, match="common: 0.0 leaves each of 3 tasks round"):  # 3 x 11 > 32 directions
+        merge_vectors([fo.TaskVector({"w": torch.randn(32, 32)}) for _ in range(3)], "isocts", common=0.0)
     with pytest.raises(ValueError, match="unknown merge method"):
         method_names("ta,tie")
     with pytest.raises(TypeError, match="task vector"):

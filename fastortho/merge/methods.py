@@ -311,6 +311,9 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
         k = min(x.shape[-2:])
         per_task = round((k - int(k * common)) / n)
         n_common = k - per_task * n
+        if n_common < 0:  # FusionBench's indexing fails here too
+            raise ValueError(f"common: {common!r} leaves each of {n} tasks round({k - int(k * common)} / {n}) = "
+                             f"{per_task} directions of a matrix with {k}: more than it has; raise common")
         uc, sc, vc = top_svd(x.sum(0), n_common)
         parts_u, parts_s, parts_v = [], [], []
         if per_task:
