@@ -47,13 +47,7 @@ def svd(x: Tensor) -> Triplets:
 def top_svd(x: Tensor, rank: int) -> Triplets:
     """The top ``rank`` singular triplets of each matrix of a batch: ``u [..., m, rank]``,
     ``s [..., rank]`` (descending), ``vh [..., rank, n]``."""
-    try:
-        return _top_svd(x, rank)
-    except torch.linalg.LinAlgError:
-        if x.dtype == torch.float64:
-            raise
-        u, s, vh = _top_svd(x.double(), rank)
-        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+    return _float64_if_it_fails(lambda a: _top_svd(a, rank), x)
 
 
 def polar(x: Tensor) -> Tensor:
@@ -65,13 +59,16 @@ def polar(x: Tensor) -> Tensor:
 def polar_and_values(x: Tensor) -> tuple[Tensor, Tensor]:
     """``U V^T`` and the singular values ``s`` of each matrix of a batch. On a CPU a tall
     matrix's factor is ``Q (U_R V_R^T)`` from its Householder QR, Q applied once."""
+    return _float64_if_it_fails(_polar, x)
+
+
+def _float64_if_it_fails(solve: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, ...]:
     try:
-        return _polar(x)
+        return solve(x)
     except torch.linalg.LinAlgError:
         if x.dtype == torch.float64:
             raise
-        p, s = _polar(x.double())
-        return p.to(x.dtype), s.to(x.dtype)
+        return tuple(t.to(x.dtype) for t in solve(x.double()))
 
 
 def _top_svd(x: Tensor, rank: int) -> Triplets:
@@ -82,13 +79,8 @@ def _top_svd(x: Tensor, rank: int) -> Triplets:
     if m < n:  # solved as its transpose (see the module docstring)
         u, s, vh = _top_svd(x.mT, rank)
         return vh.mT, s, u.mT
-    batch = x.shape[:-2]
-    flat = x.reshape(-1, m, n)
-    b = flat.shape[0]
-    u, s, vh = flat.new_empty(b, m, rank), flat.new_empty(b, rank), flat.new_empty(b, rank, n)
-    solve = _reduced_by_qr if m >= 2 * n and rank < n else _thin
-    _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], rank, u[lo:hi], s[lo:hi], vh[lo:hi]), b)
-    return u.reshape(*batch, m, rank), s.reshape(*batch, rank), vh.reshape(*batch, rank, n)
+    solve = _top_by_qr if m >= 2 * n and rank < n else _top_thin
+    return _solved_in_slices(x, [(m, rank), (rank,), (rank, n)], lambda a, outs: solve(a, rank, *outs))
 
 
 def _polar(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,12 +91,24 @@ def _polar(x: Tensor) -> tuple[Tensor, Tensor]:
     if m < n:
         p, s = _polar(x.mT)
         return p.mT, s
-    flat = x.reshape(-1, m, n)
-    b = flat.shape[0]
-    p, s = flat.new_empty(b, m, n), flat.new_empty(b, n)
     solve = _polar_by_qr if m >= 2 * n else _polar_thin
-    _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], p[lo:hi], s[lo:hi]), b)
-    return p.reshape(x.shape), s.reshape(*x.shape[:-2], n)
+    return _solved_in_slices(x, [(m, n), (n,)], lambda a, outs: solve(a, *outs))
+
+
+def _solved_in_slices(x: Tensor, shapes: list[tuple[int, ...]], solve: Callable[[Tensor, list[Tensor]], None],
+                      ) -> tuple[Tensor, ...]:
+    """Outputs of the given per-matrix ``shapes`` for the batch ``x [..., m, n]``, filled by
+    ``solve(matrices, outputs)`` on one slice of the batch per thread."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    outs = [flat.new_empty(flat.shape[0], *shape) for shape in shapes]
+    _per_thread_slices(lambda lo, hi: solve(flat[lo:hi], [o[lo:hi] for o in outs]), flat.shape[0])
+    return tuple(o.reshape(*x.shape[:-2], *shape) for o, shape in zip(outs, shapes))
+
+
+def _svd_of_r(x: Tensor) -> tuple[Tensor, Tensor, Triplets]:
+    """Householder QR of tall matrices (``x = Q R``, Q as reflectors) and the SVD of R."""
+    reflectors, tau = torch.geqrf(x)
+    return reflectors, tau, torch.linalg.svd(reflectors[..., :x.shape[-1], :].triu(), full_matrices=False)
 
 
 def _polar_thin(x: Tensor, p: Tensor, s: Tensor) -> None:
@@ -114,16 +118,14 @@ def _polar_thin(x: Tensor, p: Tensor, s: Tensor) -> None:
 
 
 def _polar_by_qr(x: Tensor, p: Tensor, s: Tensor) -> None:
-    n = x.shape[-1]
-    reflectors, tau = torch.geqrf(x)
-    ur, sr, vhr = torch.linalg.svd(reflectors[..., :n, :].triu(), full_matrices=False)
+    reflectors, tau, (ur, sr, vhr) = _svd_of_r(x)
     s.copy_(sr)
     p.zero_()
-    torch.matmul(ur, vhr, out=p[..., :n, :])
+    torch.matmul(ur, vhr, out=p[..., :x.shape[-1], :])
     p.copy_(torch.ormqr(reflectors, tau, p))  # Q [U_R V_R^T; 0]
 
 
-def _thin(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+def _top_thin(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
     if rank == min(x.shape[-2:]):
         torch.linalg.svd(x, full_matrices=False, out=(u, s, vh))
         return
@@ -133,15 +135,13 @@ def _thin(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
     vh.copy_(vhf[..., :rank, :])
 
 
-def _reduced_by_qr(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
-    n = x.shape[-1]
-    reflectors, tau = torch.geqrf(x)  # x = Q R, Q as Householder reflectors
-    ur, sr, vhr = torch.linalg.svd(reflectors[..., :n, :].triu(), full_matrices=False)
+def _top_by_qr(x: Tensor, rank: int, u: Tensor, s: Tensor, vh: Tensor) -> None:
+    reflectors, tau, (ur, sr, vhr) = _svd_of_r(x)
     s.copy_(sr[..., :rank])
     vh.copy_(vhr[..., :rank, :])
     u.zero_()
-    u[..., :n, :] = ur[..., :rank]
-    u.copy_(torch.ormqr(reflectors, tau, u))  # Q [ur; 0]
+    u[..., :x.shape[-1], :] = ur[..., :rank]
+    u.copy_(torch.ormqr(reflectors, tau, u))  # Q [U_R; 0]
 
 
 def _per_thread_slices(solve: Callable[[int, int], None], batch: int) -> None:
@@ -149,7 +149,8 @@ def _per_thread_slices(solve: Callable[[int, int], None], batch: int) -> None:
     single-threaded. torch's thread setting is process-wide: it is restored at once, and
     nothing else should run torch on the CPU meanwhile."""
     global _pool, _pool_size
-    threads = min(torch.get_num_threads(), batch)
+    before = torch.get_num_threads()
+    threads = min(before, batch)
     if threads < 2:
         solve(0, batch)
         return
@@ -158,7 +159,6 @@ def _per_thread_slices(solve: Callable[[int, int], None], batch: int) -> None:
         if _pool is not None:
             _pool.shutdown(wait=False)
         _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="fastortho-svd"), threads
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         jobs = [_pool.submit(solve, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
