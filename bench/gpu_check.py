@@ -25,6 +25,15 @@ Steps (each with its own time limit; one that runs out is reported and the next 
 The dry run runs the same steps on a CPU: kernels under the Triton interpreter on the smallest
 cases, benchmarks with one round of their smallest case, no sanitizer binary; it prints the GPU
 plan ("budget: N s") first. tests/test_gpu_check.py runs it in CI.
+
+``--plan merge`` is a second, shorter call for the merge methods (issue 30), which have no
+kernel of their own and so no place in the first call's 540 s: install (no extension),
+tests/test_merge_device.py's GPU cases (every method on CUDA against the float64 merge, vectors
+kept on the CPU, DARE's draws, TF32 and autocast ignored, peak memory), then
+bench/test_bench_merge.py's fastortho rows, batched and one layer per call (FusionBench's own
+rows need fusion-bench, which the device image cannot hold).
+
+    bash bench/gpu_check.sh --plan merge OUT   # on the GPU machine (carry [".whl"] not needed)
 """
 from __future__ import annotations
 
@@ -65,6 +74,12 @@ HOST_SIMULATED = ("bench-host",)
 
 
 PER_MODEL = ("bench-orthoreg", "bench-train-step", "bench-linearize")
+# The merge plan needs none of the kernels' packages (no triton, no open_clip).
+MERGE_REQUIRED = ("torch", "pytest", "pytest_benchmark", "safetensors", "numpy", "tqdm")
+# (step, GPU budget s, -k expression, what the dry run keeps): each command writes its own JSON,
+# so a step cut by its limit loses only its own rows
+MERGE_BENCHES = [("bench-merge", 200, "fastortho and not per-layer", "isoc-fastortho and not per-layer"),
+                 ("bench-merge-per-layer", 120, "per-layer", "isoc-fastortho-per-layer")]
 
 
 @dataclass
@@ -119,6 +134,21 @@ def plan(dry: bool, out: Path) -> list[Step]:
     return steps
 
 
+def merge_plan(dry: bool, out: Path) -> list[Step]:
+    py = sys.executable
+    pytest_ = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging"]
+    # the dry run has no CUDA: it runs the CPU cases of the same file instead of the gpu ones
+    tests = [pytest_ + ([] if dry else ["-m", "gpu"]) + ["tests/test_merge_device.py"]]
+    steps = [Step("install", 45, note="no CUDA extension: the merges have no kernel"),
+             Step("correctness", 60, tests)]
+    for name, budget, keep, keep_dry in MERGE_BENCHES:
+        args = pytest_ + ["bench/test_bench_merge.py", "-k", keep_dry if dry else keep]
+        args += ["--benchmark-disable"] if dry else ["--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
+        steps.append(Step(name, budget, [args]))
+    steps.append(Step("summary", 10))
+    return steps
+
+
 def env_for(dry: bool, out: Path) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTORTHO_CACHE": str(out / "cache"),
            "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"), "MAX_JOBS": str(os.cpu_count() or 4),
@@ -151,7 +181,7 @@ def run(argv, env, timeout, log) -> tuple[str, float]:
     return status, time.perf_counter() - t0
 
 
-def install(dry: bool, env: dict, out: Path) -> str:
+def install(dry: bool, env: dict, out: Path, required=REQUIRED) -> str:
     log = out / "install.log"
     if not dry:
         wheels = sorted((ROOT / ".whl").glob("*.whl"))
@@ -170,7 +200,7 @@ def install(dry: bool, env: dict, out: Path) -> str:
     probe = ("import importlib.util, sys; missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]; "
              "print('missing: ' + ' '.join(missing) if missing else 'all required packages import'); "
              "sys.exit(1 if missing else 0)")
-    status, _ = run([sys.executable, "-c", probe, *REQUIRED], env, 30, log)
+    status, _ = run([sys.executable, "-c", probe, *required], env, 30, log)
     if status != "ok":
         return f"required package missing (see {log.name}); carry its wheel in .whl/"
     gpu = shutil.which("nvidia-smi")
@@ -227,10 +257,13 @@ def main(argv=None) -> int:
     ap.add_argument("out", nargs="?", default=os.environ.get("OUT", "/tmp/gpu-check"), type=Path,
                     help="folder for every log and JSON (default: $OUT, else /tmp/gpu-check)")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on a CPU, smallest cases, one round")
+    ap.add_argument("--plan", choices=("kernels", "merge"), default="kernels",
+                    help="kernels: the one call for every kernel (default); merge: the merge methods' call")
     args = ap.parse_args(argv)
     out, dry = args.out.resolve(), args.dry_run
     out.mkdir(parents=True, exist_ok=True)
-    steps = plan(dry, out)
+    steps = merge_plan(dry, out) if args.plan == "merge" else plan(dry, out)
+    required = MERGE_REQUIRED if args.plan == "merge" else REQUIRED
     total = sum(s.budget_s for s in steps)
     print("plan (seconds on the GPU):")
     for s in steps:
@@ -248,7 +281,7 @@ def main(argv=None) -> int:
         print(f"\n== {step.name} (budget {step.budget_s} s)", flush=True)
         t0 = time.perf_counter()
         if step.name == "install":
-            status = install(dry, env, out)
+            status = install(dry, env, out, required)
         elif step.name == "build":
             build = start_build(env, out, dry)
             status = "started in the background" if build else "skipped (no CUDA toolkit or a CPU-only torch)"

@@ -94,6 +94,19 @@ def main(path: str) -> None:
                       f"({e['launches']} + {e['aten_ops']}) | {e['python_calls']} | {e['max_depth']} | "
                       f"{t * 1e3:.2f} |")
             print()
+        elif group.startswith("merge"):
+            times = {_merge_impl(r): r["stats"]["median"] for r in rows}
+            print("| impl | seconds | speed-up vs FusionBench | vs one layer per call | peak (vector sizes) | "
+                  "SVD GFLOP/s |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                e, t, impl = r["extra_info"], r["stats"]["median"], _merge_impl(r)
+                ratio = {name: f"{times[name] / t:.2f}x" if name in times and name != impl else "-"
+                         for name in ("fusionbench", "fastortho-per-layer")}
+                rate = f"{e['svd_flop'] / t / 1e9:.0f}" if e.get("svd_flop") else "-"
+                print(f"| {impl} | {t:.3f} | {ratio['fusionbench']} | {ratio['fastortho-per-layer']} | "
+                      f"{e['peak_vectors']} | {rate} |")
+            print()
         elif group.startswith("taujp"):
             loop = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "released-loop"), None)
             cyc = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "cyclical"), None)
@@ -113,6 +126,15 @@ def main(path: str) -> None:
                 over = f"{(t / plain - 1) * 100:+.1f}%" if plain else "-"
                 print(f"| {r['extra_info']['case']} | {t * 1e3:.2f} | {over} |")
             print()
+
+
+def _merge_impl(record: dict) -> str:
+    """A merge record's implementation (results before it was recorded: from the test id)."""
+    impl = record["extra_info"].get("impl")
+    if impl:
+        return impl
+    param = record["name"].split("[", 1)[-1].rstrip("]")
+    return next((i for i in ("fastortho-per-layer", "fastortho", "fusionbench") if param.endswith(i)), param)
 
 
 def _variant(extra: dict) -> str:

@@ -21,3 +21,17 @@ def test_dry_run_passes_within_the_budget(tmp_path):
     for step in ("install", "build", "correctness", "sanitizer", "bench-orthoreg", "bench-linearize"):
         assert re.search(rf"^\| {step} \| (ok|skipped|started)", log, re.M), step
     assert (out / "summary.json").exists()
+
+
+def test_merge_plan_dry_run_passes_within_the_budget(tmp_path):
+    """The merge methods' own device call (``--plan merge``): the same checks, dry."""
+    out = tmp_path / "gpu-merge"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--plan", "merge", "--dry-run", str(out)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert int(re.search(r"^budget: (\d+) s", log, re.M).group(1)) <= 540
+    assert log.strip().splitlines()[-1].startswith("commit ")
+    for step in ("install", "correctness", "bench-merge", "bench-merge-per-layer"):
+        assert re.search(rf"^\| {step} \| ok", log, re.M), step
+    assert re.search(r"^\d+ passed", log, re.M)  # the device tests ran (their CPU cases, dry)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..ops._common import autocast_off, fp32_matmul
 from ._chunks import shape_chunks, stack, stacked_sum, unstack, vector_numel
 from ._svd import polar, polar_and_values, top_svd
 
@@ -245,14 +246,20 @@ def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, 
     """Matrices (2-D entries not in ``exclude``) through ``merge_matrices([T, L, m, n]) ->
     [L, m, n]`` (with ``summed``: of the task sum ``[L, m, n]``, never stacked), one batched
     call per chunk of a shape group; every other entry is the mean over tasks (as
-    FusionBench's SVD-based methods do)."""
-    device = device or next(iter(vectors[0].values())).device
+    FusionBench's SVD-based methods do).
+
+    The products run in true float32 (float64 for float64 vectors) whatever the caller's
+    ``torch.set_float32_matmul_precision`` or autocast: a training script's TF32 or bf16 would
+    otherwise round the merged weights to about 1e-3 on a GPU, and a merge is not a per-step cost."""
+    device = torch.device(device or next(iter(vectors[0].values())).device)
     dtype = _compute_dtype(vectors)
     source, n, budget = _plain(vectors, device, dtype), len(vectors), _budget(vectors, budget)
     matrices, others = _matrix_keys(vectors, exclude)
     out: dict[str, Tensor] = {}
-    for chunk in shape_chunks(matrices, vectors[0], n, budget):
-        unstack(merge_matrices(source.summed(chunk) if summed else source.stacked(chunk)), chunk, out, vectors[0])
+    with autocast_off(), fp32_matmul("ieee", device.type):
+        for chunk in shape_chunks(matrices, vectors[0], n, budget):
+            unstack(merge_matrices(source.summed(chunk) if summed else source.stacked(chunk)), chunk, out,
+                    vectors[0])
     for chunk in shape_chunks(others, vectors[0], n, budget):
         unstack(source.stacked(chunk).mean(0), chunk, out, vectors[0])
     return {k: out[k] for k in vectors[0]}
