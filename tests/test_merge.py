@@ -273,26 +273,6 @@ def test_kth_smallest_equals_kthvalue_on_large_inputs(kind):
         assert torch.equal(kth_smallest(x, rank), x.kthvalue(rank).values), rank
 
 
-def test_an_svd_that_fails_in_float32_is_solved_in_float64(monkeypatch):
-    """LAPACK's float32 gesdd can fail on matrices with many repeated zero singular values
-    (Iso-CTS's projected task matrices): the batch is solved again in float64."""
-    gen = torch.Generator().manual_seed(0)
-    tvs = [fo.TaskVector({"w": torch.randn(12, 8, generator=gen)}) for _ in range(3)]
-    expected = merge_vectors(tvs, "isocts")["w"]
-    real, calls = torch.linalg.svd, []
-
-    def flaky(x, full_matrices=True, **kw):
-        calls.append(x.dtype)
-        if x.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(x, full_matrices=full_matrices, **kw)
-
-    monkeypatch.setattr(torch.linalg, "svd", flaky)
-    got = merge_vectors(tvs, "isocts")["w"]
-    assert got.dtype == torch.float32 and torch.float64 in calls
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("shape,rank", [((5, 70, 20), 6), ((5, 70, 20), 20), ((2, 3, 20, 70), 7), ((7, 24, 24), 3),
                                         ((1, 41, 9), 2), ((3, 50, 25), 24), ((4, 33, 20), 5)])
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -68,13 +68,14 @@ def test_float32_merge_on_each_device_equals_the_float64_merge(device, method):
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "ta"])
 def test_vectors_on_the_cpu_merged_on_the_gpu(method):
     """``device="cuda"`` for vectors kept on the CPU: the result comes back to the CPU, and it is
-    the merge of the same vectors held on the GPU, bit for bit (DARE's draws included: its
-    generator lives on the compute device either way)."""
+    the merge of the same vectors held on the GPU (DARE's draws included: its generator lives
+    on the compute device either way; one different draw would be an O(1) error)."""
     kept = merge_vectors(task_vectors(), method, device="cuda")
     there = merge_vectors(task_vectors(device="cuda"), method)
     for k in there:
         assert kept[k].device.type == "cpu" and kept[k].dtype == torch.float32
-        assert torch.equal(kept[k], there[k].cpu()), k
+    # the same kernels on the same values: equal unless a library picks another algorithm
+    assert relative_error(kept, there) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,6 +114,9 @@ def test_svd_merges_ignore_the_callers_tf32_and_autocast(device, method, restore
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_svd_that_fails_in_float32_on_the_device_is_solved_in_float64(device, monkeypatch):
+    """A float32 SVD can fail to converge on matrices with many repeated zero singular values
+    (Iso-CTS's projected task matrices; LAPACK's gesdd does on ViT-B-32 shapes): the batch is
+    solved again in float64 and rounded back."""
     vectors = task_vectors(device=device)
     expected = merge_vectors(vectors, "isocts")
     real, calls = torch.linalg.svd, []
