@@ -229,7 +229,8 @@ def test_merge(benchmark, method, impl):
         pytest.xfail(f"FusionBench's Iso-CTS: its float32 SVD of a projected task matrix fails: {failure}")
     shapes = vit_b32_shapes()
     vector_bytes = 4 * sum(math.prod(s) for s in shapes.values())
-    benchmark.extra_info.update(impl=impl, method=method, peak_bytes=peaks[-1], peak_vectors=round(peaks[-1] / vector_bytes, 2),
-                                vector_bytes=vector_bytes, n_tasks=N_TASKS,
+    benchmark.extra_info.update(impl=impl, method=method, peak_bytes=peaks[-1],
+                                peak_vectors=round(peaks[-1] / vector_bytes, 2), vector_bytes=vector_bytes,
+                                n_tasks=N_TASKS,
                                 svd_flop=_svd_flops({k: torch.empty(s, device="meta") for k, s in shapes.items()},
                                                     method))

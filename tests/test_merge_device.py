@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import fastortho as fo
-from fastortho.merge import METHODS, merge_vectors
-from fastortho.merge import _svd
+from fastortho.merge import METHODS, _svd, merge_vectors
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA device")])
