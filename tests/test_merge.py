@@ -187,19 +187,6 @@ def test_svd_methods_by_their_definitions():
     torch.testing.assert_close(merge_vectors(two, "isoc")["w"], s.mean() * u @ vh)
 
 
-def test_dare_is_seeded_and_drops_the_rate_asked():
-    gen = torch.Generator().manual_seed(0)
-    tvs = {f"t{i}": fo.TaskVector({"w": torch.randn(200, 100, generator=gen)}) for i in range(2)}
-    a = merge_vectors(tvs, "dare", seed=1, p=0.9)
-    assert torch.equal(a["w"], merge_vectors(tvs, "dare", seed=1, p=0.9)["w"])
-    assert not torch.equal(a["w"], merge_vectors(tvs, "dare", seed=2, p=0.9)["w"])
-    one = merge_vectors({"t0": tvs["t0"]}, "dare", seed=1, p=0.9)["w"]
-    kept = one != 0
-    assert 0.08 < float(kept.float().mean()) < 0.12
-    torch.testing.assert_close(one[kept], tvs["t0"]["w"][kept] / 0.1)
-    assert torch.equal(merge_vectors(tvs, "dare", p=0.0)["w"], merge_vectors(tvs, "ta")["w"])
-
-
 def test_bad_inputs_are_named(clip_models):
     vectors = _vectors(clip_models)
     with pytest.raises(ValueError, match="at least one task vector"):

@@ -86,7 +86,7 @@ def test_dare_on_each_device_is_seeded_drops_the_rate_and_rescales(device):
     assert not torch.equal(a["w"], merge_vectors(tvs, "dare", seed=2, p=0.9)["w"])
     one = merge_vectors({"t0": tvs["t0"]}, "dare", seed=1, p=0.9)["w"]
     kept = one != 0
-    assert 0.09 < float(kept.float().mean()) < 0.11  # 60000 draws: the rate within 10 sigma
+    assert 0.09 < float(kept.float().mean()) < 0.11  # 60000 draws: the rate within 8 sigma
     torch.testing.assert_close(one[kept], tvs["t0"]["w"][kept] / 0.1)
     assert torch.equal(merge_vectors(tvs, "dare", p=0.0)["w"], merge_vectors(tvs, "ta")["w"])
     ties = merge_vectors(tvs, "dare-ties", seed=1, p=0.9)
