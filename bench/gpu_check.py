@@ -78,8 +78,11 @@ PER_MODEL = ("bench-orthoreg", "bench-train-step", "bench-linearize")
 MERGE_REQUIRED = ("torch", "pytest", "pytest_benchmark", "safetensors", "numpy", "tqdm")
 # (step, GPU budget s, -k expression, what the dry run keeps): each command writes its own JSON,
 # so a step cut by its limit loses only its own rows
-MERGE_BENCHES = [("bench-merge", 200, "fastortho and not per-layer", "isoc-fastortho and not per-layer"),
-                 ("bench-merge-per-layer", 120, "per-layer", "isoc-fastortho-per-layer")]
+# (the per-layer rows are left to the CPU: with streams, TSV-M's per-layer calls are still 8
+# matrices at once and Iso-C's one, so they would repeat the batched and the 1-worker rows)
+MERGE_BENCHES = [("bench-merge", 200, "fastortho and not per-layer and not 1-worker",
+                  "isoc-fastortho and not per-layer and not 1-worker"),
+                 ("bench-merge-1-worker", 120, "1-worker", "isoc-fastortho-1-worker")]
 
 
 @dataclass

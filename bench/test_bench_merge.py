@@ -178,15 +178,20 @@ def _fusionbench_run(method, pool):
 
 
 SVD_METHODS = ("tsvm", "isoc", "isocts")
-# fastortho-per-layer: the same merge with one layer per call (budget=1: every key its own
-# chunk), to measure what batching by shape group gives on the device apart from everything
-# else (on a GPU FusionBench cannot be installed in the device image: this is the comparison there)
-IMPLS = [(m, i) for m in CASES for i in ("fusionbench", "fastortho")] + [(m, "fastortho-per-layer")
-                                                                        for m in SVD_METHODS]
+# Two rows of the same merge for the SVD methods, to measure what each part of the design gives
+# (on a GPU FusionBench cannot be installed in the device image: these are the comparisons there):
+# - fastortho-per-layer: one layer per call (budget=1: every key its own chunk), against
+#   batching by shape group;
+# - fastortho-1-worker: FASTORTHO_SVD_WORKERS=1, every SVD after the previous one (torch's own
+#   order: on a GPU one cuSOLVER call after another on one stream, as FusionBench's per-layer
+#   calls run them), against slices solved at once (CPU threads, CUDA streams).
+VARIANTS = ("fastortho-per-layer", "fastortho-1-worker")
+IMPLS = [(m, i) for m in CASES for i in ("fusionbench", "fastortho")] + [(m, v) for m in SVD_METHODS
+                                                                        for v in VARIANTS]
 
 
 @pytest.mark.parametrize("method,impl", IMPLS)
-def test_merge(benchmark, method, impl):
+def test_merge(benchmark, method, impl, monkeypatch):
     import fastortho as fo
 
     if impl == "fusionbench":
@@ -201,6 +206,8 @@ def test_merge(benchmark, method, impl):
 
     if impl == "fastortho-per-layer":
         options = {**options, "budget": 1}
+    if impl == "fastortho-1-worker":
+        monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "1")
 
     def setup():
         return ((fusionbench_pool(),) if impl == "fusionbench" else (fastortho_inputs(),)), {}

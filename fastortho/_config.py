@@ -13,6 +13,9 @@ Environment variables (read when used, so a test or a script may set them at run
                            encoder (default ``~/.cache/fastortho``)
 ``FASTORTHO_SKIP_CUDA_BUILD`` ``1``: never build the CUDA extension (setup.py reads it too)
 ``FASTORTHO_OFFLINE_CONFIG`` JSON of ``EncoderConfig`` fields for the offline demo
+``FASTORTHO_SVD_WORKERS``  how many SVDs of a merge's batch run at once: CPU threads (default
+                           torch's intra-op thread count) or CUDA streams (default 8);
+                           ``1``: one matrix after another (``fastortho/merge/_svd.py``)
 ``TRITON_INTERPRET``       ``1`` (before triton is imported): Triton kernels run on CPU
 ``TRITON_PTXAS_PATH``      the ptxas used by ``fastortho.kernels.resources``
 ========================== ============================================================
@@ -75,6 +78,17 @@ def cache_dir() -> Path:
 
 def offline_config_json() -> str | None:
     return os.environ.get("FASTORTHO_OFFLINE_CONFIG")
+
+
+def svd_workers() -> int | None:
+    """``FASTORTHO_SVD_WORKERS``: how many SVDs of a merge run at once, or None (unset: the
+    merge's own default per device)."""
+    value = os.environ.get("FASTORTHO_SVD_WORKERS")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FASTORTHO_SVD_WORKERS: expected a positive integer, got {value!r}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- runtime setters

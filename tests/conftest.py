@@ -52,6 +52,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out64 - ref64).norm() / (denom if denom > 0 else 1.0))
 
 
+def worst_abs_diff(ours, theirs, keys=None) -> float:
+    """The largest entry difference between the tensors of two state dicts (over ``keys``,
+    default ``ours``); inf where either holds a NaN or an inf (Python's ``max`` over floats
+    keeps a NaN only if it comes first, and ``nan <= tol`` is False only when compared)."""
+    worst = 0.0
+    for k in (ours if keys is None else keys):
+        diff = (ours[k].detach().double().cpu() - theirs[k].detach().double().cpu()).abs()
+        if not torch.isfinite(diff).all():
+            return float("inf")
+        worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+    return worst
+
+
 def reference_values_and_grads(weights, bases, squared):
     """Per-layer float64 penalties and closed-form gradients."""
     values, grads = [], []

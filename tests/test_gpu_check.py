@@ -32,6 +32,6 @@ def test_merge_plan_dry_run_passes_within_the_budget(tmp_path):
     assert proc.returncode == 0, log[-6000:]
     assert int(re.search(r"^budget: (\d+) s", log, re.M).group(1)) <= 540
     assert log.strip().splitlines()[-1].startswith("commit ")
-    for step in ("install", "correctness", "bench-merge", "bench-merge-per-layer"):
+    for step in ("install", "correctness", "bench-merge", "bench-merge-1-worker"):
         assert re.search(rf"^\| {step} \| ok", log, re.M), step
     assert re.search(r"^\d+ passed", log, re.M)  # the device tests ran (their CPU cases, dry)

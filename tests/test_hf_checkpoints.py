@@ -18,7 +18,7 @@ from fastortho import hf  # noqa: E402
 from fastortho.clip import load_clip  # noqa: E402
 from fastortho.export import main as export_main  # noqa: E402
 
-from conftest import TOL  # noqa: E402
+from conftest import TOL, worst_abs_diff  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
@@ -340,13 +340,13 @@ def test_fusionbench_task_arithmetic_and_ties_agree_on_its_folders_and_on_export
     ours = sum(vectors).apply_to({k: v for k, v in tower.items() if k in vectors[0]}, 0.3)
     theirs = hf.image_tower(merged.state_dict())
     assert sorted(ours) == sorted(k for k in theirs if not k.endswith("position_ids"))
-    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    worst = worst_abs_diff(ours, theirs)
     assert worst <= 1e-6, worst
     merged = _ties(0.4).run(pool)
     ours = fo.merge_vectors(vectors, "ties", merge="sum").apply_to({k: v for k, v in tower.items() if k in vectors[0]},
                                                                     0.4)
     theirs = hf.image_tower(merged.state_dict())
-    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    worst = worst_abs_diff(ours, theirs)
     assert worst <= 1e-6, worst
 
     open_clip = pytest.importorskip("open_clip")
@@ -363,14 +363,14 @@ def test_fusionbench_task_arithmetic_and_ties_agree_on_its_folders_and_on_export
     merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(pool)
     back = hf.hf_to_open_clip(merged.state_dict())
     ours = sum(exported_vectors.values()).apply_to(base, 0.3)
-    worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
+    worst = worst_abs_diff(ours, back, back)
     assert worst <= 1e-6, worst
     # TIES' threshold is over the whole vector: the split of open_clip's fused attention
     # projection into q, k, v moves no entry in or out of the top 20%
     back = hf.hf_to_open_clip(_ties(0.4).run(CLIPVisionModelPool(models=hf.yaml_models(
         tmp_path / "fb" / "modelpool.yaml"))).state_dict())
     ours = fo.merge_vectors(exported_vectors, "ties", merge="sum").apply_to(base, 0.4)
-    worst = max(float((ours[k] - back[k]).abs().max()) for k in back)
+    worst = worst_abs_diff(ours, back, back)
     assert worst <= 1e-6, worst
 
 

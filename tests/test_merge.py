@@ -12,6 +12,8 @@ import torch
 import fastortho as fo
 from fastortho.merge import METHODS, check_mergeable, merge_tasks, merge_vectors, method_names
 
+from conftest import worst_abs_diff
+
 # fc1 (80 x 32) is tall enough for the CPU's QR-reduced top singular triplets, fc2 (32 x 80) is
 # solved transposed: FusionBench's agreement covers both of fastortho.merge._svd's CPU routes
 VISION = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -66,7 +68,7 @@ def _worst(ours, theirs_model, clip_models) -> float:
     assert set(ours) <= set(theirs)
     untouched = [k for k in theirs if k not in ours and theirs[k].is_floating_point()]
     assert not untouched, untouched
-    return max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    return worst_abs_diff(ours, theirs)
 
 
 def _fb_algorithms():
@@ -114,8 +116,8 @@ def test_every_method_agrees_with_fusionbench(clip_models, case):
                      for n, tv in _vectors(clip_models).items()}
         exact = merge_vectors(vectors64, method, **options).apply_to(
             {k: v.double() for k, v in pre.state_dict().items()}, alpha)
-        ours_error = max(float((ours[k].double() - exact[k]).abs().max()) for k in exact)
-        theirs_error = max(float((theirs.state_dict()[k].double() - exact[k]).abs().max()) for k in exact)
+        ours_error = worst_abs_diff(ours, exact, exact)
+        theirs_error = worst_abs_diff(theirs.state_dict(), exact, exact)
         assert ours_error <= 2 * theirs_error, (method, ours_error, theirs_error)
 
 

@@ -38,10 +38,12 @@ def task_vectors(n=4, device="cpu", dtype=torch.float32, **shape) -> dict[str, f
 
 
 def relative_error(got, expected) -> float:
-    """The largest entry error of any tensor, relative to that tensor's largest entry."""
+    """The largest entry error of any tensor, relative to that tensor's largest entry (infinite
+    where either holds a NaN: Python's ``max`` and ``<`` would let a NaN pass)."""
     assert set(got) == set(expected)
-    return max(float((got[k].double().cpu() - expected[k].double().cpu()).abs().max()) /
-               float(expected[k].double().abs().max()) for k in expected)
+    errors = torch.stack([(got[k].double().cpu() - expected[k].double().cpu()).abs().max() /
+                          expected[k].double().abs().max() for k in expected])
+    return float(errors.nan_to_num(nan=float("inf")).max())
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
@@ -109,6 +111,33 @@ def test_svd_merges_ignore_the_callers_tf32_and_autocast(device, method, restore
     for k in expected:
         assert got[k].dtype == torch.float32
     assert relative_error(got, expected) < 1e-6
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_svd_merges_do_not_depend_on_how_many_workers_solve_them(device, method, monkeypatch):
+    """``FASTORTHO_SVD_WORKERS``: one matrix after another, or slices at once on threads (on a
+    GPU each with its own stream), more workers than matrices included. The same routine
+    solves each matrix, but MKL's float32 ``gesdd`` rounds differently with the thread count
+    and the data's alignment (TSV-M's and Iso-CTS's truncations amplify that to 1e-5 here), so
+    each is held to the float64 merge: as accurate as one after another, within a factor. A
+    slice written twice or a stream not waited for is an O(1) error. The result is read on
+    the caller's stream with no synchronization of its own. Each run merges the vectors scaled
+    by another power of two (the merge scales with them), so that a slice left unwritten cannot pass
+    by holding the previous run's result in reused memory."""
+    vectors = task_vectors(n=3, device=device, layers=5)
+    monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "1")  # the reference: no slices
+    expected = merge_vectors(task_vectors(n=3, dtype=torch.float64, layers=5), method)
+    errors = {}
+    for scale, workers in zip((1, 2, 4, 8), ("1", "2", "3", "64")):  # exact: the same rounding
+        monkeypatch.setenv("FASTORTHO_SVD_WORKERS", workers)
+        scaled = {t: fo.TaskVector({k: scale * x for k, x in v.items()}) for t, v in vectors.items()}
+        errors[workers] = relative_error(merge_vectors(scaled, method), {k: scale * x for k, x in expected.items()})
+    for error in errors.values():
+        assert error < 4 * max(errors["1"], 1e-6), errors
+    monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "0")
+    with pytest.raises(ValueError, match="FASTORTHO_SVD_WORKERS: expected a positive integer, got '0'"):
+        merge_vectors(vectors, method)
 
 
 @pytest.mark.parametrize("device", DEVICES)
