@@ -29,9 +29,9 @@ plan ("budget: N s") first. tests/test_gpu_check.py runs it in CI.
 ``--plan merge`` is a second, shorter call for the merge methods (issue 30), which have no
 kernel of their own and so no place in the first call's 540 s: install (no extension),
 tests/test_merge_device.py's GPU cases (every method on CUDA against the float64 merge, vectors
-kept on the CPU, DARE's draws, TF32 and autocast ignored, peak memory), then
-bench/test_bench_merge.py's fastortho rows, batched and one layer per call (FusionBench's own
-rows need fusion-bench, which the device image cannot hold).
+kept on the CPU, DARE's draws, TF32 and autocast ignored, 1 to 64 SVD streams, peak memory),
+then bench/test_bench_merge.py's fastortho rows, with the default 8 SVD streams and with one
+SVD at a time (FusionBench's own rows need fusion-bench, which the device image cannot hold).
 
     bash bench/gpu_check.sh --plan merge OUT   # on the GPU machine (carry [".whl"] not needed)
 """
