@@ -14,6 +14,10 @@ from fastortho.merge import METHODS, _svd, merge_vectors
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA device")])
 DEVICES = ["cpu", CUDA]
+# where the SVD methods run: also "cpu-plain", the CPU with the GPU's arrangement (one plain SVD
+# per matrix in each worker's slice, no transposes or QR routes), so that the code a GPU runs
+# is exercised here too, streams apart
+ARRANGEMENTS = ["cpu", "cpu-plain", CUDA]
 # every method whose result does not depend on the device's random draws (DARE's do)
 DETERMINISTIC = [m for m in METHODS if not m.startswith("dare")]
 SVD_METHODS = ["tsvm", "isoc", "isocts"]
@@ -37,6 +41,14 @@ def task_vectors(n=4, device="cpu", dtype=torch.float32, **shape) -> dict[str, f
                                        vit_like(seed=1 + t, **shape).items()}) for t in range(n)}
 
 
+def placed(arrangement: str, monkeypatch) -> str:
+    """The device of an arrangement (see ARRANGEMENTS), with "cpu-plain"'s switch made."""
+    if arrangement == "cpu-plain":
+        monkeypatch.setattr(_svd, "_lapack_routes", lambda x: False)
+        return "cpu"
+    return arrangement
+
+
 def relative_error(got, expected) -> float:
     """The largest entry error of any tensor, relative to that tensor's largest entry (infinite
     where either holds a NaN: Python's ``max`` and ``<`` would let a NaN pass)."""
@@ -47,12 +59,13 @@ def relative_error(got, expected) -> float:
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
-@pytest.mark.parametrize("device", DEVICES)
-def test_float32_merge_on_each_device_equals_the_float64_merge(device, method):
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_float32_merge_on_each_device_equals_the_float64_merge(arrangement, method, monkeypatch):
     """The float32 merge on the device against the float64 merge on the CPU (itself equal to
     FusionBench's, tests/test_merge.py): float32 round-off, relative to each tensor's size."""
+    expected = merge_vectors(task_vectors(dtype=torch.float64), method)  # (LAPACK's routes)
+    device = placed(arrangement, monkeypatch)
     got = merge_vectors(task_vectors(device=device), method)
-    expected = merge_vectors(task_vectors(dtype=torch.float64), method)
     for k, x in got.items():
         assert x.device.type == device and x.dtype == torch.float32, k
     error = relative_error(got, expected)
@@ -114,37 +127,39 @@ def test_svd_merges_ignore_the_callers_tf32_and_autocast(device, method, restore
 
 
 @pytest.mark.parametrize("method", SVD_METHODS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_svd_merges_do_not_depend_on_how_many_workers_solve_them(device, method, monkeypatch):
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_svd_merges_do_not_depend_on_how_many_workers_solve_them(arrangement, method, monkeypatch):
     """``FASTORTHO_SVD_WORKERS``: one matrix after another, or slices at once on threads (on a
     GPU each with its own stream), more workers than matrices included. The same routine
     solves each matrix, but MKL's float32 ``gesdd`` rounds differently with the thread count
-    and the data's alignment (TSV-M's and Iso-CTS's truncations amplify that to 1e-5 here), so
-    each is held to the float64 merge: as accurate as one after another, within a factor. A
+    and the data's alignment, from run to run (TSV-M's and Iso-CTS's truncations amplify that:
+    up to 1.7e-5 and 1.5e-4 here), so each is held to the float64 merge: within the bound of
+    its method, or as accurate as one after another within a factor (cuSOLVER on a GPU). A
     slice written twice or a stream not waited for is an O(1) error. The result is read on
     the caller's stream with no synchronization of its own. Each run merges the vectors scaled
     by another power of two (the merge scales with them), so that a slice left unwritten cannot pass
     by holding the previous run's result in reused memory."""
-    vectors = task_vectors(n=3, device=device, layers=5)
-    monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "1")  # the reference: no slices
+    monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "1")  # the reference: no slices, LAPACK's routes
     expected = merge_vectors(task_vectors(n=3, dtype=torch.float64, layers=5), method)
+    vectors = task_vectors(n=3, device=placed(arrangement, monkeypatch), layers=5)
     errors = {}
     for scale, workers in zip((1, 2, 4, 8), ("1", "2", "3", "64")):  # exact: the same rounding
         monkeypatch.setenv("FASTORTHO_SVD_WORKERS", workers)
         scaled = {t: fo.TaskVector({k: scale * x for k, x in v.items()}) for t, v in vectors.items()}
         errors[workers] = relative_error(merge_vectors(scaled, method), {k: scale * x for k, x in expected.items()})
-    for error in errors.values():
-        assert error < 4 * max(errors["1"], 1e-6), errors
+    bound = max({"tsvm": 1e-4, "isoc": 1e-5, "isocts": 1e-3}[method], 4 * errors["1"])
+    assert max(errors.values()) < bound, errors
     monkeypatch.setenv("FASTORTHO_SVD_WORKERS", "0")
     with pytest.raises(ValueError, match="FASTORTHO_SVD_WORKERS: expected a positive integer, got '0'"):
         merge_vectors(vectors, method)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_an_svd_that_fails_in_float32_on_the_device_is_solved_in_float64(device, monkeypatch):
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_an_svd_that_fails_in_float32_on_the_device_is_solved_in_float64(arrangement, monkeypatch):
     """A float32 SVD can fail to converge on matrices with many repeated zero singular values
     (Iso-CTS's projected task matrices; LAPACK's gesdd does on ViT-B-32 shapes): the batch is
     solved again in float64 and rounded back."""
+    device = placed(arrangement, monkeypatch)
     vectors = task_vectors(device=device)
     expected = merge_vectors(vectors, "isocts")
     real, calls = torch.linalg.svd, []
@@ -163,21 +178,22 @@ def test_an_svd_that_fails_in_float32_on_the_device_is_solved_in_float64(device,
     assert relative_error(got, expected) < 2e-5
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
 @pytest.mark.parametrize("shape,rank", [((5, 70, 20), 6), ((2, 3, 20, 70), 7), ((7, 24, 24), 24), ((1, 41, 9), 2),
                                         ((3, 768, 96), 12)])
-def test_device_svds_equal_float64_lapack(shape, rank):
-    """``top_svd`` and ``polar_and_values`` on the GPU (one batched cuSOLVER call) against
-    LAPACK in float64 on the CPU: singular values and the sign-free products ``U diag(s) V^T``
-    and ``U V^T``."""
+def test_device_svds_equal_float64_lapack(arrangement, shape, rank, monkeypatch):
+    """``top_svd`` and ``polar_and_values`` in float32 in each arrangement (on the GPU one
+    cuSOLVER call per matrix, on several streams) against LAPACK in float64 on the CPU:
+    singular values and the sign-free products ``U diag(s) V^T`` and ``U V^T``; wide, tall,
+    square and batched shapes."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
-    u, s, vh = _svd.top_svd(x.float().cuda(), rank)
+    device = placed(arrangement, monkeypatch)
+    u, s, vh = _svd.top_svd(x.float().to(device), rank)
     u64, s64, vh64 = torch.linalg.svd(x, full_matrices=False)
     torch.testing.assert_close(s.double().cpu(), s64[..., :rank], rtol=1e-5, atol=1e-5)
     low_rank = (u64[..., :rank] * s64[..., None, :rank]) @ vh64[..., :rank, :]
     torch.testing.assert_close(((u * s[..., None, :]) @ vh).double().cpu(), low_rank, rtol=1e-4, atol=1e-4)
-    p, s_all = _svd.polar_and_values(x.float().cuda())
+    p, s_all = _svd.polar_and_values(x.float().to(device))
     torch.testing.assert_close(p.double().cpu(), u64 @ vh64, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s_all.double().cpu(), s64, rtol=1e-5, atol=1e-5)
 

@@ -80,9 +80,15 @@ def _float64_if_it_fails(solve: Callable[[Tensor], tuple[Tensor, ...]], x: Tenso
         return tuple(t.to(x.dtype) for t in solve(x.double()))
 
 
+def _lapack_routes(x: Tensor) -> bool:
+    """Whether ``x`` takes the CPU's LAPACK routes (transposes, QR reductions, batched slices);
+    elsewhere each matrix is one plain SVD. (Tests run the plain arrangement on a CPU too.)"""
+    return x.device.type == "cpu"
+
+
 def _top_svd(x: Tensor, rank: int) -> Triplets:
     m, n = x.shape[-2:]
-    if x.device.type != "cpu":
+    if not _lapack_routes(x):
         return _solved_in_slices(x, [(m, rank), (rank,), (rank, n)],
                                  _one_at_a_time(lambda a, outs: _top_thin(a, rank, *outs)))
     if m < n:  # solved as its transpose (see the module docstring)
@@ -94,8 +100,8 @@ def _top_svd(x: Tensor, rank: int) -> Triplets:
 
 def _polar(x: Tensor) -> tuple[Tensor, Tensor]:
     m, n = x.shape[-2:]
-    if x.device.type != "cpu":
-        return _solved_in_slices(x, [(m, n), (n,)], _one_at_a_time(lambda a, outs: _polar_thin(a, *outs)))
+    if not _lapack_routes(x):
+        return _solved_in_slices(x, [(m, n), (min(m, n),)], _one_at_a_time(lambda a, outs: _polar_thin(a, *outs)))
     if m < n:
         p, s = _polar(x.mT)
         return p.mT, s
