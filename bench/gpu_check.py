@@ -76,13 +76,20 @@ HOST_SIMULATED = ("bench-host",)
 PER_MODEL = ("bench-orthoreg", "bench-train-step", "bench-linearize")
 # The merge plan needs none of the kernels' packages (no triton, no open_clip).
 MERGE_REQUIRED = ("torch", "pytest", "pytest_benchmark", "safetensors", "numpy", "tqdm")
-# (step, GPU budget s, -k expression, what the dry run keeps): each command writes its own JSON,
-# so a step cut by its limit loses only its own rows
-# (the per-layer rows are left to the CPU: with streams, TSV-M's per-layer calls are still 8
-# matrices at once and Iso-C's one, so they would repeat the batched and the 1-worker rows)
-MERGE_BENCHES = [("bench-merge", 200, "fastortho and not per-layer and not 1-worker",
-                  "isoc-fastortho and not per-layer and not 1-worker"),
-                 ("bench-merge-1-worker", 120, "1-worker", "isoc-fastortho-1-worker")]
+# (step, GPU budget s, [(JSON name, -k expression)], what the dry run keeps): each command
+# writes its own JSON, so a command cut by its step's limit loses only its own rows; the SVD
+# methods, the slow ones, come last and one per command. The per-layer rows are left to the
+# CPU: with streams TSV-M's per-layer calls are still 8 matrices at once and Iso-C's one, so
+# they would repeat the default and the 1-worker rows.
+_DEFAULT_ROWS = "fastortho and not per-layer and not 1-worker"
+MERGE_BENCHES = [
+    ("bench-merge", 200, [("bench-merge", f"{_DEFAULT_ROWS} and not tsvm and not isocts"),
+                          ("bench-merge-tsvm", f"{_DEFAULT_ROWS} and tsvm"),
+                          ("bench-merge-isocts", f"{_DEFAULT_ROWS} and isocts")],
+     "isoc-fastortho and not per-layer and not 1-worker"),
+    ("bench-merge-1-worker", 150, [(f"bench-merge-1-worker-{m}", f"{m}-fastortho-1-worker")
+                                   for m in ("isoc", "tsvm", "isocts")], "isoc-fastortho-1-worker"),
+]
 
 
 @dataclass
@@ -144,10 +151,14 @@ def merge_plan(dry: bool, out: Path) -> list[Step]:
     tests = [pytest_ + ([] if dry else ["-m", "gpu"]) + ["tests/test_merge_device.py"]]
     steps = [Step("install", 45, note="no CUDA extension: the merges have no kernel"),
              Step("correctness", 60, tests)]
-    for name, budget, keep, keep_dry in MERGE_BENCHES:
-        args = pytest_ + ["bench/test_bench_merge.py", "-k", keep_dry if dry else keep]
-        args += ["--benchmark-disable"] if dry else ["--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
-        steps.append(Step(name, budget, [args]))
+    for name, budget, commands, keep_dry in MERGE_BENCHES:
+        suite = pytest_ + ["bench/test_bench_merge.py"]
+        if dry:
+            steps.append(Step(name, budget, [suite + ["-k", keep_dry, "--benchmark-disable"]]))
+            continue
+        steps.append(Step(name, budget, [suite + ["-k", keep, "--benchmark-only",
+                                                  f"--benchmark-json={out / (json_name + '.json')}"]
+                                         for json_name, keep in commands]))
     steps.append(Step("summary", 10))
     return steps
 
