@@ -216,7 +216,7 @@ def test_merge(benchmark, method, impl, monkeypatch):
         with PeakMemory() as mem:
             if impl != "fusionbench":
                 pre, vectors = inputs
-                merged = fo.merge_vectors(vectors, method, **options).apply_to(pre, alpha)
+                merged = fo.merge_vectors(vectors, method, progress=False, **options).apply_to(pre, alpha)
                 sync()
             else:
                 merged = _fusionbench_run(method, inputs)
@@ -231,7 +231,7 @@ def test_merge(benchmark, method, impl, monkeypatch):
         # (16 matrices of a shape: even Iso-C's batch of task sums reaches every worker)
         small = {f"task{t}": fo.TaskVector({f"w{i}": torch.randn(96, 64, device=DEVICE) for i in range(16)})
                  for t in range(N_TASKS)}
-        fo.merge_vectors(small, method, **options)
+        fo.merge_vectors(small, method, progress=False, **options)
         sync()
     elif DEVICE == "cuda":
         warmup_rounds = 1  # (the allocator's pool too: the fast methods take milliseconds)

@@ -245,6 +245,32 @@ def test_merge_tasks_searches_each_methods_grid_and_selects_as_asked():
                                                  evaluate({"w": torch.full((3,), 2 * ta.alpha)}, "B")) / 2)
 
 
+def test_merges_show_progress_unless_asked_not_to(capsys):
+    """Every method but task arithmetic (instant) shows a tqdm bar over its steps, named for
+    the method; ``progress=False`` (and ``merge_tasks(progress=False)``) shows none."""
+    gen = torch.Generator().manual_seed(0)
+    tvs = {t: fo.TaskVector({"a": torch.randn(6, 4, generator=gen), "b": torch.randn(5, generator=gen)})
+           for t in ("A", "B")}
+    bars = {"ties": ["TIES: trim thresholds", "TIES: sign election and merge"],
+            "dare": ["DARE: dropping and adding task vectors"],
+            "dare-ties": ["DARE + TIES: trim thresholds", "DARE + TIES: sign election and merge"],
+            "tsvm": ["TSV-M: per-layer SVDs"], "isoc": ["Iso-C: per-layer SVDs"], "isocts": ["Iso-CTS: per-layer SVDs"]}
+    assert set(bars) == set(METHODS) - {"ta"}
+    for method, names in bars.items():
+        capsys.readouterr()
+        shown = merge_vectors(tvs, method)
+        err = capsys.readouterr().err
+        assert all(name in err for name in names), (method, err)
+        quiet = merge_vectors(tvs, method, progress=False)
+        assert capsys.readouterr().err == ""
+        assert all(torch.equal(shown[k], quiet[k]) for k in shown)
+    merge_vectors(tvs, "ta")
+    assert capsys.readouterr().err == ""
+    merge_tasks({"a": torch.zeros(6, 4), "b": torch.zeros(5)}, tvs, lambda model, split: 0.5, method="tsvm",
+                alphas=[0.5, 1.0], finetuned_accuracy={s: 1.0 for s in ("A", "B", "AVal", "BVal")}, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("kind", ["normal", "half-zero", "few-values"])
 def test_kth_smallest_equals_kthvalue_on_large_inputs(kind):
     """TIES' threshold: the bracketed selection returns kthvalue's exact value, also with many

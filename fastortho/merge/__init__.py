@@ -103,12 +103,14 @@ def check_mergeable(task_vectors, what: str = "task_vectors") -> tuple[list[str]
     return names, vectors
 
 
-def merge_vectors(task_vectors, method: str = "ta", *, device=None, **options):
+def merge_vectors(task_vectors, method: str = "ta", *, device=None, progress: bool = True, **options):
     """The merged direction of ``task_vectors`` (``{task: TaskVector}`` or a list) by
     ``method`` (a name in :data:`METHODS`): a :class:`~fastortho.TaskVector` on the inputs'
     device and dtype, whose metadata names the method, its options and the tasks. ``options``
     override the method's published ones (e.g. ``merge="sum"`` for TIES, ``seed=1`` for DARE);
-    ``device`` runs the batched steps elsewhere (e.g. ``"cuda"`` for vectors kept on the CPU)."""
+    ``device`` runs the batched steps elsewhere (e.g. ``"cuda"`` for vectors kept on the CPU).
+    ``progress`` shows a tqdm bar over the chunks of every method but task arithmetic (minutes
+    on a CPU for ViT-L-14's SVDs)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     spec = METHODS[method]
@@ -120,7 +122,7 @@ def merge_vectors(task_vectors, method: str = "ta", *, device=None, **options):
     if unknown:
         raise ValueError(f"options: {method} takes {sorted(allowed) or 'no options'}, not {unknown}")
     chosen = {**spec.options, **options}
-    extra = {"device": device} if method != "ta" else {}
+    extra = {"device": device, "progress": progress} if method != "ta" else {}
     with torch.no_grad():
         merged = spec.merge(vectors, **chosen, **extra)
     meta = dict(getattr(vectors[0], "metadata", {}))
@@ -171,7 +173,7 @@ def merge_tasks(pretrained, task_vectors, evaluate: Callable[[object, str], floa
             raise ValueError(f"finetuned_accuracy[{split!r}] = {single[split]}: cannot normalize by it")
         return single[split]
 
-    merged = merge_vectors(task_vectors, method, device=device, **dict(options or {}))
+    merged = merge_vectors(task_vectors, method, device=device, progress=progress, **dict(options or {}))
     search = []
     title = METHODS[method].title
     for alpha in _progress(alphas, f"{title}: alpha search", show=progress):

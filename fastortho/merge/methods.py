@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..ops._common import autocast_off, fp32_matmul
+from ..task_vectors import _progress
 from ._chunks import shape_chunks, stack, stacked_sum, unstack, vector_numel
 from ._svd import polar, polar_and_values, top_svd
 
@@ -102,7 +103,7 @@ class DropAndRescale:
 
 
 def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 0, then: str = "ta",
-         device=None, budget: int | None = None, **ties_options) -> dict[str, Tensor]:
+         device=None, budget: int | None = None, progress: bool = False, **ties_options) -> dict[str, Tensor]:
     """DARE: drop each task vector's entries at rate ``p`` (rescaling the rest by
     ``1 / (1 - p)``), then merge by task arithmetic (``then="ta"``, FusionBench's
     ``DareTaskArithmetic``) or TIES (``then="ties"``, its ``DareTiesMerging``; ``ties_options``
@@ -115,11 +116,12 @@ def dare(vectors: Vectors, *, p: float = 0.5, rescale: bool = True, seed: int = 
     drop = DropAndRescale(vectors, p, rescale, seed, device, _compute_dtype(vectors))
     if then == "ties":
         return _ties(vectors, _Source(vectors, drop, device, drop.dtype), device=device, budget=budget,
-                     **ties_options)
+                     progress=progress, title="DARE + TIES", **ties_options)
     if then != "ta":
         raise ValueError(f"then: expected 'ta' or 'ties', got {then!r}")
     out: dict[str, Tensor] = {}
-    for t in range(len(vectors)):  # task-major: FusionBench's order of draws
+    # task-major: FusionBench's order of draws
+    for t in _progress(range(len(vectors)), "DARE: dropping and adding task vectors", show=progress):
         for k in vectors[0]:
             x = drop(t, k)
             out[k] = x if t == 0 else out[k] + x
@@ -152,7 +154,7 @@ def kth_smallest(x: Tensor, rank: int) -> Tensor:
 
 
 def ties(vectors: Vectors, *, keep: float = 0.2, merge: str = "mean", device=None, budget: int | None = None,
-         ) -> dict[str, Tensor]:
+         progress: bool = False) -> dict[str, Tensor]:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its ``keep`` fraction of
     largest-magnitude entries, over the whole vector (as the released code does: those at least
     the ``(d - int(keep d))``-th smallest magnitude, i.e. one more than ``keep d`` without ties), elect per
@@ -164,11 +166,11 @@ def ties(vectors: Vectors, *, keep: float = 0.2, merge: str = "mean", device=Non
     ``"sum"`` (with ``scaling_factor=0.3``), its ``threshold=20`` is ``keep=0.2`` here."""
     device = device or next(iter(vectors[0].values())).device
     return _ties(vectors, _plain(vectors, device, _compute_dtype(vectors)), keep=keep, merge=merge,
-                 device=device, budget=budget)
+                 device=device, budget=budget, progress=progress)
 
 
 def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = "mean",
-          device=None, budget: int | None = None) -> dict[str, Tensor]:
+          device=None, budget: int | None = None, progress: bool = False, title: str = "TIES") -> dict[str, Tensor]:
     if merge not in ("mean", "sum", "max"):
         raise ValueError(f"merge: expected 'mean', 'sum' or 'max', got {merge!r}")
     if not 0 < keep <= 1:
@@ -177,7 +179,7 @@ def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = 
     total = vector_numel(vectors[0])
     rank = total - int(total * keep)  # FusionBench's k-th smallest magnitude, kept with all above it
     thresholds = []
-    for t in range(n):  # task-major: one flat copy at a time
+    for t in _progress(range(n), f"{title}: trim thresholds", show=progress):  # task-major: one flat copy at a time
         if rank < 1:
             thresholds.append(None)
             continue
@@ -200,7 +202,8 @@ def _ties(vectors: Vectors, source: _Source, *, keep: float = 0.2, merge: str = 
     votes = torch.zeros((), dtype=torch.float64, device=device)
     out: dict[str, Tensor] = {}
     undecided = []  # (chunk, index of the entries in the chunk, merge if +, merge if -)
-    for chunk in shape_chunks(keys, vectors[0], n, budget):
+    for chunk in _progress(list(shape_chunks(keys, vectors[0], n, budget)), f"{title}: sign election and merge",
+                           show=progress):
         x = trimmed(chunk)
         sign = torch.sign(x.sum(0))
         votes += sign.sum(dtype=torch.float64)
@@ -242,7 +245,7 @@ def _matrix_keys(vectors: Vectors, exclude: Sequence[str]) -> tuple[list[str], l
 
 
 def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, exclude: Sequence[str], device,
-               budget: int | None, summed: bool = False) -> dict[str, Tensor]:
+               budget: int | None, summed: bool = False, progress: bool = False, title: str = "") -> dict[str, Tensor]:
     """Matrices (2-D entries not in ``exclude``) through ``merge_matrices([T, L, m, n]) ->
     [L, m, n]`` (with ``summed``: of the task sum ``[L, m, n]``, never stacked), one batched
     call per chunk of a shape group; every other entry is the mean over tasks (as
@@ -257,7 +260,8 @@ def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, 
     matrices, others = _matrix_keys(vectors, exclude)
     out: dict[str, Tensor] = {}
     with autocast_off(), fp32_matmul("ieee", device.type):
-        for chunk in shape_chunks(matrices, vectors[0], n, budget):
+        for chunk in _progress(list(shape_chunks(matrices, vectors[0], n, budget)), f"{title}: per-layer SVDs",
+                               show=progress):
             unstack(merge_matrices(source.summed(chunk) if summed else source.stacked(chunk)), chunk, out,
                     vectors[0])
     for chunk in shape_chunks(others, vectors[0], n, budget):
@@ -266,7 +270,7 @@ def _svd_merge(vectors: Vectors, merge_matrices: Callable[[Tensor], Tensor], *, 
 
 
 def tsv_merge(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget: int | None = None,
-              ) -> dict[str, Tensor]:
+              progress: bool = False) -> dict[str, Tensor]:
     """TSV-M (Gargiulo et al. 2025): per matrix, each task keeps its top ``r = int(k / T)``
     singular triplets (``k = min(m, n)``); the concatenated left and right singular vectors are
     each replaced by their nearest orthogonal matrix and recombined with the kept singular
@@ -289,11 +293,12 @@ def tsv_merge(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, bud
         vh = vh.permute(1, 0, 2, 3).reshape(x.shape[1], n * rank, x.shape[3])
         return (polar(u) * s.unsqueeze(-2)) @ polar(vh)
 
-    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget, progress=progress,
+                      title="TSV-M")
 
 
 def iso_c(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget: int | None = None,
-          ) -> dict[str, Tensor]:
+          progress: bool = False) -> dict[str, Tensor]:
     """Iso-C (Marczak et al. 2025): per matrix, the sum of the task matrices with its singular
     values all replaced by their mean, ``mean(S) U V^T``. Equal to FusionBench's ``ISO_C_Merge``
     (its ``scaling_factor=1.0`` default is the coefficient here)."""
@@ -301,11 +306,12 @@ def iso_c(vectors: Vectors, *, exclude: Sequence[str] = (), device=None, budget:
         factor, s = polar_and_values(total)
         return factor * s.mean(-1)[:, None, None]
 
-    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget, summed=True)
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget, summed=True,
+                      progress=progress, title="Iso-C")
 
 
 def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (), device=None,
-            budget: int | None = None) -> dict[str, Tensor]:
+            budget: int | None = None, progress: bool = False) -> dict[str, Tensor]:
     """Iso-CTS (Marczak et al. 2025): per matrix, the top ``common`` fraction of the summed
     matrix's singular directions, plus each task's top directions orthogonal to them (an equal
     share each), re-orthogonalized, with isotropic (mean) singular values. Equal to
@@ -338,4 +344,5 @@ def iso_cts(vectors: Vectors, *, common: float = 0.8, exclude: Sequence[str] = (
     # each chunk has three chunk-sized companions here (the projected tasks and both SVD
     # factors), twice that in the float64 retry: quarter-vector chunks keep them under two vectors
     budget = max(1, vector_numel(vectors[0]) // 4) if budget is None else budget
-    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget)
+    return _svd_merge(vectors, merge_matrices, exclude=exclude, device=device, budget=budget, progress=progress,
+                      title="Iso-CTS")
