@@ -3,8 +3,10 @@
 CPU results to FusionBench's; these tie every device's float32 merge to the same merge in
 float64 on the CPU, and check what only a device shows: vectors kept on the CPU merged on the
 device, DARE's seeded draws there, the precision of the products under a training script's
-TF32 or autocast, and (CUDA) the peak memory against the two-vector bound. No transformers or
-fusion-bench needed: the GPU image has neither."""
+TF32 or autocast, the number of SVD workers, and (CUDA) the peak memory against the two-vector
+bound. The SVD tests also run the GPU's arrangement on the CPU ("cpu-plain"), so that all of
+the GPU's code but its streams runs here. No transformers or fusion-bench needed: the GPU image
+has neither."""
 import pytest
 import torch
 
