@@ -31,7 +31,8 @@ kernel of their own and so no place in the first call's 540 s: install (no exten
 tests/test_merge_device.py's GPU cases (every method on CUDA against the float64 merge, vectors
 kept on the CPU, DARE's draws, TF32 and autocast ignored, 1 to 64 SVD streams, peak memory),
 then bench/test_bench_merge.py's fastortho rows, with the default 8 SVD streams and with one
-SVD at a time (FusionBench's own rows need fusion-bench, which the device image cannot hold).
+SVD at a time (FusionBench's own rows need fusion-bench, which the device image cannot hold),
+then bench/test_bench_svd.py's per-matrix SVD costs (each cuSOLVER driver, float64, streams).
 
     bash bench/gpu_check.sh --plan merge OUT   # on the GPU machine (carry [".whl"] not needed)
 """
@@ -90,6 +91,11 @@ MERGE_BENCHES = [
     ("bench-merge-1-worker", 150, [(f"bench-merge-1-worker-{m}", f"{m}-fastortho-1-worker")
                                    for m in ("isoc", "tsvm", "isocts")], "isoc-fastortho-1-worker"),
 ]
+# (step, GPU budget s, [(JSON name, -k expression)], what the dry run keeps): the per-matrix
+# costs under the merge rows (bench/test_bench_svd.py: each cuSOLVER driver, float64, torch's
+# batch, one at a time, 8 streams), one shape per command, last: auxiliary to the rows above
+SVD_BENCH = ("bench-svd", 45, [(f"bench-svd-{shape}", shape) for shape in ("768x768", "3072x768", "768x3072")],
+             "768x768 and fastortho")
 
 
 @dataclass
@@ -151,8 +157,8 @@ def merge_plan(dry: bool, out: Path) -> list[Step]:
     tests = [pytest_ + ([] if dry else ["-m", "gpu"]) + ["tests/test_merge_device.py"]]
     steps = [Step("install", 45, note="no CUDA extension: the merges have no kernel"),
              Step("correctness", 60, tests)]
-    for name, budget, commands, keep_dry in MERGE_BENCHES:
-        suite = pytest_ + ["bench/test_bench_merge.py"]
+    for name, budget, commands, keep_dry in MERGE_BENCHES + [SVD_BENCH]:
+        suite = pytest_ + ["bench/test_bench_svd.py" if name == "bench-svd" else "bench/test_bench_merge.py"]
         if dry:
             steps.append(Step(name, budget, [suite + ["-k", keep_dry, "--benchmark-disable"]]))
             continue

@@ -107,6 +107,20 @@ def main(path: str) -> None:
                 print(f"| {impl} | {t:.3f} | {ratio['fusionbench']} | {ratio['fastortho-per-layer']} | "
                       f"{ratio['fastortho-1-worker']} | {e['peak_vectors']} | {rate} |")
             print()
+        elif group.startswith("svd"):
+            # per matrix, against fastortho's one-SVD-at-a-time route (torch's order, FusionBench's too)
+            one = next((r["stats"]["median"] / r["extra_info"]["matrices"] for r in rows
+                        if r["extra_info"]["impl"] == "fastortho-1-worker"), None)
+            print("| route | dtype | matrices | median ms | ms per matrix | GFLOP/s | x faster per matrix than "
+                  "one at a time |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows:
+                e, t = r["extra_info"], r["stats"]["median"]
+                each = t / e["matrices"]
+                speed = f"{one / each:.2f}x" if one else "-"
+                print(f"| {e['impl']} | {e['dtype']} | {e['matrices']} | {t * 1e3:.1f} | {each * 1e3:.1f} | "
+                      f"{e['flop'] / t / 1e9:.0f} | {speed} |")
+            print()
         elif group.startswith("taujp"):
             loop = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "released-loop"), None)
             cyc = next((r["stats"]["median"] for r in rows if r["extra_info"]["kind"] == "cyclical"), None)
