@@ -94,7 +94,7 @@ MERGE_BENCHES = [
 # (step, GPU budget s, [(JSON name, -k expression)], what the dry run keeps): the per-matrix
 # costs under the merge rows (bench/test_bench_svd.py: each cuSOLVER driver, float64, torch's
 # batch, one at a time, 8 streams), one shape per command, last: auxiliary to the rows above
-SVD_BENCH = ("bench-svd", 45, [(f"bench-svd-{shape}", shape) for shape in ("768x768", "3072x768", "768x3072")],
+SVD_BENCH = ("bench-svd", 60, [(f"bench-svd-{shape}", shape) for shape in ("768x768", "3072x768", "768x3072")],
              "768x768 and fastortho")
 
 
