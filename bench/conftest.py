@@ -62,6 +62,12 @@ def gpu_busy_seconds(fn) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
+def svd_flop(m: int, n: int) -> int:
+    """FLOPs of one thin SVD of an ``m x n`` matrix, a floor: ``4 m k^2 + 8 k^3``, k the smaller side."""
+    big, small = max(m, n), min(m, n)
+    return 4 * big * small * small + 8 * small ** 3
+
+
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()

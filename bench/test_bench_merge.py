@@ -31,7 +31,7 @@ import time
 import pytest
 import torch
 
-from conftest import DEVICE, sync
+from conftest import DEVICE, svd_flop, sync
 
 N_TASKS = 8
 # (our method, our options, FusionBench's algorithm factory, the coefficient for both)
@@ -156,9 +156,7 @@ def _svd_flops(vector, method):
     for x in vector.values():
         if x.dim() != 2:
             continue
-        m, k = max(x.shape), min(x.shape)
-        one = 4 * m * k * k + 8 * k ** 3
-        total += {"tsvm": N_TASKS + 2, "isoc": 1, "isocts": N_TASKS + 3}.get(method, 0) * one
+        total += {"tsvm": N_TASKS + 2, "isoc": 1, "isocts": N_TASKS + 3}.get(method, 0) * svd_flop(*x.shape)
     return total
 
 

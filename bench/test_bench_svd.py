@@ -12,9 +12,9 @@ SVD merge rows (bench/test_bench_merge.py) are made of, by route.
 - ``fastortho``: fastortho's SVD as merges call it (CUDA: 8 streams from 8 host threads; CPU:
   one single-threaded slice per thread).
 
-Each record's extra_info has the matrices per call, the FLOPs (a floor: ``4 m n^2 + 8 n^3``
-per thin SVD, n the smaller side); bench/summarize.py divides by the matrices. The rows for one shape run in
-one process; run one shape per command (``-k 768x768``) where a time limit could cut it short,
+Each record's extra_info has the matrices per call and their FLOPs (conftest.svd_flop, a
+floor); bench/summarize.py divides by the matrices. The rows for one shape run in one process;
+run one shape per command (``-k 768x768``) where a time limit could cut it short,
 as bench/gpu_check.py does, so that a cut loses only that shape's JSON.
 
     pytest bench/test_bench_svd.py --benchmark-only [-k 3072x768] [--benchmark-json=NAME.json]
@@ -24,18 +24,13 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, sync
+from conftest import DEVICE, svd_flop, sync
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # attention projections, MLP in, MLP out
 BATCH = 8
 ROUTES = ["torch", "torch-gesvd", "torch-gesvdj", "torch-float64", "torch-batch", "fastortho-1-worker", "fastortho"]
 CUDA_DRIVERS = {"torch-gesvd": "gesvd", "torch-gesvdj": "gesvdj"}
 ROUNDS = int(os.environ.get("FASTORTHO_BENCH_ROUNDS", 3))
-
-
-def svd_flop(m: int, n: int) -> int:
-    big, small = max(m, n), min(m, n)
-    return 4 * big * small * small + 8 * small ** 3
 
 
 @pytest.mark.parametrize("route", ROUTES)

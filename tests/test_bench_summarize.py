@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = sorted(p for p in (ROOT / "bench" / "results").glob("*.json")
-                 if isinstance(json.loads(p.read_text()), dict) and "benchmarks" in json.loads(p.read_text()))
+
+
+def _is_pytest_benchmark(path: Path) -> bool:
+    data = json.loads(path.read_text())
+    return isinstance(data, dict) and "benchmarks" in data
+
+
+RESULTS = sorted(p for p in (ROOT / "bench" / "results").glob("*.json") if _is_pytest_benchmark(p))
 
 
 def summarize(*args: str) -> str:
